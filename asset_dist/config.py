@@ -1,0 +1,363 @@
+"""Typed configuration: YAML files -> nested dataclasses, with `--set a.b.c=value` overrides.
+
+Every command loads its config through `load_config`, so errors look the same everywhere: unknown keys,
+wrong types and missing required values fail at start-up with the full key path and the file name.
+A YAML file may name a parent with `base: other.yaml` (relative to itself); the child overrides it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+MISSING = "???"  # a required value; YAML files set it, or `--set` must
+
+
+class ConfigError(ValueError):
+    """A config problem, with the key path and the file it came from."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Sections. Defaults are the paper's (ASSET_FACTS.md); tiny_*.yaml shrink them for CPU tests.
+
+
+@dataclass
+class VQConfig:
+    """A factor-16 VQ autoencoder: the image VQGAN (masked encoder) or the semantic-map tokenizer."""
+
+    in_channels: int = 3  # 3 for images; number of label classes for the seg tokenizer
+    out_channels: int = 3
+    ch: int = 128
+    ch_mult: list[int] = field(default_factory=lambda: [1, 1, 2, 2, 4])
+    num_res_blocks: int = 2
+    attn_resolutions: list[int] = field(default_factory=lambda: [16])
+    resolution: int = 256  # nominal resolution, fixes which level has attention
+    z_channels: int = 256
+    embed_dim: int = 256
+    n_embed: int = 1024
+    dropout: float = 0.0
+    masked: bool = True  # partial conv + region norm in the encoder (image VQGAN); False for seg
+    # "true": region norm over known pixels; "official": the official code's arithmetic (c*mean, k/(cHW)).
+    region_norm: str = "true"
+    legacy_downsample: bool = False  # pad-then-conv downsample (seg model) vs. mask-aware padding
+    decoder_res_blocks: Optional[int] = None  # None: num_res_blocks + 1, as the paper
+
+
+@dataclass
+class DiscConfig:
+    in_channels: int = 3
+    ndf: int = 64
+    n_layers: int = 3
+
+
+@dataclass
+class TransformerConfig:
+    vocab_size: int = 1024  # image codebook size V; [mask] = V, [start] = V + 1
+    cond_vocab_size: int = 1024  # seg codebook size
+    d_model: int = 1024
+    n_heads: int = 16
+    ffn_dim: int = 4096
+    encoder_layers: int = 7
+    decoder_layers: int = 15
+    block_grid: list[int] = field(default_factory=lambda: [16, 4])
+    peg: list[str] = field(default_factory=lambda: ["E_all", "D_0"])
+    peg_kernel: int = 5
+    dropout: float = 0.0
+    attention_dropout: float = 0.0
+    guide_k: int = 3
+    # "fixed": forbid blocks >= b-2 for every causal row; "official": reproduce the rows-5/6 leak.
+    causal_picks: str = "fixed"
+    attention_impl: str = "auto"  # auto | gather | sdpa_gather | flex | dense_mask
+
+
+@dataclass
+class ModelConfig:
+    vqgan: VQConfig = field(default_factory=VQConfig)
+    seg: VQConfig = field(
+        default_factory=lambda: VQConfig(in_channels=182, out_channels=182, masked=False, legacy_downsample=True)
+    )
+    disc: DiscConfig = field(default_factory=DiscConfig)
+    transformer: TransformerConfig = field(default_factory=TransformerConfig)
+
+
+@dataclass
+class MaskConfig:
+    kind: str = "landscape"  # landscape (dilated segment) | coco (dilated segment or bounding box)
+    max_ratio: float = 0.6
+    sample_resolution: int = 0  # 0: the stage resolution (512 for landscape SGA stages)
+
+
+@dataclass
+class DataConfig:
+    train_shards: str = MISSING  # brace pattern, directory with manifest.json, or a manifest path
+    val_shards: str = ""
+    resolution: int = 256  # high-resolution crop side: 256, 512 or 1024
+    guide_resolution: int = 256
+    resize_short_side: int = 0  # 0: = resolution (landscape); COCO uses 296 / 592
+    num_classes: int = 182
+    label_shift: int = 0  # COCO: +1 in uint8 (255 unlabeled -> 0)
+    batch_size: int = 2
+    num_workers: int = 2
+    shuffle_buffer: int = 64
+    max_corrupt_fraction: float = 0.01
+    seed: int = 23
+    mask: MaskConfig = field(default_factory=MaskConfig)
+
+
+@dataclass
+class LossConfig:
+    codebook_weight: float = 1.0
+    beta: float = 0.25  # legacy VQ: codebook-side weight (commitment side has weight 1)
+    pixel_weight: float = 1.0
+    perceptual_weight: float = 1.0
+    perceptual_weights_path: str = ""  # local LPIPS/VGG weights; "" -> torch cache
+    perceptual_random_init: bool = False  # tests only: run the VGG path with random weights
+    disc_weight: float = 0.8
+    disc_start: int = 10000
+    disc_factor: float = 1.0
+
+
+@dataclass
+class TrainConfig:
+    stage: str = MISSING  # vqgan | seg | guide | sga
+    max_steps: int = 1000
+    lr: float = 7.2e-5
+    optimizer: str = "adam"  # adam | adamw
+    betas: list[float] = field(default_factory=lambda: [0.5, 0.9])
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    schedule: str = "constant"  # constant | cosine
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 0.0
+    grad_accum: int = 1
+    precision: str = "fp32"  # fp32 | bf16 | fp16
+    activation_checkpointing: bool = False
+    seed: int = 23
+    ckpt_every: int = 500
+    keep_last: int = 3
+    loss: LossConfig = field(default_factory=LossConfig)
+    # parents: exported single-file weights of earlier stages
+    vqgan_weights: str = ""
+    seg_weights: str = ""
+    guide_weights: str = ""
+    init_from: str = ""  # initialise the trained model from this export (SGA from guide, 1024 from 512)
+
+
+@dataclass
+class DeepSpeedConfig:
+    zero_stage: int = 2
+    offload_optimizer: bool = False
+    overlap_comm: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)  # merged into the generated DeepSpeed JSON
+
+
+@dataclass
+class LoggingConfig:
+    tensorboard: bool = True
+    log_every: int = 10
+    image_every: int = 200
+
+
+@dataclass
+class PathsConfig:
+    run_dir: str = "runs/default"
+
+
+@dataclass
+class Config:
+    name: str = "asset"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Loading
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, path: str, src: str) -> Any:
+    """Check `value` against the annotation `tp` (after YAML parsing) and return it, converted if lossless."""
+    origin = typing.get_origin(tp)
+    if origin is typing.Union:  # Optional[X]
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, args[0], path, src)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{src}: '{path}' must be a mapping of {tp.__name__} fields, got {value!r}")
+        return _build(tp, value, path, src)
+    if origin is list:
+        if isinstance(value, tuple):
+            value = list(value)
+        if not isinstance(value, list):
+            raise ConfigError(f"{src}: '{path}' must be a list, got {type(value).__name__} {value!r}")
+        (inner,) = typing.get_args(tp) or (Any,)
+        return [_coerce(v, inner, f"{path}[{i}]", src) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{src}: '{path}' must be a mapping, got {value!r}")
+        return dict(value)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    raise ConfigError(f"{src}: '{path}' must be {_type_name(tp)}, got {type(value).__name__} {value!r}")
+
+
+def _build(cls: type, data: dict, prefix: str, src: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in names:
+            where = f"{prefix}.{key}" if prefix else key
+            raise ConfigError(f"{src}: unknown key '{where}' (allowed in {cls.__name__}: {', '.join(sorted(names))})")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name in data:
+            where = f"{prefix}.{f.name}" if prefix else f.name
+            kwargs[f.name] = _coerce(data[f.name], hints[f.name], where, src)
+    return cls(**kwargs)
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _read_yaml(path: Path, seen: tuple = ()) -> dict:
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    if path.resolve() in seen:
+        raise ConfigError(f"{path}: 'base' chain loops back to itself")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    base = data.pop("base", None)
+    if base:
+        parent = _read_yaml((path.parent / base), seen + (path.resolve(),))
+        data = _merge(parent, data)
+    return data
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """'a.b.c=value' -> (['a','b','c'], parsed value). Values are parsed as YAML scalars/lists."""
+    if "=" not in item:
+        raise ConfigError(f"--set '{item}': expected key.path=value")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    data = _merge({}, data)
+    for item in overrides or []:
+        keys, value = parse_override(item)
+        node = data
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set '{item}': '{k}' is not a section")
+        node[keys[-1]] = value
+    return data
+
+
+def _check_required(obj: Any, prefix: str, src: str) -> None:
+    for f in dataclasses.fields(obj):
+        v = getattr(obj, f.name)
+        where = f"{prefix}.{f.name}" if prefix else f.name
+        if v == MISSING:
+            raise ConfigError(f"{src}: required value '{where}' is missing (set it in the file or with --set {where}=...)")
+        if dataclasses.is_dataclass(v):
+            _check_required(v, where, src)
+
+
+def _validate(cfg: Config, src: str) -> None:
+    def bad(key: str, msg: str) -> None:
+        raise ConfigError(f"{src}: '{key}' {msg}")
+
+    if cfg.train.stage not in ("vqgan", "seg", "guide", "sga"):
+        bad("train.stage", f"must be one of vqgan, seg, guide, sga (got {cfg.train.stage!r})")
+    if cfg.train.precision not in ("fp32", "bf16", "fp16"):
+        bad("train.precision", f"must be fp32, bf16 or fp16 (got {cfg.train.precision!r})")
+    if cfg.deepspeed.zero_stage not in (0, 1, 2, 3):
+        bad("deepspeed.zero_stage", f"must be 0-3 (got {cfg.deepspeed.zero_stage})")
+    if cfg.data.resolution % 16 != 0 or cfg.data.resolution <= 0:
+        bad("data.resolution", f"must be a positive multiple of 16 (got {cfg.data.resolution})")
+    if cfg.train.schedule not in ("constant", "cosine"):
+        bad("train.schedule", f"must be constant or cosine (got {cfg.train.schedule!r})")
+    if cfg.model.transformer.causal_picks not in ("fixed", "official"):
+        bad("model.transformer.causal_picks", "must be 'fixed' or 'official'")
+    for sec in ("vqgan", "seg"):
+        if getattr(cfg.model, sec).region_norm not in ("true", "official"):
+            bad(f"model.{sec}.region_norm", "must be 'true' or 'official'")
+    if cfg.data.mask.kind not in ("landscape", "coco"):
+        bad("data.mask.kind", "must be 'landscape' or 'coco'")
+    if cfg.train.grad_accum < 1:
+        bad("train.grad_accum", "must be >= 1")
+
+
+def load_config(path: Optional[str | os.PathLike] = None, overrides: Optional[list[str]] = None,
+                require: bool = True) -> Config:
+    """Load a YAML config (or the defaults when path is None), apply `--set` overrides, type-check, validate."""
+    src = str(path) if path else "<defaults>"
+    data = _read_yaml(Path(path)) if path else {}
+    data = apply_overrides(data, overrides or [])
+    cfg = _build(Config, data, "", src)
+    if require:
+        _check_required(cfg, "", src)
+        _validate(cfg, src)
+    return cfg
+
+
+def config_from_dict(data: dict, src: str = "<dict>") -> Config:
+    cfg = _build(Config, data, "", src)
+    return cfg
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Config, path: str | os.PathLike) -> None:
+    """Write the resolved config atomically (next to every run's outputs)."""
+    from asset_dist.utils import atomic_write_text
+
+    atomic_write_text(Path(path), yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def add_config_args(parser) -> None:
+    """The standard `--config` / `--set` pair every command takes."""
+    parser.add_argument("--config", required=True, help="YAML config file (see configs/)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, e.g. --set train.max_steps=10 (repeatable)")
