@@ -65,7 +65,10 @@ class TransformerConfig:
     encoder_layers: int = 7
     decoder_layers: int = 15
     block_grid: list[int] = field(default_factory=lambda: [16, 4])
-    peg: list[str] = field(default_factory=lambda: ["E_all", "D_0"])
+    # learned position table of max_position_embeddings + 1 rows; only the last ([start]) row is used, the rest
+    # exists for official-checkpoint compatibility (and the paper's parameter count)
+    max_position_embeddings: int = 256
+    peg: list[str] = field(default_factory=lambda: ["E_all", "D_0"])  # E_all | E_<i> | D_all | D_<i>
     peg_kernel: int = 5
     dropout: float = 0.0
     attention_dropout: float = 0.0
@@ -89,7 +92,7 @@ class ModelConfig:
 class MaskConfig:
     kind: str = "landscape"  # landscape (dilated segment) | coco (dilated segment or bounding box)
     max_ratio: float = 0.6
-    sample_resolution: int = 0  # 0: the stage resolution (512 for landscape SGA stages)
+    sample_resolution: int = 0  # 0: min(data.resolution, 512), as the paper (the 1024 stage samples at 512)
 
 
 @dataclass
@@ -104,6 +107,7 @@ class DataConfig:
     batch_size: int = 2
     num_workers: int = 2
     shuffle_buffer: int = 64
+    drop_last: bool = False  # drop each worker's short last batch of an epoch
     max_corrupt_fraction: float = 0.01
     seed: int = 23
     mask: MaskConfig = field(default_factory=MaskConfig)
@@ -120,6 +124,10 @@ class LossConfig:
     disc_weight: float = 0.8
     disc_start: int = 10000
     disc_factor: float = 1.0
+    # lambda = ||grad nll|| / ||grad g|| at the decoder's last conv weight (taming). False: fixed disc_weight,
+    # for setups where that weight is partitioned (ZeRO-3) and autograd.grad cannot see it whole.
+    adaptive_weight: bool = True
+    seg_recon: str = "ce"  # seg tokenizer: "ce" cross-entropy | "bce" official BCE-with-logits on one-hot
 
 
 @dataclass

@@ -1,0 +1,378 @@
+"""Streaming, resumable loader over webdataset shards: batches of aligned high-res and 256 views + masks.
+
+Determinism (what makes resume exact):
+- reader = (rank, worker). Its shard parts for an epoch come from `shards.reader_parts` (sorted, shuffled
+  by seed+epoch, split by rank then worker), its shuffle buffer is seeded by (seed, epoch, rank, worker),
+  and each sample's crop and mask are seeded by (seed, epoch, key). So a reader's batch stream is a fixed
+  function of the epoch.
+- torch's DataLoader returns worker batches round-robin, dropping a worker once it is exhausted. The
+  loader records, per worker, how many raw samples its consumed batches covered, and which worker is
+  next. On resume each worker skips that many raw samples (before decoding: cheap) and worker ids are
+  rotated so that the round-robin starts at the saved worker: the batch sequence continues exactly.
+Trade-off: resuming re-reads (but does not decode) the consumed part of each reader's shards, and needs
+the same world size and worker count (otherwise `load_state_dict(..., strict=False)` restarts the epoch).
+Batches are formed inside a worker, so each worker's last batch of an epoch may be short (data.drop_last).
+Ranks may see slightly different sample counts; `iter_forever` never ends, so ranks in lockstep are fine.
+"""
+from __future__ import annotations
+
+import io
+import sys
+import warnings
+from collections import Counter
+from pathlib import Path
+from typing import Iterator, Optional
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset.tariterators import tarfile_samples
+
+from asset_dist.config import ConfigError, DataConfig
+from asset_dist.data.shards import Part, Shard, reader_parts, resolve_shards
+from asset_dist.data.views import crop_views, sample_rng
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp")
+STATE_VERSION = 1
+
+
+class CorruptSample(Exception):
+    pass
+
+
+def decode_sample(sample: dict, label_shift: int = 0, num_classes: int = 256) -> tuple[str, Image.Image, np.ndarray]:
+    """webdataset sample (bytes per extension) -> (key, RGB image, uint8 label map). Raises CorruptSample."""
+    key = sample.get("__key__", "?")
+    ext = next((e for e in IMAGE_EXTS if e in sample), None)
+    if ext is None or "seg.png" not in sample:
+        raise CorruptSample(f"missing members (has: {', '.join(k for k in sample if not k.startswith('__'))})")
+    try:
+        image = Image.open(io.BytesIO(sample[ext]))
+        image = image.convert("RGB") if image.mode != "RGB" else image
+        image.load()  # decode here, so a broken file is a CorruptSample
+        with Image.open(io.BytesIO(sample["seg.png"])) as lm:
+            if lm.mode not in ("L", "P"):
+                raise CorruptSample(f"label map is not single-channel 8-bit (mode {lm.mode})")
+            seg = np.asarray(lm, dtype=np.uint8)
+    except CorruptSample:
+        raise
+    except Exception as e:  # noqa: BLE001 - any decoder error
+        raise CorruptSample(f"cannot decode ({type(e).__name__}: {e})") from None
+    if label_shift:
+        seg = seg + np.uint8(label_shift % 256)  # uint8 wrap-around: COCO's 255 (unlabeled) -> 0
+    top = int(seg.max())
+    if top >= num_classes:
+        raise CorruptSample(f"label value {top} >= data.num_classes={num_classes}"
+                            + (" (COCO-Stuff maps need data.label_shift=1)" if top == 255 and not label_shift else ""))
+    return key, image, seg
+
+
+class _Corruption:
+    """Counts corrupt samples of one reader; raises once they exceed the allowed fraction."""
+
+    def __init__(self, max_fraction: float, expected: Optional[int]):
+        self.max_fraction, self.expected = max_fraction, expected
+        self.seen, self.bad, self.per_shard = 0, 0, Counter()
+        self.last = ("", "")  # (shard, reason) of the latest corrupt sample
+
+    def ok(self) -> None:
+        self.seen += 1
+
+    def add(self, url: str, what: str, reason: str, n: int = 1) -> None:
+        self.seen += n
+        self.bad += n
+        self.per_shard[url] += n
+        self.last = (url, reason)
+        print(f"data: skipped {what} in {url}: {reason}", file=sys.stderr, flush=True)
+        self.check()
+
+    def check(self, final: bool = False) -> None:
+        if self.expected is None and not final and self.seen < 100:
+            return  # without a manifest, wait for a meaningful denominator
+        denom = max(self.expected or 0, self.seen, 1)
+        if self.bad > self.max_fraction * denom:
+            worst = ", ".join(f"{u}: {n}" for u, n in self.per_shard.most_common(5))
+            raise RuntimeError(f"data: {self.bad} of {denom} samples corrupt, above data.max_corrupt_fraction="
+                               f"{self.max_fraction}; last in shard {self.last[0]}: {self.last[1]} "
+                               f"(corrupt per shard: {worst})")
+
+
+def _read_parts(parts: list[Part], corruption: _Corruption) -> Iterator[dict]:
+    """Raw samples (undecoded bytes) of the reader's parts, in order, via webdataset's tar iterator."""
+    for part in parts:
+        url, got = part.shard.url, 0
+        try:
+            for i, sample in enumerate(tarfile_samples([{"url": url}])):
+                if i % part.stride == part.offset:
+                    got += 1
+                    yield sample
+        except Exception as e:  # noqa: BLE001 - unreadable or truncated shard: count what is lost
+            lost = max(1, (part.samples or 0) - got)
+            msg = e.args[0] if e.args else e  # webdataset appends the stream and url to args
+            corruption.add(url, f"{lost} sample(s) of the shard", f"unreadable shard ({type(e).__name__}: {msg})", lost)
+
+
+def _shuffled(items: Iterator[dict], size: int, rng: np.random.Generator) -> Iterator[dict]:
+    buf: list[dict] = []
+    for x in items:
+        if len(buf) < size:
+            buf.append(x)
+            continue
+        j = int(rng.integers(size))
+        buf[j], x = x, buf[j]
+        yield x
+    for j in rng.permutation(len(buf)):
+        yield buf[j]
+
+
+def collate_uint8(views: list[dict], shared: bool = False) -> dict:
+    """uint8 views of `crop_views` -> one uint8 tensor per field (images CHW). Workers ship uint8 (4-8x
+    fewer bytes through shared memory than float/long); `finalize_batch` converts in the main process.
+    Inside a worker the tensors are allocated in shared memory directly, so sending them copies nothing."""
+
+    def alloc(shape) -> torch.Tensor:
+        t = torch.empty((len(views), *shape), dtype=torch.uint8)
+        return t.share_memory_() if shared else t
+
+    out = {}
+    for name in ("image", "image_lr"):
+        side = views[0][name].shape[0]
+        out[name] = t = alloc((3, side, side))
+        for i, v in enumerate(views):
+            t[i].copy_(torch.from_numpy(v[name]).permute(2, 0, 1))
+    for name, shape in (("seg", ()), ("seg_lr", ()), ("mask", (1,)), ("mask_lr", (1,))):
+        side = views[0][name].shape[0]
+        out[name] = t = alloc((*shape, side, side))
+        for i, v in enumerate(views):
+            t[i].copy_(torch.from_numpy(v[name]).view(*shape, side, side))
+    out["key"] = [v["key"] for v in views]
+    return out
+
+
+def finalize_batch(batch: dict, pin_memory: bool = False) -> dict:
+    """uint8 batch -> image float [-1, 1], seg long, mask float {0, 1}, on the batch's device; pinned when
+    asked (CPU only, so the host-to-device copy can be asynchronous). A GPU engine can take uint8 batches
+    (`build_loader(..., convert=False)`), move them (4-8x fewer bytes) and call this on the device."""
+
+    def to(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        t = t.to(dtype)  # much faster than copy_ into a fresh tensor of another dtype
+        return t.pin_memory() if pin_memory else t
+
+    out = {k: to(batch[k], torch.float32).mul_(1 / 127.5).sub_(1.0) for k in ("image", "image_lr")}
+    out.update({k: to(batch[k], torch.int64) for k in ("seg", "seg_lr")})
+    out.update({k: to(batch[k], torch.float32) for k in ("mask", "mask_lr")})
+    out["key"] = batch["key"]
+    return out
+
+
+def _collate(views: list[dict], worker: int, pos: int, stats: Counter) -> dict:
+    out = collate_uint8(views, shared=get_worker_info() is not None)
+    out.update(_worker=worker, _pos=pos, _stats=dict(stats))
+    return out
+
+
+class _ReaderStream(IterableDataset):
+    """The batches of one rank; inside a DataLoader each worker runs its own reader."""
+
+    def __init__(self, shards: list[Shard], cfg: DataConfig, train: bool, rank: int, world_size: int,
+                 num_workers: int, epoch: int, skip: list[int], rotation: int):
+        super().__init__()
+        self.shards, self.cfg, self.train = shards, cfg, train
+        self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
+        self.epoch, self.skip, self.rotation = epoch, skip, rotation
+
+    def parts(self, worker: int) -> list[Part]:
+        return reader_parts(self.shards, seed=self.cfg.seed, epoch=self.epoch, shuffle=self.train, rank=self.rank,
+                            world_size=self.world_size, worker=worker, num_workers=self.num_workers)
+
+    def __iter__(self) -> Iterator[dict]:
+        cfg, info = self.cfg, get_worker_info()
+        w = ((info.id if info else 0) + self.rotation) % self.num_workers
+        parts = self.parts(w)
+        known = [p.samples for p in parts]
+        corruption = _Corruption(cfg.max_corrupt_fraction, None if None in known else sum(known))
+        raw = _read_parts(parts, corruption)
+        if self.train and cfg.shuffle_buffer > 1:
+            seed = np.random.SeedSequence([cfg.seed % 2**63, self.epoch, self.rank, self.world_size, w, self.num_workers])
+            raw = _shuffled(raw, cfg.shuffle_buffer, np.random.default_rng(seed))
+        mask_epoch = self.epoch if self.train else 0  # validation masks are the same every epoch
+        pos, views, stats = 0, [], Counter()
+        for sample in raw:
+            pos += 1
+            if pos <= self.skip[w]:
+                continue  # resume: already consumed, skipped before decoding
+            try:
+                key, image, seg = decode_sample(sample, cfg.label_shift, cfg.num_classes)
+            except CorruptSample as e:
+                stats["corrupt"] += 1
+                corruption.add(sample.get("__url__", "?"), f"sample {sample.get('__key__', '?')!r}", str(e))
+                continue
+            corruption.ok()
+            v = crop_views(image, seg, cfg.resolution, cfg.guide_resolution, cfg.mask,
+                           sample_rng(cfg.seed % 2**63, mask_epoch, key), self.train, short_side=cfg.resize_short_side)
+            stats["upscaled"] += int(v.pop("upscaled"))
+            stats["samples"] += 1
+            v["key"] = key
+            views.append(v)
+            if len(views) == cfg.batch_size:
+                yield _collate(views, w, pos, stats)
+                views, stats = [], Counter()
+        corruption.check(final=True)
+        if views and not cfg.drop_last:
+            yield _collate(views, w, pos, stats)
+
+
+def validate_data_config(cfg: DataConfig, src: str = "data") -> None:
+    def bad(key: str, msg: str) -> None:
+        raise ConfigError(f"{src}: 'data.{key}' {msg}")
+
+    if cfg.resolution % 16 or cfg.resolution <= 0:
+        bad("resolution", f"must be a positive multiple of 16 (got {cfg.resolution})")
+    if cfg.guide_resolution <= 0 or cfg.guide_resolution > cfg.resolution:
+        bad("guide_resolution", f"must be in 1..resolution={cfg.resolution} (got {cfg.guide_resolution})")
+    if cfg.resize_short_side and cfg.resize_short_side < cfg.resolution:
+        bad("resize_short_side", f"must be 0 or >= resolution={cfg.resolution} (got {cfg.resize_short_side})")
+    if cfg.batch_size < 1:
+        bad("batch_size", f"must be >= 1 (got {cfg.batch_size})")
+    if cfg.num_workers < 0:
+        bad("num_workers", f"must be >= 0 (got {cfg.num_workers})")
+    if not 0 <= cfg.label_shift <= 255:
+        bad("label_shift", f"must be in 0..255 (got {cfg.label_shift})")
+    if not 0.0 <= cfg.max_corrupt_fraction <= 1.0:
+        bad("max_corrupt_fraction", f"must be in [0, 1] (got {cfg.max_corrupt_fraction})")
+    if cfg.mask.kind not in ("landscape", "coco"):
+        bad("mask.kind", f"must be 'landscape' or 'coco' (got {cfg.mask.kind!r})")
+    if not 0.0 < cfg.mask.max_ratio <= 1.0:
+        bad("mask.max_ratio", f"must be in (0, 1] (got {cfg.mask.max_ratio})")
+    if cfg.mask.sample_resolution < 0 or cfg.mask.sample_resolution % 16:
+        bad("mask.sample_resolution", f"must be 0 or a positive multiple of 16 (got {cfg.mask.sample_resolution})")
+
+
+class ShardLoader:
+    """Iterable of batch dicts for one rank and split; checkpointable with state_dict / load_state_dict.
+
+    A new `iter()` starts the current epoch from the beginning, except right after `load_state_dict`,
+    when it continues from the saved position. `stats` counts samples, corrupt samples and upscaled
+    images seen by this rank (for logging).
+    """
+
+    def __init__(self, cfg: DataConfig, split: str, rank: int, world_size: int, epoch: int = 0,
+                 pin_memory: bool = False, convert: bool = True):
+        if split not in ("train", "val"):
+            raise ValueError(f"split must be 'train' or 'val' (got {split!r})")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world size {world_size}")
+        validate_data_config(cfg)
+        spec = cfg.train_shards if split == "train" else cfg.val_shards
+        if split == "val" and not spec:
+            if not (Path(cfg.train_shards).is_dir() or cfg.train_shards.endswith(".json")):
+                raise ValueError("data.val_shards is empty and data.train_shards is not a manifest (or a folder "
+                                 "holding one) that could name the val split")
+            spec = cfg.train_shards  # the manifest holds the val split too
+        self.cfg, self.split, self.train = cfg, split, split == "train"
+        if pin_memory and not torch.cuda.is_available():
+            warnings.warn("data: pin_memory needs CUDA; ignored", stacklevel=3)
+            pin_memory = False
+        self.rank, self.world_size, self.pin_memory, self.convert = rank, world_size, pin_memory, convert
+        self.shards = resolve_shards(spec, split)
+        self.workers = max(1, cfg.num_workers)  # logical readers per rank (0 = one, in-process)
+        self.epoch = epoch
+        self.stats: Counter = Counter()
+        self._reset()
+        self._pending: Optional[tuple[list[int], int, int, int]] = None
+        self._warned = False
+
+    def _reset(self) -> None:
+        self._consumed, self._next, self._batches, self._samples = [0] * self.workers, 0, 0, 0
+
+    @property
+    def num_samples(self) -> Optional[int]:
+        """Samples this rank reads per epoch, when the shard counts are known (from a manifest)."""
+        stream = self._stream(self.epoch, [0] * self.workers, 0)
+        counts = [p.samples for w in range(self.workers) for p in stream.parts(w)]
+        return None if None in counts else sum(counts)
+
+    def _stream(self, epoch: int, skip: list[int], rotation: int) -> _ReaderStream:
+        return _ReaderStream(self.shards, self.cfg, self.train, self.rank, self.world_size, self.workers,
+                             epoch, skip, rotation)
+
+    def set_epoch(self, epoch: int) -> None:
+        if self._pending is None or epoch != self.epoch:
+            self._pending = None
+            self._reset()
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[dict]:
+        if self._pending is not None:
+            self._consumed, self._next, self._batches, self._samples = self._pending
+            self._consumed = list(self._consumed)
+            self._pending = None
+        else:
+            self._reset()
+        ds = self._stream(self.epoch, list(self._consumed), self._next)
+        if self.cfg.num_workers == 0:
+            it = iter(ds)
+        else:
+            it = iter(DataLoader(ds, batch_size=None, num_workers=self.cfg.num_workers))
+        for raw in it:
+            w, pos, stats = raw.pop("_worker"), raw.pop("_pos"), raw.pop("_stats")
+            batch = finalize_batch(raw, self.pin_memory) if self.convert else raw
+            self._consumed[w], self._next = pos, (w + 1) % self.workers
+            self._batches += 1
+            self._samples += len(batch["key"])
+            self.stats.update(stats)
+            if stats.get("upscaled") and not self._warned:
+                self._warned = True
+                warnings.warn(f"data: images smaller than the short side {self.cfg.resize_short_side or self.cfg.resolution}"
+                              " are upscaled (count in loader.stats['upscaled'])", stacklevel=2)
+            yield batch
+
+    def state_dict(self) -> dict:
+        """Position in the epoch: small, JSON-able; save one per rank."""
+        return {"version": STATE_VERSION, "split": self.split, "seed": self.cfg.seed, "epoch": self.epoch, "rank": self.rank,
+                "world_size": self.world_size, "num_workers": self.workers, "consumed": list(self._consumed),
+                "next_worker": self._next, "batches": self._batches, "samples": self._samples}
+
+    def load_state_dict(self, state: dict, strict: bool = True) -> None:
+        """Continue from `state` on the next iteration. With another world size, worker count, rank or seed
+        the saved position means nothing: strict raises, strict=False restarts the saved epoch from its start."""
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"loader state version {state.get('version')!r} not supported (expected {STATE_VERSION})")
+        if state["split"] != self.split:
+            raise ValueError(f"loader state is for the {state['split']!r} split, this loader reads {self.split!r}")
+        self.epoch = int(state["epoch"])
+        saved = (state["world_size"], state["num_workers"], state["rank"], state["seed"])
+        if saved != (self.world_size, self.workers, self.rank, self.cfg.seed):
+            msg = (f"loader state was saved with world_size={saved[0]}, workers={saved[1]}, rank={saved[2]}, "
+                   f"data.seed={saved[3]}; now world_size={self.world_size}, workers={self.workers}, "
+                   f"rank={self.rank}, data.seed={self.cfg.seed}")
+            if strict:
+                raise ValueError(msg + " (mid-epoch resume needs the same layout; strict=False restarts the epoch)")
+            warnings.warn(msg + f": restarting epoch {self.epoch} from its start", stacklevel=2)
+            self._pending = None
+            self._reset()
+            return
+        self._pending = (list(state["consumed"]), int(state["next_worker"]), int(state["batches"]), int(state["samples"]))
+
+
+def build_loader(cfg: DataConfig, split: str, rank: int, world_size: int, epoch: int = 0,
+                 pin_memory: bool = False, convert: bool = True) -> ShardLoader:
+    """The loader of `split` ('train' or 'val') for one rank. convert=False yields uint8 batches (images
+    uint8 CHW, labels and masks uint8) for `finalize_batch` on the device."""
+    return ShardLoader(cfg, split, rank, world_size, epoch, pin_memory=pin_memory, convert=convert)
+
+
+def iter_forever(loader: ShardLoader) -> Iterator[dict]:
+    """Endless batches: when an epoch ends, the next one starts (loader.epoch + 1)."""
+    while True:
+        resumed = loader._pending is not None
+        n = 0
+        for batch in loader:
+            n += 1
+            yield batch
+        if n == 0 and not resumed:
+            raise RuntimeError(f"data: rank {loader.rank} got no batches in epoch {loader.epoch} "
+                               f"({len(loader.shards)} shard(s); batch_size={loader.cfg.batch_size}, "
+                               f"drop_last={loader.cfg.drop_last})")
+        loader.set_epoch(loader.epoch + 1)

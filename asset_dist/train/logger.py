@@ -1,0 +1,63 @@
+"""Rank-0 logging: TensorBoard scalars and image grids, plus one progress line with ETA on stdout."""
+from __future__ import annotations
+
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+
+def make_grid(images: torch.Tensor, ncol: int = 4, pad: int = 2) -> torch.Tensor:
+    """[N, 3, H, W] in [0, 1] -> [3, rows*(H+pad), ncol*(W+pad)] (white padding)."""
+    n, c, h, w = images.shape
+    ncol = min(ncol, n)
+    rows = math.ceil(n / ncol)
+    grid = torch.ones(c, rows * (h + pad) + pad, ncol * (w + pad) + pad)
+    for i in range(n):
+        r, col = divmod(i, ncol)
+        y, x = pad + r * (h + pad), pad + col * (w + pad)
+        grid[:, y:y + h, x:x + w] = images[i].float().clamp(0, 1).cpu()
+    return grid
+
+
+class RunLogger:
+    def __init__(self, run_dir: str | Path, enabled: bool, tensorboard: bool, total_steps: int):
+        self.enabled = enabled
+        self.total = total_steps
+        self.writer = None
+        if enabled and tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
+        self.t0 = time.time()
+        self.step0: Optional[int] = None
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        if self.writer is not None:
+            for k, v in values.items():
+                self.writer.add_scalar(k, v, step)
+
+    def images(self, step: int, grids: dict[str, torch.Tensor]) -> None:
+        if self.writer is not None:
+            for k, v in grids.items():
+                self.writer.add_image(k, make_grid(v), step)
+
+    def progress(self, step: int, values: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        if self.step0 is None:
+            self.step0, self.t0 = step, time.time()
+        done = step - self.step0
+        rate = done / max(time.time() - self.t0, 1e-9)
+        eta = (self.total - step) / rate if rate > 0 else float("nan")
+        shown = " ".join(f"{k.split('/')[-1]}={v:.4g}" for k, v in values.items() if k.startswith("loss"))
+        eta_s = time.strftime("%H:%M:%S", time.gmtime(eta)) if math.isfinite(eta) else "--:--:--"
+        print(f"step {step}/{self.total} {shown} {rate:.2f} it/s eta {eta_s}", file=sys.stdout, flush=True)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.flush()
+            self.writer.close()
