@@ -16,6 +16,8 @@ from typing import Any, Optional
 import yaml
 
 MISSING = "???"  # a required value; YAML files set it, or `--set` must
+# sga_attention kernels ("auto" = fastest measured per device); kept here so config stays torch-free.
+ATTENTION_IMPLS = ("auto", "gather", "sdpa_gather", "flex", "flex_eager", "dense_mask")
 
 
 class ConfigError(ValueError):
@@ -75,7 +77,7 @@ class TransformerConfig:
     guide_k: int = 3
     # "fixed": forbid blocks >= b-2 for every causal row; "official": reproduce the rows-5/6 leak.
     causal_picks: str = "fixed"
-    attention_impl: str = "auto"  # auto | gather | sdpa_gather | flex | dense_mask
+    attention_impl: str = "auto"  # one of ATTENTION_IMPLS (asset_dist.attention.sga_attention's impl)
 
 
 @dataclass
@@ -229,6 +231,11 @@ def _coerce(value: Any, tp: Any, path: str, src: str) -> Any:
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # PyYAML reads `1e-4` (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
     elif tp is str:
         if isinstance(value, str):
             return value
@@ -326,6 +333,8 @@ def _validate(cfg: Config, src: str) -> None:
         bad("train.schedule", f"must be constant or cosine (got {cfg.train.schedule!r})")
     if cfg.model.transformer.causal_picks not in ("fixed", "official"):
         bad("model.transformer.causal_picks", "must be 'fixed' or 'official'")
+    if cfg.model.transformer.attention_impl not in ATTENTION_IMPLS:
+        bad("model.transformer.attention_impl", f"must be one of {', '.join(ATTENTION_IMPLS)}")
     for sec in ("vqgan", "seg"):
         if getattr(cfg.model, sec).region_norm not in ("true", "official"):
             bad(f"model.{sec}.region_norm", "must be 'true' or 'official'")

@@ -113,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
                              "ratio": round(ours / bare, 3), "ratio_uint8": round(raw / bare, 3)})
                 print(f"res {res:5d}  workers {w}  batch {bs}  loader {ours:7.2f}/s  uint8 {raw:7.2f}/s  "
                       f"bare {bare:7.2f}/s  ratio {ours / bare:.3f} / {raw / bare:.3f}", flush=True)
-    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+    machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+               f"Python {platform.python_version()}")
     print(f"\nmachine: {machine}\n")
     print("| resolution | workers | batch | loader float samples/s | loader uint8 samples/s | bare samples/s "
           "| ratio float | ratio uint8 |")

@@ -28,7 +28,7 @@ HOST=$(hostname -s)
 
 log() { echo "local_slurm: $*" >&2; }
 
-usage() { sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; }
 
 pid_alive() {  # pid_alive FILE: the pid in FILE is a live process
     [[ -s $1 ]] && kill -0 "$(cat "$1")" 2>/dev/null

@@ -32,10 +32,10 @@ _on_usr1() {
     _trapped=1
     # srun forwards the signals it receives to all tasks of its step, on every node.
     if [[ -n $_child ]]; then
-        _log "USR1: time limit near; asking the tasks to checkpoint (signal to srun pid $_child)"
+        _log "USR1: time limit near; asking the tasks to checkpoint (signal to pid $_child)"
         kill -USR1 "$_child" 2>/dev/null || true
     else
-        _log "USR1 before the step started; it will be forwarded once it runs"
+        _log "USR1 before the tasks started: they cannot take it; the TERM at the time limit will stop them"
     fi
 }
 
@@ -64,6 +64,10 @@ asset_main() {
     local default_config=$1 default_cmd=$2 resume_flag=$3
     shift 3
 
+    if [[ ${1:-} == -h || ${1:-} == --help ]]; then  # the calling script's header comment
+        awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"
+        return 0
+    fi
     # ---- arguments: [CONFIG] [KEY=VALUE ...]
     local config=${CONFIG:-}
     if [[ $# -gt 0 && $1 != *=* ]]; then
@@ -98,7 +102,7 @@ asset_main() {
     else
         job_tag=${SLURM_JOB_ID:-local-$(date +%Y%m%d-%H%M%S)}
     fi
-    local run_dir=${RUN_DIR:-runs/${SLURM_JOB_NAME:-asset}-$job_tag}
+    local run_dir=${RUN_DIR:-runs/${SLURM_JOB_NAME:-$(basename "$0" .sh)}-$job_tag}
     mkdir -p "$run_dir" || { _log "cannot create run folder $run_dir"; return $EXIT_USAGE; }
     run_dir=$(cd "$run_dir" && pwd)
 
@@ -133,13 +137,10 @@ asset_main() {
     trap _on_usr1 USR1
     trap _on_term TERM
     # Tasks start with USR1 ignored (inherited through exec) until the trainer installs its handler:
-    # an early warning is then dropped instead of killing a half-started task; the TERM at the time
-    # limit still reaches the handler.
+    # a warning during python start-up is dropped instead of killing a half-started task (the TERM at
+    # the time limit still reaches the handler). Not under SLURM the same line runs one local process.
     "${launcher[@]}" bash -c 'trap "" USR1; exec "$@"' asset-task "${cmd[@]}" &
     _child=$!
-    if [[ $_got_usr1 == 1 ]]; then
-        kill -USR1 "$_child" 2>/dev/null || true
-    fi
 
     # `wait` returns early (status > 128) when a trapped signal arrives: wait again for the real status.
     # A second wait answers 127 when the first one had already collected it.

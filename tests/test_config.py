@@ -49,7 +49,8 @@ def test_missing_required_value(tmp_path):
     assert "required value 'data.train_shards' is missing" in msg and "--set data.train_shards=" in msg
     msg = _error(_write(tmp_path, "b.yaml", "data: {train_shards: x}\n"))
     assert "required value 'train.stage' is missing" in msg
-    assert load_config(_write(tmp_path, "c.yaml", "data: {train_shards: x}\n"), ["train.stage=sga"]).train.stage == "sga"
+    cfg = load_config(_write(tmp_path, "c.yaml", "data: {train_shards: x}\n"), ["train.stage=sga"])
+    assert cfg.train.stage == "sga"
     assert "config file not found" in _error(tmp_path / "nope.yaml")
 
 

@@ -203,6 +203,12 @@ def test_epochs_reshuffle_deterministically(sflckr_shards):
     assert sorted(e0) == sorted(e1) and e0 != e1
     with pytest.raises(ValueError, match="world_size"):
         build_loader(cfg, "train", 0, 2).load_state_dict(loader.state_dict())
+    with pytest.raises(ValueError, match="'train' split"):
+        build_loader(cfg, "val", 0, 1).load_state_dict(loader.state_dict())
+    other = build_loader(cfg, "train", 0, 2)
+    with pytest.warns(UserWarning, match="restarting epoch 1"):
+        other.load_state_dict(loader.state_dict(), strict=False)
+    assert other.epoch == 1 and other.state_dict()["consumed"] == [0]
 
 
 def _jpeg(seed: int, size=(300, 270)) -> bytes:

@@ -2,8 +2,9 @@
 
 What is checked: `sbatch slurm/train_sga.sh` with its defaults overridden for a CPU node starts one task
 per rank with distinct ranks and one rendezvous address; the time-limit warning (USR1) leads to a
-checkpoint, a requeue under the same id, and a resume with no step lost or repeated; a failing trainer
-and a user's scancel are not requeued. The two requeue tests take 1-3 minutes (a requeued job pauses
+checkpoint, a requeue under the same id, and a resume with no step lost or repeated; a trainer that
+misses the warning is stopped by the TERM at the time limit and still requeued; a failing trainer, a
+missing config and a user's scancel are not requeued. The two requeue tests take 1-3 minutes (a requeued job pauses
 before it starts again, and SLURM checks time limits only every 30 s); they are submitted first and run
 while the other tests do.
 """
@@ -111,6 +112,10 @@ def test_sbatch_defaults_two_ranks(slurm_cluster: SlurmCluster, tmp_path):
         slurm_cluster.cancel(job)
         shutil.rmtree(run_dir, ignore_errors=True)
         log.unlink(missing_ok=True)
+        try:
+            run_dir.parent.rmdir()  # runs/ only if this test made it and nothing else is in it
+        except OSError:
+            pass
 
 
 def test_failed_trainer_is_not_requeued(slurm_cluster: SlurmCluster, tmp_path):

@@ -15,7 +15,7 @@ from asset_dist.models.quantize import VectorQuantizer
 from asset_dist.models.seg_vq import seg_config
 from asset_dist.models.vqgan import RegionNorm, onehot_conv2d
 
-torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+torch.set_num_threads(1)  # the CI box is small and shared; more threads only oversubscribe it
 
 
 def tiny_cfg(**kw) -> VQConfig:
@@ -406,19 +406,23 @@ def test_lpips_runs_and_loads_known_layouts(tmp_path, monkeypatch):
 
 
 def test_tiny_vqgan_overfits_one_batch():
-    """Two optimizers as the trainer will run them: generator (VQ) and discriminator; loss must fall."""
+    """Two optimizers as the trainer will run them: generator (VQ) and discriminator; the loss must fall."""
     torch.manual_seed(13)
-    cfg = small_cfg(n_embed=64)
-    model = VQModel(cfg)
-    crit = VQGANLoss(LossConfig(perceptual_weight=1.0, perceptual_random_init=True, disc_start=20,
+    model = VQModel(small_cfg(n_embed=64))
+    crit = VQGANLoss(LossConfig(perceptual_weight=1.0, perceptual_random_init=True, disc_start=12,
                                 disc_weight=0.1))
     opt_g = torch.optim.Adam(model.parameters(), lr=2e-3, betas=(0.5, 0.9))
     opt_d = torch.optim.Adam(crit.discriminator.parameters(), lr=2e-3, betas=(0.5, 0.9))
-    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    yy, xx = torch.meshgrid(torch.linspace(0, 1, 32), torch.linspace(0, 1, 32), indexing="ij")
+    x = 0.9 * torch.stack([torch.stack([torch.sin(6 * xx + p), torch.cos(4 * yy - p), 2 * xx * yy - 1])
+                           for p in (0.0, 1.5)])
     mask = torch.zeros(2, 1, 32, 32)
     mask[:, :, 8:20, 4:30] = 1
-    first = last = None
-    for step in range(40):
+    with torch.no_grad():  # seed the codebook with the first latents (avoids the 1-code collapse of 8 tokens)
+        z = model.encode_pre_quant(x, mask).permute(0, 2, 3, 1).reshape(-1, 16)
+        model.quantize.embedding.weight[: z.shape[0]] = z
+    l1 = []
+    for step in range(25):
         rec, qloss, _ = model(x, mask)
         loss, logs = crit.generator_loss(x, rec, qloss, step, last_layer=model.last_layer())
         opt_g.zero_grad(set_to_none=True)
@@ -429,7 +433,6 @@ def test_tiny_vqgan_overfits_one_batch():
         d_loss.backward()
         opt_d.step()
         assert torch.isfinite(loss) and torch.isfinite(d_loss)
-        first = logs["nll"].item() if first is None else first
-        last = logs["nll"].item()
-    assert "g_loss" in logs  # the GAN term was active for the last 20 steps
-    assert last < 0.6 * first, (first, last)
+        l1.append(logs["l1"].item())
+    assert "g_loss" in logs and logs["d_weight"] > 0  # the GAN term was active in the last steps
+    assert sum(l1[-3:]) / 3 < 0.5 * l1[0], l1

@@ -69,7 +69,7 @@ def sga_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, guide: torc
     table = block_table(guide, nb, causal)
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (q, k, v, prefix_k, prefix_v))
-    name = resolve_impl(impl, q, needs_grad)
+    name = resolve_impl(impl, q, needs_grad, L // nb)
     scale = 1.0 / math.sqrt(D)
     if name == "dense_mask":
         mask = _mask_from_table(table, L, causal, 0 if prefix_k is None else prefix_k.shape[2])
@@ -90,20 +90,24 @@ def sga_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, guide: torc
     return fn.apply(q, k, v, prefix_k, prefix_v, table, causal, scale)
 
 
-def resolve_impl(impl: str, q: torch.Tensor, needs_grad: bool = True) -> str:
+def resolve_impl(impl: str, q: torch.Tensor, needs_grad: bool = True, block_size: int = 64) -> str:
     """The kernel `impl` names for q's device; "auto" picks the fastest measured one (BENCHMARKS.md)."""
     if impl != "auto":
         if impl not in IMPLS:
             raise ValueError(f"unknown attention impl {impl!r}; choose auto or one of {', '.join(IMPLS)}")
         return impl
     if q.device.type == "cpu":
-        # Measured fastest on CPU for fwd and fwd+bwd at every L (BENCHMARKS.md); compiled flex only
-        # matches it in forward after a ~20 s compile per shape, so it is not auto-selected.
-        return "sdpa_gather" if _has_cpu_flash() and q.dtype in (torch.float32, torch.float64,
-                                                                    torch.bfloat16) else "gather"
+        # BENCHMARKS.md "Attention": with 4-token blocks (L=256) the dense masked SDPA is the fastest exact
+        # path; from 16-token blocks on the flash kernel on gathered blocks wins fwd and fwd+bwd. Compiled
+        # flex only matches it in forward, after a ~20 s compile per shape, so it is never auto-selected.
+        if block_size <= 4:
+            return "dense_mask"
+        if _has_cpu_flash() and q.dtype in (torch.float32, torch.float64, torch.bfloat16):
+            return "sdpa_gather"
+        return "gather"
     if q.device.type == "cuda" and _has_flex():
-        # Fused, tile-skipping kernel with a real backward on CUDA. A dense masked path is not auto-selected
-        # for small L until a GPU benchmark in this repo shows it faster (bench/attention.py --device cuda).
+        # Fused, tile-skipping kernel with a real backward on CUDA. No dense path is auto-selected on GPU
+        # until a GPU run of bench/attention.py --device cuda in this repo shows one faster.
         return "flex"
     return "gather"
 

@@ -194,7 +194,7 @@ class _ReaderStream(IterableDataset):
         corruption = _Corruption(cfg.max_corrupt_fraction, None if None in known else sum(known))
         raw = _read_parts(parts, corruption)
         if self.train and cfg.shuffle_buffer > 1:
-            seed = np.random.SeedSequence([cfg.seed % 2**63, self.epoch, self.rank, self.world_size, w, self.num_workers])
+            seed = [cfg.seed % 2**63, self.epoch, self.rank, self.world_size, w, self.num_workers]
             raw = _shuffled(raw, cfg.shuffle_buffer, np.random.default_rng(seed))
         mask_epoch = self.epoch if self.train else 0  # validation masks are the same every epoch
         pos, views, stats = 0, [], Counter()
@@ -324,15 +324,17 @@ class ShardLoader:
             self.stats.update(stats)
             if stats.get("upscaled") and not self._warned:
                 self._warned = True
-                warnings.warn(f"data: images smaller than the short side {self.cfg.resize_short_side or self.cfg.resolution}"
-                              " are upscaled (count in loader.stats['upscaled'])", stacklevel=2)
+                side = self.cfg.resize_short_side or self.cfg.resolution
+                warnings.warn(f"data: images smaller than the short side {side} are upscaled "
+                              "(count in loader.stats['upscaled'])", stacklevel=2)
             yield batch
 
     def state_dict(self) -> dict:
         """Position in the epoch: small, JSON-able; save one per rank."""
-        return {"version": STATE_VERSION, "split": self.split, "seed": self.cfg.seed, "epoch": self.epoch, "rank": self.rank,
-                "world_size": self.world_size, "num_workers": self.workers, "consumed": list(self._consumed),
-                "next_worker": self._next, "batches": self._batches, "samples": self._samples}
+        return {"version": STATE_VERSION, "split": self.split, "seed": self.cfg.seed, "epoch": self.epoch,
+                "rank": self.rank, "world_size": self.world_size, "num_workers": self.workers,
+                "consumed": list(self._consumed), "next_worker": self._next, "batches": self._batches,
+                "samples": self._samples}
 
     def load_state_dict(self, state: dict, strict: bool = True) -> None:
         """Continue from `state` on the next iteration. With another world size, worker count, rank or seed
@@ -353,7 +355,8 @@ class ShardLoader:
             self._pending = None
             self._reset()
             return
-        self._pending = (list(state["consumed"]), int(state["next_worker"]), int(state["batches"]), int(state["samples"]))
+        self._pending = (list(state["consumed"]), int(state["next_worker"]), int(state["batches"]),
+                         int(state["samples"]))
 
 
 def build_loader(cfg: DataConfig, split: str, rank: int, world_size: int, epoch: int = 0,

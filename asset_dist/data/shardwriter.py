@@ -177,7 +177,8 @@ def pair_files(images: Path, labels: Path) -> tuple[list[dict], list[Skipped]]:
     pairs, used = [], set()
     for stem in sorted(image_by_stem):
         if stem not in label_by_stem:
-            skipped.append(Skipped(str(image_by_stem[stem]), f"image without a label map (expected {labels / stem}.png)"))
+            expected = f"{labels / stem}.png"
+            skipped.append(Skipped(str(image_by_stem[stem]), f"image without a label map (expected {expected})"))
             continue
         key = safe_key(stem)
         if key in used:  # two paths that sanitize to one key: disambiguate deterministically

@@ -216,13 +216,9 @@ def torch_backend() -> str:
 def main(argv: Optional[list[str]] = None) -> int:
     import argparse
 
-    p = argparse.ArgumentParser(prog="python -m asset_dist.launch.env",
-                                description="Print this process's distributed placement as JSON.")
-    p.add_argument("--exit-requeue", action="store_true", help="print EXIT_REQUEUE (the requeue exit status) and exit")
-    args = p.parse_args(argv)
-    if args.exit_requeue:
-        print(EXIT_REQUEUE)
-        return 0
+    argparse.ArgumentParser(prog="python -m asset_dist.launch.env",
+                            description="Print this process's place in the job as JSON "
+                                        "(e.g. `srun python -m asset_dist.launch.env` checks a cluster).").parse_args(argv)
     print(json.dumps(asdict(dist_env())))
     return 0
 

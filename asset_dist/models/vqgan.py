@@ -109,8 +109,8 @@ class RegionNorm(nn.GroupNorm):
 
     mode="true" is proper region normalisation: the known pixels of each group are normalised with the mean and
     (biased) variance over the known pixels of that group, the hole pixels with those over the hole pixels, then
-    the shared affine step. Nothing masked or everything masked both give exactly GroupNorm(x); no division by
-    zero (counts clamped to 1). Weights trained with one mode do not transfer to the other.
+    the shared affine step. Nothing masked or everything masked both give GroupNorm(x) (up to rounding); no
+    division by zero (counts clamped to 1). Weights trained with one mode do not transfer to the other.
     """
 
     def __init__(self, num_channels: int, mode: str = "true"):

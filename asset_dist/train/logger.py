@@ -1,6 +1,7 @@
 """Rank-0 logging: TensorBoard scalars and image grids, plus one progress line with ETA on stdout."""
 from __future__ import annotations
 
+import json
 import math
 import sys
 import time
@@ -32,10 +33,14 @@ class RunLogger:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
+        self.metrics_path = Path(run_dir) / "metrics.jsonl"
         self.t0 = time.time()
         self.step0: Optional[int] = None
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
+        if self.enabled:  # a plain-text copy for scripts and tests: one JSON object per logged step
+            with open(self.metrics_path, "a") as f:
+                f.write(json.dumps({"step": step, **values}) + "\n")
         if self.writer is not None:
             for k, v in values.items():
                 self.writer.add_scalar(k, v, step)
