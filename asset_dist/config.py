@@ -156,6 +156,8 @@ class TrainConfig:
     seg_weights: str = ""
     guide_weights: str = ""
     init_from: str = ""  # initialise the trained model from this export (SGA from guide, 1024 from 512)
+    # token hole: "any" = a token is unknown if any pixel of its patch is masked; "nearest" = official
+    token_hole: str = "any"
 
 
 @dataclass

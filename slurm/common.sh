@@ -114,8 +114,11 @@ asset_main() {
     read -r -a resume <<<"$resume_flag"
     cmd+=(--config "$config" "${sets[@]}" --set "paths.run_dir=$run_dir" "${resume[@]}")
 
-    # Rank variables from the submitting shell would make every task rank 0 (they win over SLURM's).
-    unset RANK LOCAL_RANK WORLD_SIZE LOCAL_WORLD_SIZE GROUP_RANK NODE_RANK CROSS_RANK CROSS_SIZE LOCAL_SIZE
+    # sbatch passes the submitting shell's environment on. Rank variables left there would make every
+    # task rank 0 (they win over SLURM's), and a stale MASTER_ADDR=localhost would hang a multi-node
+    # job: the rendezvous comes from the job itself (asset_dist/launch/env.py).
+    unset RANK LOCAL_RANK WORLD_SIZE LOCAL_WORLD_SIZE GROUP_RANK NODE_RANK CROSS_RANK CROSS_SIZE LOCAL_SIZE \
+        MASTER_ADDR MASTER_PORT
 
     local restarts=${SLURM_RESTART_COUNT:-0}
     if [[ -n ${SLURM_JOB_ID:-} ]]; then

@@ -30,7 +30,10 @@ import torch.nn.functional as F
 from .layout import SELF_SLOT, Grid, block_table, check_guide, n_blocks_of
 
 IMPLS = ("gather", "sdpa_gather", "flex", "flex_eager", "dense_mask")
-_CHUNK_BYTES = 4 << 20  # budget for the largest per-chunk temporary (gathered K, mask, or scores)
+# Budget for the largest per-chunk temporary (gathered K, mask or scores). CPU: small, so the chunk stays
+# in cache and peak memory stays near dense SDPA's (BENCHMARKS.md); GPU: large, kernel launches dominate.
+_CHUNK_BYTES = 4 << 20
+_CHUNK_BYTES_GPU = 256 << 20
 _NEG_INF = float("-inf")
 
 
@@ -177,7 +180,8 @@ class _Rows:
         """(r0, r1, clean) row ranges within the memory budget. When a chunk is smaller than a head anyway,
         chunks also split where rows change between clean (every slot visible) and not, so clean chunks
         run without a per-row mask (see `bias`)."""
-        n = max(1, min(self.R, _CHUNK_BYTES // max(row_bytes, 1)))
+        budget = _CHUNK_BYTES if self.t.device.type == "cpu" else _CHUNK_BYTES_GPU
+        n = max(1, min(self.R, budget // max(row_bytes, 1)))
         if n >= self.nb:
             return [(r0, min(r0 + n, self.R), False) for r0 in range(0, self.R, n)]
         clean = (self.t >= 0).all(-1)
@@ -244,17 +248,23 @@ def _scores(bias, q, k, scale):
     return torch.baddbmm(bias, q, k.transpose(1, 2), alpha=scale)
 
 
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    """Softmax precision: half types accumulate in float32."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
 class _GatherMatmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, pk, pv, table, causal, scale):
         r = _Rows(q, k, v, pk, pv, table, causal)
+        acc = _acc(q.dtype)
         out = torch.empty_like(r.q)
-        lse = torch.empty(r.R, r.bs, 1, dtype=q.dtype, device=q.device)
+        lse = torch.empty(r.R, r.bs, 1, dtype=acc, device=q.device)
         for r0, r1, clean in r.chunks(r.n_kv * max(r.D, r.bs) * q.element_size()):
             kg, vg = r.gather(r.k, r.pk, r0, r1), r.gather(r.v, r.pv, r0, r1)
-            s = _scores(r.bias(r0, r1, q.dtype, clean), r.q[r0:r1], kg, scale)
+            s = _scores(r.bias(r0, r1, q.dtype, clean), r.q[r0:r1], kg, scale).to(acc)
             m = torch.logsumexp(s, -1, keepdim=True)
-            torch.bmm(s.sub_(m).exp_(), vg, out=out[r0:r1])
+            out[r0:r1] = torch.bmm(s.sub_(m).exp_().to(q.dtype), vg)
             lse[r0:r1] = m
         _save(ctx, q, k, v, pk, pv, table, out, lse, causal, scale)
         return out.view(q.shape)
@@ -263,19 +273,19 @@ class _GatherMatmul(torch.autograd.Function):
     def backward(ctx, dout):
         q, k, v, pk, pv, table, out, lse = ctx.saved_tensors
         r = _Rows(q, k, v, pk, pv, table, ctx.causal)
+        acc = _acc(q.dtype)
         do = dout.contiguous().view(-1, r.bs, r.D)
         dq, dk, dv = torch.empty_like(r.q), torch.zeros_like(r.k), torch.zeros_like(r.v)
         dpk, dpv = r.zeros_like_prefix()
         for r0, r1, clean in r.chunks(r.n_kv * max(r.D, r.bs) * q.element_size()):
             qc, doc = r.q[r0:r1], do[r0:r1]
             kg, vg = r.gather(r.k, r.pk, r0, r1), r.gather(r.v, r.pv, r0, r1)
-            p = _scores(r.bias(r0, r1, q.dtype, clean), qc, kg, ctx.scale)
-            p.sub_(lse[r0:r1]).exp_()
-            delta = (doc * out[r0:r1]).sum(-1, keepdim=True)
-            ds = torch.bmm(doc, vg.transpose(1, 2)).sub_(delta).mul_(p).mul_(ctx.scale)
-            torch.bmm(ds, kg, out=dq[r0:r1])
+            p = _scores(r.bias(r0, r1, q.dtype, clean), qc, kg, ctx.scale).to(acc).sub_(lse[r0:r1]).exp_()
+            delta = (doc.to(acc) * out[r0:r1].to(acc)).sum(-1, keepdim=True)
+            ds = torch.bmm(doc, vg.transpose(1, 2)).to(acc).sub_(delta).mul_(p).mul_(ctx.scale).to(q.dtype)
+            dq[r0:r1] = torch.bmm(ds, kg)
             r.scatter(dk, dpk, r0, r1, torch.bmm(ds.transpose(1, 2), qc))
-            r.scatter(dv, dpv, r0, r1, torch.bmm(p.transpose(1, 2), doc))
+            r.scatter(dv, dpv, r0, r1, torch.bmm(p.to(q.dtype).transpose(1, 2), doc))
         return r.grads(ctx, dq, dk, dv, dpk, dpv)
 
 

@@ -1,0 +1,94 @@
+"""Stages 2 and 3: the guide transformer (256 px, dense attention) and the SGA transformer (512 / 1024 px,
+sparse attention picked by the frozen guide on the 256 view of the same batch)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from asset_dist.models.tokens import Tokenizers, load_weights
+from asset_dist.models.transformer import AssetTransformer, guides_from_maps, param_groups
+from asset_dist.train.stage import Stage, StepOutput
+from asset_dist.train.visual import to_unit
+
+
+class GuideStage(Stage):
+    """Cross-entropy on the hole tokens of the 256 crop; dense attention (fused SDPA)."""
+
+    networks = ("model",)
+    init_stages: tuple[str, ...] = ("guide",)
+
+    def build(self) -> dict[str, nn.Module]:
+        self.tok = Tokenizers(self.cfg)
+        model = AssetTransformer(self.cfg.model.transformer)
+        if self.cfg.train.init_from:
+            load_weights(model, self.cfg.train.init_from, self.init_stages)
+        return {"model": model}
+
+    def param_groups(self, name, module):
+        return param_groups(module, self.cfg.train.weight_decay)
+
+    def to_device(self, device, dtype) -> None:
+        self.tok.to(device)  # fp32: tokens must not depend on the training precision
+
+    def tokens(self, batch: dict, suffix: str = ""):
+        return self.tok(batch["image" + suffix].float(), batch["seg" + suffix], batch["mask" + suffix])
+
+    def guides(self, batch: dict):
+        return None
+
+    def step(self, name, nets, batch, step, scratch) -> StepOutput:
+        ids, cond, hole = self.tokens(batch)
+        guides = self.guides(batch)
+        logits = nets["model"](ids, cond, hole, guides=guides)
+        model = nets["model"].module
+        loss = model.loss(logits, ids, hole)
+        with torch.no_grad():
+            lay = model.layout(ids.shape[1], device=ids.device)
+            sel = hole[:, lay.perm]
+            acc = (logits[sel].argmax(-1) == ids[:, lay.perm][sel]).float().mean() if sel.any() else loss * 0
+        return StepOutput(loss, {"loss/ce": float(loss.detach()), "metrics/hole_top1": float(acc),
+                                 "metrics/hole_fraction": float(hole.float().mean())})
+
+    @torch.no_grad()
+    def images(self, nets, batch) -> dict[str, torch.Tensor]:
+        """input | hole | teacher-forced argmax prediction of the hole tokens, decoded."""
+        b = {k: v[:2] for k, v in batch.items() if isinstance(v, torch.Tensor)}
+        ids, cond, hole = self.tokens(b)
+        logits = nets["model"](ids, cond, hole, guides=self.guides(b))
+        model = nets["model"].module
+        pred = model.to_raster(logits.argmax(-1))
+        filled = torch.where(hole, pred, ids)
+        h, w = b["image"].shape[-2:]
+        x = b["image"].float()
+        masked = x * (1 - b["mask"].float())
+        out = self.tok.decode(filled, h, w)
+        rows = torch.stack([to_unit(x), to_unit(masked), to_unit(out)], 1).flatten(0, 1)
+        return {"images/input|masked|prediction": rows}
+
+
+class SGAStage(GuideStage):
+    """The frozen guide runs on the 256 view (no grad) to pick, per layer, head and query block, the key
+    blocks every SGA attention layer adds to its local window. The guide and tokenizers stay outside the
+    DeepSpeed engine, so ZeRO-3 never sees frozen parameters."""
+
+    init_stages = ("guide", "sga")
+
+    def build(self) -> dict[str, nn.Module]:
+        nets = super().build()
+        self.guide = AssetTransformer(self.cfg.model.transformer)
+        load_weights(self.guide, self.cfg.train.guide_weights, "guide")
+        self.guide.requires_grad_(False).eval()
+        return nets
+
+    def to_device(self, device, dtype) -> None:
+        super().to_device(device, dtype)
+        # bf16 on GPUs: the guide only ranks blocks; fp32 on CPU, where bf16 matmuls are slow
+        self.guide.to(device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
+
+    @torch.no_grad()
+    def guides(self, batch: dict):
+        t = self.cfg.model.transformer
+        ids, cond, hole = self.tokens(batch, "_lr")
+        _, maps = self.guide(ids, cond, hole, return_attn=True)
+        return guides_from_maps({k: v.float() for k, v in maps.items()}, t.block_grid, k=t.guide_k,
+                                causal_mode=t.causal_picks)
