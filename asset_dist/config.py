@@ -78,6 +78,10 @@ class TransformerConfig:
     # "fixed": forbid blocks >= b-2 for every causal row; "official": reproduce the rows-5/6 leak.
     causal_picks: str = "fixed"
     attention_impl: str = "auto"  # one of ATTENTION_IMPLS (asset_dist.attention.sga_attention's impl)
+    # SGA key set per query block. "union": window UNION picks (a repeated block counts once, nothing after the
+    # query is visible). "official": the official concatenation (repeats count twice, a causal self-pick shows the
+    # whole own block, causal blocks 0-4 dense), asset_dist.attention.official; for imported official weights.
+    sga_semantics: str = "union"
 
 
 @dataclass
@@ -181,6 +185,30 @@ class PathsConfig:
 
 
 @dataclass
+class InferConfig:
+    """Editing (asset_dist/infer). Weights "" fall back to train.*_weights; sga_weights "" = the guide samples
+    alone (256 px edits only)."""
+
+    vqgan_weights: str = ""
+    seg_weights: str = ""
+    guide_weights: str = ""
+    sga_weights: str = ""
+    edits: str = ""  # default --edits of edit-batch / precompute-guides (shards, folder or manifest)
+    guides: str = ""  # default --guides: precomputed block picks
+    samples: int = 2  # samples per edit
+    batch_size: int = 8  # (edit, sample) rows per sampling call; results do not depend on it
+    top_k: int = 100
+    temperature: float = 1.0  # 0 = greedy
+    seed: int = 0  # with the edit id and sample index, fixes every random draw
+    precision: str = "fp32"  # transformers: fp32 | bf16 | fp16 | fp64 (tokenizers always fp32)
+    blend_levels: int = 5  # Laplacian pyramid levels (paper: 5)
+    blend_band: int = 16  # px: pixels outside the mask dilated by this are byte-identical to the input
+    preview_size: int = 256  # tile side of the side-by-side preview
+    class_names: str = ""  # class table file: one name per line (0-based) or JSON {name: id}; "" = COCO-Stuff
+    classes: dict[str, int] = field(default_factory=dict)  # extra name -> id (model convention), wins
+
+
+@dataclass
 class Config:
     name: str = "asset"
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -189,6 +217,7 @@ class Config:
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
+    infer: InferConfig = field(default_factory=InferConfig)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -335,6 +364,8 @@ def _validate(cfg: Config, src: str) -> None:
         bad("train.schedule", f"must be constant or cosine (got {cfg.train.schedule!r})")
     if cfg.model.transformer.causal_picks not in ("fixed", "official"):
         bad("model.transformer.causal_picks", "must be 'fixed' or 'official'")
+    if cfg.model.transformer.sga_semantics not in ("union", "official"):
+        bad("model.transformer.sga_semantics", "must be 'union' or 'official'")
     if cfg.model.transformer.attention_impl not in ATTENTION_IMPLS:
         bad("model.transformer.attention_impl", f"must be one of {', '.join(ATTENTION_IMPLS)}")
     for sec in ("vqgan", "seg"):

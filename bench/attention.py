@@ -7,7 +7,7 @@ CUDA torch.cuda.max_memory_allocated.
 
   python bench/attention.py --quick                      # CPU smoke run, L=1024
   python bench/attention.py                               # CPU: L=1024, 4096
-  python bench/attention.py --device cuda --out gpu.md    # GPU (bf16): L=1024, 4096, 16384 + flex
+  bench/gpu_check.sh gpu_attention.md                      # GPU: oracle checks, then bf16 timings incl. flex
 """
 from __future__ import annotations
 
@@ -154,8 +154,45 @@ def bench_size(args, device, dtype, L, causal, log):
     return rows
 
 
-def fmt_table(results, device_desc, cmd):
-    lines = [f"Command: `{cmd}`  ", f"Machine: {device_desc}  ", "",
+def run_checks(device, log) -> list[str]:
+    """Every kernel vs the dense masked oracle on this device (fp32, L=1024, prefix 1): outputs and grads."""
+    lines = ["| check (fp32, L=1024, B=2, 4 heads, prefix 1) | causal | max abs diff out | grads | ok |",
+             "|---|---|---|---|---|"]
+    gen = torch.Generator().manual_seed(1)
+    B, H, L, D, P = 2, 4, 1024, 64, 1
+    for causal in (False, True):
+        q, k, v = (torch.randn(B, H, L, D, generator=gen).to(device) for _ in range(3))
+        pk, pv = (torch.randn(B, H, P, D, generator=gen).to(device) for _ in range(2))
+        guide = torch.randint(-1, 64, (B, H, 64, 3), generator=gen).to(device)  # pads, repeats, future picks
+        go = torch.randn(B, H, L, D, generator=gen).to(device)
+
+        def run(impl, grads):
+            xs = [t.clone().requires_grad_(grads) for t in (q, k, v, pk, pv)]
+            with torch.set_grad_enabled(grads):
+                out = sga_attention(*xs[:3], guide, GRID, causal, xs[3], xs[4], impl=impl)
+            if not grads:
+                return out, None
+            return out, torch.autograd.grad(out, xs, go)
+
+        ref, ref_g = run("dense_mask", True)
+        for impl in ("gather", "sdpa_gather", "flex"):
+            grads = not (impl == "flex" and device.type == "cpu")
+            try:
+                out, g = run(impl, grads)
+                d_out = (out - ref).abs().max().item()
+                d_g = max((a - b).abs().max().item() for a, b in zip(g, ref_g)) if grads else float("nan")
+                ok = d_out < 1e-4 and (not grads or d_g < 1e-4)
+                lines.append(f"| {impl} | {'y' if causal else 'n'} | {d_out:.1e} | "
+                             f"{'n/a (no backward here)' if not grads else f'{d_g:.1e}'} | {'yes' if ok else 'NO'} |")
+            except Exception as e:
+                lines.append(f"| {impl} | {'y' if causal else 'n'} | failed: {type(e).__name__}: "
+                             f"{str(e).splitlines()[0][:160]} | | NO |")
+            log(lines[-1])
+    return lines
+
+
+def fmt_table(results, device_desc, cmd, checks=()):
+    lines = [f"Command: `{cmd}`  ", f"Machine: {device_desc}  ", "", *checks, *([""] if checks else []),
              "| L | causal | variant | fwd ms | fwd+bwd ms | speed-up fwd / fwd+bwd vs dense SDPA | "
              "peak MB fwd / fwd+bwd | peak vs dense fwd / fwd+bwd | max abs diff |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -186,7 +223,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--L", type=int, nargs="+", default=None,
-                   help="sequence lengths (default cpu: 1024 4096; cuda: 1024 4096 16384)")
+                   help="sequence lengths (default cpu: 1024 4096; cuda: 256 1024 4096 16384)")
     p.add_argument("--heads", type=int, default=16)
     p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--batch", type=int, default=1)
@@ -202,6 +239,8 @@ def main(argv=None):
                         "auto: cpu for a 1-thread CPU run, else wall")
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: float32 cpu, bfloat16 cuda)")
     p.add_argument("--quick", action="store_true", help="L=1024 only, 3 reps: a smoke run of a few seconds")
+    p.add_argument("--check", action="store_true",
+                   help="first check every kernel against the dense oracle on this device (fp32, outputs and grads)")
     p.add_argument("--out", default=None, help="write the markdown table (and a .json beside it) here")
     args = p.parse_args(argv)
 
@@ -211,7 +250,7 @@ def main(argv=None):
     if args.impls is None:
         args.impls = ["flex", "sdpa_gather", "gather"] if device.type == "cuda" else ["sdpa_gather", "gather"]
     if args.L is None:
-        args.L = [1024, 4096, 16384] if device.type == "cuda" else [1024, 4096]
+        args.L = [256, 1024, 4096, 16384] if device.type == "cuda" else [1024, 4096]
     if args.quick:
         args.L, args.reps = [1024], 3
     clock = args.clock if args.clock != "auto" else ("cpu" if device.type == "cpu" and args.threads == 1 else "wall")
@@ -227,6 +266,7 @@ def main(argv=None):
     def log(msg):
         print(msg, file=sys.stderr, flush=True)
 
+    checks = run_checks(device, log) if args.check else []
     results = {}
     for L in args.L:
         for causal in causals:
@@ -234,20 +274,21 @@ def main(argv=None):
             results[(L, causal)] = bench_size(args, device, dtype, L, causal, log)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-    table = fmt_table(results, desc, cmd)
-    print(table)
-    if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_suffix(out.suffix + ".tmp")
-        tmp.write_text(table + "\n")
-        tmp.replace(out)
-        js = {f"L{L}_{'causal' if c else 'full'}": {n: {k: v for k, v in r.items()} for n, r in rows.items()}
-              for (L, c), rows in results.items()}
-        jpath = out.with_suffix(".json")
-        jtmp = jpath.with_suffix(".json.tmp")
-        jtmp.write_text(json.dumps({"machine": desc, "command": cmd, "results": js}, indent=1))
-        jtmp.replace(jpath)
+            if args.out:  # after every size, so a run cut short still leaves its results
+                write_results(Path(args.out), results, desc, cmd, checks)
+    print(fmt_table(results, desc, cmd, checks))
+
+
+def write_results(out: Path, results, desc: str, cmd: str, checks: list[str]) -> None:
+    """The markdown table at `out` and the raw timings at `out` with suffix .json, both written atomically."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    js = {f"L{L}_{'causal' if c else 'full'}": rows for (L, c), rows in results.items()}
+    for path, text in ((out, fmt_table(results, desc, cmd, checks) + "\n"),
+                       (out.with_suffix(".json"), json.dumps({"machine": desc, "command": cmd, "checks": checks,
+                                                              "results": js}, indent=1))):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(text)
+        tmp.replace(path)
 
 
 if __name__ == "__main__":

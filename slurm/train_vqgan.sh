@@ -14,7 +14,7 @@
 #
 # Submit from the repository root (relative paths - config, run folder, log - start there):
 #   sbatch slurm/train_vqgan.sh [CONFIG] [KEY=VALUE ...]
-#   CONFIG=configs/vqgan.yaml OVERRIDES="train.max_steps=1000 data.batch_size=4" sbatch slurm/train_vqgan.sh
+#   CONFIG=configs/landscape_vqgan.yaml OVERRIDES="train.max_steps=1000 data.batch_size=4" sbatch slurm/train_vqgan.sh
 # Any #SBATCH default above can be changed on the sbatch command line, e.g. a CPU-only smoke run:
 #   sbatch -N1 --ntasks-per-node=2 --gpus-per-node=0 -c1 -t 00:10:00 slurm/train_vqgan.sh CONFIG train.max_steps=10
 # (one task per GPU: keep --ntasks-per-node equal to --gpus-per-node; CPU nodes use gloo).
@@ -37,5 +37,5 @@ done
 # shellcheck source=slurm/common.sh
 source "$_d/slurm/common.sh" || { echo "cannot find slurm/common.sh; set ASSET_DIST_ROOT" >&2; exit 2; }
 
-asset_main "configs/vqgan.yaml" "python -m asset_dist.cli train" "--resume auto" "$@"
+asset_main "configs/landscape_vqgan.yaml" "python -m asset_dist.cli train" "--resume auto" "$@"
 exit $?

@@ -17,6 +17,7 @@ from asset_dist.attention import (
     sga_mask,
     strip_order,
     visible_key_blocks,
+    visible_key_positions,
     window_table,
 )
 from asset_dist.attention import sga as sga_mod
@@ -137,12 +138,16 @@ def test_sga_mask_matches_brute_force(causal, prefix):
         assert torch.equal(m, brute_mask(256, guide, 64, causal, prefix))
 
 
-def test_visible_key_blocks_agrees_with_mask():
+def test_visible_key_helpers_agree_with_mask():
     guide = rand_guide(1, 1, 64, 3, seed=2)
     for causal in (False, True):
         m = sga_mask(64, guide, (16, 4), causal)[0, 0]  # 1-token blocks: mask = block visibility
         for b in range(64):
             assert visible_key_blocks(b, guide[0, 0, b], 64, causal).tolist() == torch.nonzero(m[b]).flatten().tolist()
+        m = sga_mask(256, guide, (16, 4), causal)[0, 0]  # 4-token blocks: every query position
+        for pos in range(256):
+            keys = visible_key_positions(pos, guide[0, 0, pos // 4], 64, 4, causal)
+            assert keys.tolist() == torch.nonzero(m[pos]).flatten().tolist()
 
 
 def _check(impl_fn, grid, causal, prefix, grads=True, seed=0, **kw):
@@ -248,8 +253,8 @@ def test_float32_auto_matches_oracle():
 
 def test_resolve_impl_and_errors():
     q = torch.zeros(1, 1, 1024, 8)
-    assert resolve_impl("auto", q, True, block_size=16) == "sdpa_gather"
-    assert resolve_impl("auto", q, True, block_size=4) == "dense_mask"
+    assert resolve_impl("auto", q, block_size=16) == "sdpa_gather"
+    assert resolve_impl("auto", q, block_size=4) == "dense_mask"
     assert resolve_impl("gather", q) == "gather"
     assert set(IMPLS) >= {"gather", "sdpa_gather", "flex", "dense_mask"}
     with pytest.raises(ValueError, match="unknown attention impl"):

@@ -43,3 +43,26 @@ def metrics(run_dir: Path) -> list[dict]:
 
 def early_late(values: list[float], n: int) -> tuple[float, float]:
     return sum(values[:n]) / n, sum(values[-n:]) / n
+
+
+def make_tiny_parents(out: Path, seed: int = 0) -> dict[str, Path]:
+    """Random-weight exports of the tiny tokenizers and guide (configs/tiny_base.yaml sizes), written in the
+    real export format: the parents a guide / SGA test run consumes."""
+    import torch
+
+    from asset_dist.config import load_config, to_dict
+    from asset_dist.models.seg_vq import SegVQModel
+    from asset_dist.models.transformer import AssetTransformer
+    from asset_dist.models.vqgan import VQModel
+    from asset_dist.train.export import write_export
+
+    cfg = load_config(REPO / "configs" / "tiny_guide.yaml")
+    torch.manual_seed(seed)
+    models = {"vqgan": VQModel(cfg.model.vqgan), "seg": SegVQModel(cfg.model.seg),
+              "guide": AssetTransformer(cfg.model.transformer)}
+    paths = {}
+    for stage, m in models.items():
+        paths[stage] = out / f"{stage}.pt"
+        write_export(paths[stage], stage=stage, network="model", state_dict=m.state_dict(), config=to_dict(cfg),
+                     lineage={"test": "random weights"}, step=0)
+    return paths

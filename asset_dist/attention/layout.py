@@ -103,8 +103,21 @@ def visible_key_blocks(b: int, guide_row: torch.Tensor | Sequence[int] | None, n
     """
     if not 0 <= b < n_blocks:
         raise ValueError(f"query block {b} outside [0, {n_blocks})")
-    g = torch.as_tensor([] if guide_row is None else guide_row, dtype=torch.long).reshape(1, -1)
+    g = torch.as_tensor([] if guide_row is None else guide_row, dtype=torch.long).cpu().reshape(1, -1)
+    check_guide(g, n_blocks)
     rows = torch.full((n_blocks, g.shape[-1]), -1, dtype=torch.long)
     rows[b] = g
     t = block_table(rows, n_blocks, causal)[b]
     return t[t >= 0].sort().values
+
+
+def visible_key_positions(pos: int, guide_row: torch.Tensor | Sequence[int] | None, n_blocks: int,
+                          block_size: int, causal: bool) -> torch.Tensor:
+    """Sorted sequence positions (strip order, prefix keys excluded) the query at `pos` may see.
+
+    For a decoder step over a KV cache: gather only these cached keys (plus the prefix, e.g. [start]).
+    Every query of a block sees the same blocks; causal queries also stop at their own position.
+    """
+    blocks = visible_key_blocks(pos // block_size, guide_row, n_blocks, causal)
+    keys = (blocks[:, None] * block_size + torch.arange(block_size)).flatten()
+    return keys[keys <= pos] if causal else keys

@@ -5,12 +5,12 @@ plus optional prefix keys every query sees (the decoder's [start]). Causal: insi
 at or before the query position; every other visible block lies strictly before b.
 
 Kernels (all tested against the dense oracle `sga_mask` + `dense_attention`):
-  gather       portable: gather the visible K/V blocks of a few heads at a time, matmul + softmax. A custom
+  gather       portable: gather the visible K/V blocks of a chunk of query blocks, matmul + softmax. A custom
                autograd.Function keeps only q, k, v, out and the log-sum-exp and regathers in backward, so
-               memory stays O(chunk), not 5x dense (gathered copies are never stored).
-  sdpa_gather  CPU: the fused flash kernel on gathered blocks (fwd and bwd, same recompute scheme); the own
-               block runs as a separate aligned causal call (no gather, no [bs x keys] mask) and the two
-               partial softmaxes are merged by their log-sum-exp. Other devices: SDPA per chunk under
+               memory stays O(chunk), not ~5x dense (gathered copies are never stored).
+  sdpa_gather  CPU: the fused flash kernel on gathered blocks, forward and backward through the private aten
+               ops that return / take the log-sum-exp (same recompute scheme). Chunks whose rows have every
+               slot visible run without a per-row mask. Other devices: public SDPA per chunk under
                activation checkpointing.
   flex         FlexAttention with a BlockMask built from the block table (no L x L work); compiled. No
                backward on CPU in this torch.  flex_eager: uncompiled, materialises scores (debug only).
@@ -32,7 +32,7 @@ from .layout import SELF_SLOT, Grid, block_table, check_guide, n_blocks_of
 IMPLS = ("gather", "sdpa_gather", "flex", "flex_eager", "dense_mask")
 # Budget for the largest per-chunk temporary (gathered K, mask or scores). CPU: small, so the chunk stays
 # in cache and peak memory stays near dense SDPA's (BENCHMARKS.md); GPU: large, kernel launches dominate.
-_CHUNK_BYTES = 4 << 20
+_CHUNK_BYTES = 2 << 20
 _CHUNK_BYTES_GPU = 256 << 20
 _NEG_INF = float("-inf")
 
@@ -72,7 +72,7 @@ def sga_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, guide: torc
     table = block_table(guide, nb, causal)
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (q, k, v, prefix_k, prefix_v))
-    name = resolve_impl(impl, q, needs_grad, L // nb)
+    name = resolve_impl(impl, q, L // nb)
     scale = 1.0 / math.sqrt(D)
     if name == "dense_mask":
         mask = _mask_from_table(table, L, causal, 0 if prefix_k is None else prefix_k.shape[2])
@@ -93,7 +93,7 @@ def sga_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, guide: torc
     return fn.apply(q, k, v, prefix_k, prefix_v, table, causal, scale)
 
 
-def resolve_impl(impl: str, q: torch.Tensor, needs_grad: bool = True, block_size: int = 64) -> str:
+def resolve_impl(impl: str, q: torch.Tensor, block_size: int = 64) -> str:
     """The kernel `impl` names for q's device; "auto" picks the fastest measured one (BENCHMARKS.md)."""
     if impl != "auto":
         if impl not in IMPLS:

@@ -261,6 +261,11 @@ class Trainer:
     def run(self) -> int:
         cfg = self.cfg
         self.install_signal_handlers()
+        export = self.run_dir / "export" / f"{cfg.train.stage}.pt"
+        if self.step >= cfg.train.max_steps and export.is_file():
+            if self.rank == 0:
+                print(f"already finished: step {self.step}, export {export}", flush=True)
+            return 0
         batches = self._batches()
         t_last, n_last = time.time(), self.step
         while self.step < cfg.train.max_steps:
@@ -307,7 +312,12 @@ def main(args: argparse.Namespace) -> int:
         return EXIT_BAD_INPUT
     try:
         trainer = Trainer(cfg, resume=args.resume)
-        return trainer.run()
+        rc = trainer.run()
+        # Python restores default signal actions while it shuts down; a late USR1/TERM from the batch
+        # script must not turn a clean exit into a death by signal.
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
+        return rc
     except NonFiniteLoss as e:
         print(f"error: {e}. Nothing was saved over the last good checkpoint.", file=sys.stderr, flush=True)
         return EXIT_NONFINITE
