@@ -12,6 +12,17 @@ import sys
 # name -> (module, function that adds arguments, function that runs, one-line help)
 COMMANDS: dict[str, tuple[str, str, str, str]] = {
     "train": ("asset_dist.train.engine", "add_args", "main", "train any stage (vqgan, seg, guide, sga)"),
+    "submit": ("asset_dist.launch.submit", "add_args", "main",
+               "submit a training run through submitit (SLURM or local; checkpoint + resubmit on time limit)"),
+    "pipeline": ("asset_dist.launch.pipeline", "add_args", "main",
+                 "submit the whole training chain as dependent jobs (finished stages are skipped)"),
+    "precompute-guides": ("asset_dist.infer.commands", "add_precompute_args", "precompute_main",
+                          "store the guide's SGA block picks for an edit set"),
+    "edit-batch": ("asset_dist.infer.commands", "add_batch_args", "batch_main",
+                   "edit every record of an edit set (distributed, resumable)"),
+    "edit": ("asset_dist.infer.commands", "add_edit_args", "edit_main", "one edit from image, label map and mask"),
+    "import-official": ("asset_dist.official.importer", "add_args", "main",
+                        "import the official ASSET checkpoints as exports + config (compatibility modes on)"),
 }
 
 

@@ -231,7 +231,8 @@ def main(argv=None):
     p.add_argument("--impls", nargs="+", default=None,
                    help="sparse kernels to time (default cpu: sdpa_gather gather; cuda: flex sdpa_gather gather)")
     p.add_argument("--flex-tiles", type=int, nargs="+", default=[128], help="BlockMask tile sizes for flex")
-    p.add_argument("--oracle-max-l", type=int, default=4096, help="time the dense masked oracle up to this L")
+    p.add_argument("--oracle-max-l", type=int, default=1024,
+                   help="time the dense masked oracle up to this L (at 4096 it needs ~1.3 GB and minutes on CPU)")
     p.add_argument("--reps", type=int, default=5, help="timed repetitions per variant (median)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (the CPU is shared)")
     p.add_argument("--clock", choices=["auto", "cpu", "wall"], default="auto",

@@ -156,7 +156,8 @@ def _check(impl_fn, grid, causal, prefix, grads=True, seed=0, **kw):
     ref = oracle(q, k, v, pk, pv, guide, grid, causal)
     if not grads:
         with torch.no_grad():
-            out = impl_fn(q.detach(), k.detach(), v.detach(), guide, *(None if x is None else x.detach() for x in (pk, pv)))
+            pre = [None if x is None else x.detach() for x in (pk, pv)]
+            out = impl_fn(q.detach(), k.detach(), v.detach(), guide, *pre)
         torch.testing.assert_close(out, ref.detach(), atol=1e-12, rtol=0)
         return
     out = impl_fn(q, k, v, guide, pk, pv)

@@ -239,6 +239,10 @@ class AssetTransformer(nn.Module):
         # SGA kernel: None -> asset_dist.attention.sga_attention (union semantics); fidelity checks swap in
         # official_transformer.official_sga_attention (the official concatenation semantics, dense, small L only)
         self.sga_fn: Optional[Callable[..., torch.Tensor]] = None
+        self.block_fn: Callable[..., torch.Tensor] = _block_attention  # decode_step's counterpart of sga_fn
+        if cfg.sga_semantics == "official":  # imported official weights: asset_dist/attention/official.py
+            from asset_dist.attention.official import official_block_attention, official_sga_attention
+            self.sga_fn, self.block_fn = official_sga_attention, official_block_attention
         self._layouts: dict[tuple, Layout] = {}
         self.apply(self._init_weights)
 
@@ -492,8 +496,8 @@ class AssetTransformer(nn.Module):
                 outs.append(V[:, :, :1])  # [start] attends only to itself
             if e > 1:
                 j = 1 if s == 0 else 0
-                outs.append(_block_attention(q[:, :, j:], pos[j:] - 1, K[:, :, 1:], V[:, :, 1:], guide,
-                                             state.layout.nt, causal=True, prefix=(K[:, :, :1], V[:, :, :1])))
+                outs.append(self.block_fn(q[:, :, j:], pos[j:] - 1, K[:, :, 1:], V[:, :, 1:], guide,
+                                          state.layout.nt, causal=True, prefix=(K[:, :, :1], V[:, :, :1])))
             return torch.cat(outs, 2)
         return core
 
@@ -506,8 +510,8 @@ class AssetTransformer(nn.Module):
             if j:
                 outs.append(F.scaled_dot_product_attention(q[:, :, :1], k, v))
             if q.shape[2] > j:
-                outs.append(_block_attention(q[:, :, j:], pos[j:] - 1, k, v, state.guides["d_cross"][i],
-                                             state.layout.nt, causal=False))
+                outs.append(self.block_fn(q[:, :, j:], pos[j:] - 1, k, v, state.guides["d_cross"][i],
+                                          state.layout.nt, causal=False))
             return torch.cat(outs, 2)
         return core
 

@@ -1,0 +1,121 @@
+"""Training-step benchmark: steps/s, peak memory and model + optimizer state bytes per rank for the VQGAN
+stage at ZeRO 0, 2 and 3, with the real engine (asset_dist.train.engine.Trainer) under torchrun.
+
+    python bench/train_step.py --shards runs/quickstart/shards --nproc 2 --steps 6 [--sizes tiny mid]
+
+Each (size, ZeRO stage) runs in its own torchrun job; the table goes to stdout (markdown) and, with
+--out, to a JSON file. "state MB/rank" counts what ZeRO partitions: the parameters held by the rank
+(ZeRO-3: its shard), their gradients, and the optimizer's tensors (fp32 master copies + Adam moments).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SIZES = {
+    # tiny: configs/tiny_vqgan.yaml; mid: a quarter-width paper VQGAN (ch 64) at 128 px
+    "tiny": [],
+    "mid": ["model.vqgan.ch=64", "model.vqgan.ch_mult=[1,1,2,2,4]", "model.vqgan.num_res_blocks=2",
+            "model.vqgan.z_channels=128", "model.vqgan.embed_dim=128", "model.vqgan.n_embed=1024",
+            "data.resolution=128", "data.guide_resolution=128"],
+}
+
+WORKER = r"""
+import json, os, resource, sys, time, torch
+from asset_dist.config import load_config
+from asset_dist.train.engine import Trainer
+
+def tensor_bytes(t):
+    if t is None:
+        return 0
+    ds = getattr(t, "ds_tensor", None)  # ZeRO-3: the rank's shard
+    t = ds if ds is not None else t
+    return t.numel() * t.element_size()
+
+def state_bytes(engine):
+    params = sum(tensor_bytes(p) for p in engine.module.parameters())
+    opt = engine.optimizer
+    inner = getattr(opt, "optimizer", opt)
+    seen, total = set(), 0
+    for group in inner.param_groups:
+        for p in group["params"]:
+            if id(p) not in seen:
+                seen.add(id(p)); total += tensor_bytes(p)
+                if p.grad is not None:
+                    total += tensor_bytes(p.grad)
+            for v in inner.state.get(p, {}).values():
+                if torch.is_tensor(v) and id(v) not in seen:
+                    seen.add(id(v)); total += tensor_bytes(v)
+    return params, total
+
+cfg = load_config(sys.argv[1], sys.argv[3:])
+tr = Trainer(cfg, resume="none")
+batches = tr._batches()
+tr.train_step(batches)  # warm-up
+t0 = time.perf_counter()
+n = cfg.train.max_steps
+for _ in range(n):
+    tr.train_step(batches)
+dt = (time.perf_counter() - t0) / n
+p, o = state_bytes(tr.engines["gen"])
+res = {"rank": tr.rank, "s_per_step": dt, "param_bytes": p, "opt_grad_bytes": o,
+       "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+with open(sys.argv[2] + f".rank{tr.rank}", "w") as f:
+    json.dump(res, f)
+"""
+
+
+def run(size: str, zero: int, args, tmp: Path) -> dict:
+    script = tmp / "worker.py"
+    script.write_text(WORKER)
+    out = tmp / f"{size}_z{zero}.json"
+    sets = [f"data.train_shards={args.shards}", f"paths.run_dir={tmp / 'run'}", f"deepspeed.zero_stage={zero}",
+            f"train.max_steps={args.steps}", "logging.tensorboard=false", "logging.image_every=0",
+            "train.loss.disc_start=0", *SIZES[size]]
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc), str(script),
+           str(REPO / "configs" / "tiny_vqgan.yaml"), str(out), *sets]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"{size} ZeRO-{zero} failed:\n{proc.stderr[-3000:]}")
+    ranks = [json.loads(Path(f"{out}.rank{r}").read_text()) for r in range(args.nproc)]
+    return {"size": size, "zero": zero, "steps_per_s": 1 / max(r["s_per_step"] for r in ranks),
+            "state_mb": max(r["param_bytes"] + r["opt_grad_bytes"] for r in ranks) / 2**20,
+            "peak_rss_mb": max(r["peak_rss_mb"] for r in ranks)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--shards", required=True, help="shard folder (e.g. runs/quickstart/shards)")
+    ap.add_argument("--nproc", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--threads", type=int, default=1, help="OMP threads per rank")
+    ap.add_argument("--sizes", nargs="+", default=["tiny", "mid"], choices=list(SIZES))
+    ap.add_argument("--zero", nargs="+", type=int, default=[0, 2, 3])
+    ap.add_argument("--out", help="also write the rows as JSON here")
+    args = ap.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory() as d:
+        for size in args.sizes:
+            for z in args.zero:
+                rows.append(run(size, z, args, Path(d)))
+                print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    print("| size | ZeRO | steps/s | model+optimizer state MB/rank | vs ZeRO-0 | peak RSS MB/rank |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        base = next((b for b in rows if b["size"] == r["size"] and b["zero"] == 0), None)
+        ratio = f"{r['state_mb'] / base['state_mb']:.2f}" if base else "-"
+        print(f"| {r['size']} | {r['zero']} | {r['steps_per_s']:.2f} | {r['state_mb']:.1f} | {ratio} | "
+              f"{r['peak_rss_mb']:.0f} |")
+    if args.out:
+        Path(args.out).write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()

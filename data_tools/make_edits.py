@@ -1,0 +1,150 @@
+#!/usr/bin/env python
+"""Build an edit set (webdataset shards + manifest.json) for `asset-dist edit-batch` / `precompute-guides`.
+
+An edit = input image + label map + mask (white = regenerate) + a target class painted into the mask, or an
+edited label map. Sources:
+
+  files     the user's own files: --list edits.csv|edits.jsonl (columns image, seg, mask, class or new_seg,
+            optional id; paths relative to the list), or folders --images/--segs/--masks paired by relative
+            path without extension, with one --class (or --new-segs DIR)
+  dataset   a labelled dataset (training shards, or --images/--labels folders): square centre crops, masks
+            drawn with the training mask sampler, target classes drawn from --classes
+  official  the official ASSET test cases in ../shared/datasets/edits (--which landscape: waterother into a
+            1024 photo with a 512 label map; --which coco: pizza, 512)
+
+Examples:
+  python data_tools/make_edits.py official --which landscape --out data/edits/official_landscape
+  python data_tools/make_edits.py files --list my_edits.csv --convention landscape --out data/edits/mine
+  python data_tools/make_edits.py dataset --images ../shared/datasets/sflckr/images \\
+      --labels ../shared/datasets/sflckr/segmentations --classes waterother,snow,tree --resolution 512 \\
+      --per-image 2 --out data/edits/sflckr
+
+Label conventions (ASSET_FACTS.md section 8): landscape = 182 COCO-Stuff labels, 0-based; coco = 183 labels,
+1-based with 0 = unlabeled (raw COCO-Stuff maps + 1, so 255 -> 0). --config takes the classes and shift from
+a model config (model.seg.in_channels, data.label_shift) and its infer.class_names / infer.classes table.
+Label maps given to `files` are taken as already in the model's convention (like the official ones); pass
+--label-shift 1 for raw COCO-Stuff maps. `dataset` sources are raw: the convention's shift is applied.
+
+Bad edits (non-square or odd-sized images, masks that cannot be aligned, empty or full masks, unknown class
+names, label ids outside the model's classes, unreadable files) are reported with the edit's id and listed
+under "failed" in the manifest; the others are written. --strict: any bad edit fails the run (exit 1).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from asset_dist.config import MaskConfig, load_config
+from asset_dist.infer.build import (CONVENTIONS, OFFICIAL, BuildError, Builder, from_dataset, from_folders,
+                                    from_list, official, write)
+from asset_dist.infer.classes import class_table
+
+SHARED_EDITS = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "edits"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__.split("\n", 2)[2],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="source", metavar="SOURCE", required=True)
+
+    def common(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--out", required=True, help="output folder for edits-*.tar and manifest.json")
+        sp.add_argument("--config", help="model config: classes, label shift and class table come from it")
+        sp.add_argument("--convention", choices=sorted(CONVENTIONS), default=None,
+                        help="label convention without --config (default landscape; official: from --which)")
+        sp.add_argument("--class-names", default="", help="class table file (one name per line, 0-based; or "
+                                                          "JSON {name: id}); default: the COCO-Stuff table")
+        sp.add_argument("--samples-per-shard", type=int, default=100, help="edits per tar (default 100)")
+        sp.add_argument("--strict", action="store_true", help="fail (exit 1, nothing written) on any bad edit")
+        sp.add_argument("--overwrite", action="store_true", help="replace an edit set already in --out")
+
+    f = sub.add_parser("files", help="the user's own files (CSV/JSONL list or folders)",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    common(f)
+    f.add_argument("--list", help="CSV (with header) or JSONL: image, seg, mask, class | new_seg [, id]")
+    f.add_argument("--images", help="folder of input images")
+    f.add_argument("--segs", help="folder of label maps (same relative paths, .png)")
+    f.add_argument("--masks", help="folder of masks (same relative paths)")
+    f.add_argument("--new-segs", help="folder of edited label maps (instead of --class)")
+    f.add_argument("--class", dest="class_name", help="class painted into every mask (folders mode)")
+    f.add_argument("--label-shift", type=int, default=0, help="add to every label value in uint8 (raw COCO: 1)")
+
+    d = sub.add_parser("dataset", help="crops of a labelled dataset with sampled masks and classes")
+    common(d)
+    d.add_argument("--shards", help="training shards (folder with manifest.json, manifest or tar pattern)")
+    d.add_argument("--split", default="train", help="shard split (default train)")
+    d.add_argument("--images", help="image folder (instead of --shards)")
+    d.add_argument("--labels", help="label-map folder paired with --images")
+    d.add_argument("--classes", required=True, help="comma-separated target class names drawn per edit")
+    d.add_argument("--resolution", type=int, default=512, help="square crop side (default 512)")
+    d.add_argument("--per-image", type=int, default=1, help="edits per source image (default 1)")
+    d.add_argument("--limit", type=int, default=0, help="use at most this many source images (0 = all)")
+    d.add_argument("--seed", type=int, default=0, help="masks and classes are a function of (seed, key)")
+    d.add_argument("--mask-kind", choices=("landscape", "coco"), default=None,
+                   help="mask sampler (default: the config's data.mask.kind, else landscape)")
+    d.add_argument("--max-ratio", type=float, default=None, help="mask area cap (default config / 0.6)")
+
+    o = sub.add_parser("official", help="the official test cases in ../shared/datasets/edits")
+    common(o)
+    o.add_argument("--which", choices=sorted(OFFICIAL), required=True, help="landscape or coco")
+    o.add_argument("--root", default=str(SHARED_EDITS), help=f"folder of the official files (default {SHARED_EDITS})")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
+    log = lambda m: print(m, file=sys.stderr)  # noqa: E731
+    try:
+        cfg = load_config(a.config) if a.config else None
+        conv = a.convention or (a.which if a.source == "official" else "landscape")
+        if cfg is not None:
+            n, shift = cfg.model.seg.in_channels, cfg.data.label_shift
+            names, extra = a.class_names or cfg.infer.class_names, cfg.infer.classes
+            side = 16 * _lcm(cfg.model.transformer.block_grid)
+            hole_rule = cfg.train.token_hole
+        else:
+            (n, shift), names, extra, side, hole_rule = CONVENTIONS[conv], a.class_names, {}, 256, "any"
+        if a.source == "official" and (n, shift) != CONVENTIONS[a.which]:
+            raise BuildError(f"--which {a.which} needs the {a.which} convention {CONVENTIONS[a.which]}, "
+                             f"the config gives {(n, shift)}")
+        b = Builder(class_table(n, shift, names, extra), side, hole_rule, log)
+        if a.source == "files":
+            if a.list:
+                from_list(b, Path(a.list), a.label_shift)
+            elif a.images and a.segs and a.masks:
+                if not (a.class_name or a.new_segs):
+                    raise BuildError("folders mode needs --class NAME or --new-segs DIR")
+                from_folders(b, Path(a.images), Path(a.segs), Path(a.masks), a.class_name,
+                             Path(a.new_segs) if a.new_segs else None, a.label_shift)
+            else:
+                raise BuildError("files: give --list FILE, or --images, --segs and --masks")
+        elif a.source == "dataset":
+            if not a.shards and not (a.images and a.labels):
+                raise BuildError("dataset: give --shards SPEC, or --images and --labels")
+            mk = cfg.data.mask if cfg is not None else MaskConfig()
+            mask_cfg = MaskConfig(kind=a.mask_kind or mk.kind, max_ratio=a.max_ratio or mk.max_ratio,
+                                  sample_resolution=mk.sample_resolution)
+            from_dataset(b, [c.strip() for c in a.classes.split(",") if c.strip()], shards=a.shards,
+                         split=a.split, images=Path(a.images) if a.images else None,
+                         labels=Path(a.labels) if a.labels else None, resolution=a.resolution,
+                         per_image=a.per_image, limit=a.limit, seed=a.seed, mask_cfg=mask_cfg)
+        else:
+            official(b, Path(a.root), a.which)
+        m = write(b.result(), Path(a.out), samples_per_shard=a.samples_per_shard, strict=a.strict,
+                  overwrite=a.overwrite, args={k: v for k, v in vars(a).items()})
+    except (BuildError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    log(f"wrote {m['total_samples']} edit(s), {m['failed_count']} failed -> {Path(a.out) / 'manifest.json'}")
+    return 0
+
+
+def _lcm(grid) -> int:
+    import math
+
+    return math.lcm(*[int(g) for g in grid])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
