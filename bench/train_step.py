@@ -43,15 +43,18 @@ def state_bytes(engine):
     opt = engine.optimizer
     inner = getattr(opt, "optimizer", opt)
     seen, total = set(), 0
-    for group in inner.param_groups:
-        for p in group["params"]:
-            if id(p) not in seen:
-                seen.add(id(p)); total += tensor_bytes(p)
-                if p.grad is not None:
-                    total += tensor_bytes(p.grad)
-            for v in inner.state.get(p, {}).values():
-                if torch.is_tensor(v) and id(v) not in seen:
-                    seen.add(id(v)); total += tensor_bytes(v)
+    def add(t):
+        nonlocal total
+        if torch.is_tensor(t) and id(t) not in seen:
+            seen.add(id(t)); total += tensor_bytes(t)
+    # ZeRO-3 swaps its flat fp32 partitions into the param groups only during step(): take them
+    # from the optimizer state (keyed by those partitions) as well as from the groups
+    for p, st in list(inner.state.items()) + [(p, {}) for g in inner.param_groups for p in g["params"]]:
+        add(p); add(p.grad)
+        for v in st.values():
+            add(v)
+    for t in getattr(opt, "fp32_partitioned_groups_flat", []):
+        add(t)
     return params, total
 
 cfg = load_config(sys.argv[1], sys.argv[3:])

@@ -10,24 +10,30 @@
 #SBATCH --open-mode=append
 #SBATCH --output=slurm/logs/%x-%j.out
 #
-# Batch editing: `asset-dist edit` on every task; each rank takes its share of the edit records
-# (by rank and world size from asset_dist.launch.env) and writes edited images + its manifest part.
+# Batch editing: `asset-dist edit-batch` on every task (one per GPU). Each rank takes every world-th edit
+# of the sorted edit ids (rank and world size from asset_dist.launch.env), so each edit is done once, and
+# writes RUN_DIR/<edit_id>/sample_<k>.png, a preview and a record; the last rank to finish writes
+# RUN_DIR/manifest.jsonl. The output folder is the run folder (edit-batch --out defaults to paths.run_dir).
 #
 # Submit from the repository root (relative paths - config, run folder, log - start there):
 #   sbatch slurm/edit_batch.sh [CONFIG] [KEY=VALUE ...]
-#   CONFIG=configs/edit.yaml OVERRIDES="data.batch_size=4" sbatch slurm/edit_batch.sh
+#   sbatch slurm/edit_batch.sh configs/landscape_sga1024.yaml infer.edits=data/edits/mine \
+#       infer.sga_weights=runs/landscape_sga1024/export/sga.pt [infer.guides=data/edits/mine_guides]
+# The config's model sizes must match the exports; weights: infer.{vqgan,seg,guide,sga}_weights (the first
+# three fall back to train.*_weights). infer.samples, infer.batch_size, infer.seed: see asset_dist/config.py.
 # Any #SBATCH default above can be changed on the sbatch command line, e.g. a CPU-only smoke run:
-#   sbatch -N1 --ntasks-per-node=2 --gpus-per-node=0 -c1 -t 00:10:00 slurm/edit_batch.sh CONFIG
-# (one task per GPU: keep --ntasks-per-node equal to --gpus-per-node; CPU nodes use gloo).
+#   sbatch -N1 --ntasks-per-node=2 --gpus-per-node=0 -c1 -t 00:10:00 slurm/edit_batch.sh CONFIG infer.edits=...
+# (one task per GPU: keep --ntasks-per-node equal to --gpus-per-node; CPU nodes run on the CPU).
 #
 # Environment: CONFIG, OVERRIDES, RUN_DIR (default runs/<job-name>-<job-id>), TRAIN_CMD (the command
-# each task runs; default "python -m asset_dist.cli edit"), SRUN_ARGS, MAX_RESTARTS - see slurm/common.sh.
-# Output: slurm/logs/<job-name>-<job-id>.out (linked from the run folder); edited images, manifests
-# and the resolved config go to the run folder.
+# each task runs; default "python -m asset_dist.cli edit-batch"), SRUN_ARGS, MAX_RESTARTS - see
+# slurm/common.sh. Output: slurm/logs/<job-name>-<job-id>.out (linked from the run folder); edited
+# images, records, manifest.jsonl and the resolved config go to the run folder.
 #
-# Preemption: USR1 300 s before the time limit -> every rank finishes its current edit and exits 99
-# -> the job is requeued under the same id and run folder, and skips the edits already written.
-# Any other failure (bad config, unreadable input) ends the job without a requeue.
+# Preemption: USR1 300 s before the time limit -> every rank finishes its current batch of edits and
+# exits 99 -> the job is requeued under the same id and run folder and skips the edits already recorded.
+# Any other failure (bad config, missing weights) ends the job without a requeue; a bad edit is recorded
+# as failed in its record and the manifest, and the run goes on.
 
 # sbatch runs a copy of this file from the spool folder: find the repository from the job record.
 for _d in "${ASSET_DIST_ROOT:-}" \
@@ -38,5 +44,5 @@ done
 # shellcheck source=slurm/common.sh
 source "$_d/slurm/common.sh" || { echo "cannot find slurm/common.sh; set ASSET_DIST_ROOT" >&2; exit 2; }
 
-asset_main "configs/edit.yaml" "python -m asset_dist.cli edit" "" "$@"
+asset_main "configs/landscape_sga1024.yaml" "python -m asset_dist.cli edit-batch" "" "$@"
 exit $?

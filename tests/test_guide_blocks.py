@@ -21,6 +21,15 @@ SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 FIXTURES = SHARED / "fixtures" / "official_asset"
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny kernels on a shared 2-core machine: intra-op threads only add wake-up latency."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def fixture(name: str):
     path = FIXTURES / name
     if not path.is_file():

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import warnings
 from pathlib import Path
 
@@ -78,6 +79,10 @@ def variants(tmp_path_factory) -> dict[str, Path]:
     torch.save({"state_dict": vq, "global_step": 5}, d / "vqgan.ckpt")
     seg = {k[len("cond_stage_model."):]: v for k, v in sd.items() if k.startswith("cond_stage_model.")}
     torch.save({"state_dict": seg}, d / "seg.ckpt")  # with `colorize`, as landscape_VQ_seg_model.ckpt
+    layouts = json.loads((FIX / "key_layouts.json").read_text())  # the layouts the README lists
+    for made, name in ((sga, "tiny_sga_ckpt"), (vq, "tiny_standalone_vqgan"), (seg, "tiny_standalone_seg_vq")):
+        want = {e[0] for k, v in layouts.items() if k.startswith(name) for e in v}
+        assert {k for k in made if not k.startswith("loss.")} == want, name
     return {"sga": d / "sga.ckpt", "vqgan": d / "vqgan.ckpt", "seg": d / "seg.ckpt", "dir": d}
 
 
@@ -103,7 +108,7 @@ def build(cfg, stage: str, dtype=torch.float32):
     return m.to(dtype).eval()
 
 
-def test_exports_config_and_sources(imported, variants):
+def test_exports_config_and_sources(imported):
     out, cfg = imported
     ckpt = torch.load(CKPT, map_location="cpu", weights_only=True)
     params = json.loads((FIX / "configs.json").read_text())
@@ -133,7 +138,7 @@ def test_exports_config_and_sources(imported, variants):
         assert set(got) == set(ref) and all(torch.equal(got[k], ref[k]) for k in ref), stage
 
 
-def test_sga_checkpoint_alone_gives_every_model(imported, variants, tmp_path, capsys):
+def test_sga_checkpoint_alone_gives_every_model(imported, variants, tmp_path):
     """Only the SGA checkpoint: VQ models from first_stage_model./cond_stage_model., the guide from
     guiding_transformer.*; identical exports. Without the official config the head count is the paper's
     (d_model / 64) and a note says so."""
@@ -374,7 +379,7 @@ def _save(tmp_path: Path, name: str, sd: dict, **extra) -> Path:
     return path
 
 
-def test_unknown_missing_misshaped_tensors_are_named(tmp_path):
+def test_unknown_missing_misshaped_tensors_are_named(tmp_path, variants):
     sd = dict(torch.load(CKPT, map_location="cpu", weights_only=True)["state_dict"])
     sd["first_stage_model.encoder.extra.weight"] = torch.zeros(3)
     sd["transformer.decoder.layers.1.extra.weight"] = torch.zeros(3)
@@ -397,6 +402,8 @@ def test_unknown_missing_misshaped_tensors_are_named(tmp_path):
     (tmp_path / "cfg.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match=r"n_embed: checkpoint 64 vs config 1024"):
         import_official(tmp_path / "out", guide=CKPT, official_config=tmp_path / "cfg.json")
+    with pytest.raises(ValueError, match=r"182 input channels is not the image tokenizer; pass it as --seg"):
+        import_official(tmp_path / "out", vqgan=variants["seg"])
     del sd["permuter.foo"]
     with pytest.raises(ValueError, match="pass it as --sga"):
         import_official(tmp_path / "out", guide=_save(tmp_path, "sga_as_guide.ckpt", {
@@ -413,6 +420,16 @@ def test_pickled_checkpoint_needs_trust(tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 1 and "argparse.Namespace" in err and "--trust-pickle" in err
     assert not (tmp_path / "out").exists()
+    # a class that is not importable here (as pytorch_lightning's callbacks for PL 1.x checkpoints)
+    mod = type(sys)("_gone_module")
+    mod.Callback = type("Callback", (), {"__module__": "_gone_module"})
+    sys.modules["_gone_module"] = mod
+    try:
+        torch.save({**ckpt, "callbacks": {mod.Callback: {}}}, tmp_path / "pl14.ckpt")
+    finally:
+        del sys.modules["_gone_module"]
+    with pytest.warns(UserWarning), pytest.raises(CheckpointError, match="_gone_module.*pytorch-lightning"):
+        import_official(tmp_path / "out", guide=tmp_path / "pl14.ckpt", trust_pickle=True)
     with pytest.warns(UserWarning, match="full unpickling"):
         rc = cli("--guide", path, "--official-config", FIX / "configs.json", "--out", tmp_path / "out",
                  "--trust-pickle")

@@ -390,7 +390,8 @@ def _tile_cover(n_tiles: int, tile: int, n_blocks: int, bs: int, device) -> torc
     return ((b0 < t0 + tile) & (b0 + bs > t0)).float()
 
 
-def _indices(flags: torch.Tensor):
+def _indices(flags: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row: how many tiles are flagged, and their indices first (what BlockMask.from_kv_blocks takes)."""
     num = flags.sum(-1, dtype=torch.int32)
     idx = torch.argsort(flags.to(torch.int8), dim=-1, descending=True, stable=True).to(torch.int32)
     return num, idx
@@ -442,8 +443,9 @@ def flex_block_mask(table: torch.Tensor, L: int, causal: bool, prefix: int = 0, 
                                     seq_lengths=(L, L + prefix))
 
 
-def flex_sga(q, k, v, table, causal, prefix_k=None, prefix_v=None, compiled=True, tile=128,
-             kernel_options=None):
+def flex_sga(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: torch.Tensor, causal: bool,
+             prefix_k: Optional[torch.Tensor] = None, prefix_v: Optional[torch.Tensor] = None, compiled: bool = True,
+             tile: int = 128, kernel_options: Optional[dict] = None) -> torch.Tensor:
     """SGA through flex_attention; prefix keys are appended after the sequence to keep blocks tile-aligned."""
     from torch.nn.attention.flex_attention import flex_attention
 

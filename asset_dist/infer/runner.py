@@ -358,8 +358,7 @@ def _log(msg: str) -> None:
 
 def run_batch_edits(cfg: Config, edits: str, out: str | Path, *, guides_dir: Optional[str] = None,
                     samples: Optional[int] = None, device: str = "auto", retry_failed: bool = False,
-                    env: Optional[DistEnv] = None, only: Optional[list[str]] = None,
-                    edit_set: Optional[EditSet] = None) -> int:
+                    env: Optional[DistEnv] = None, edit_set=None) -> int:
     """edit-batch: this rank's share of the edits; returns 0, or EXIT_REQUEUE when stopped by a signal."""
     from tqdm import tqdm
 
@@ -367,8 +366,8 @@ def run_batch_edits(cfg: Config, edits: str, out: str | Path, *, guides_dir: Opt
     env = env or dist_env()
     samples = samples or cfg.infer.samples
     out = Path(out)
-    eset = edit_set or EditSet(edits)
-    all_ids = only if only is not None else eset.ids
+    eset = edit_set if edit_set is not None else EditSet(edits)
+    all_ids = eset.ids
     mine = split_for_rank(all_ids, env.rank, env.world_size)
     out.mkdir(parents=True, exist_ok=True)
     paths = weight_paths(cfg)
@@ -402,6 +401,8 @@ def run_batch_edits(cfg: Config, edits: str, out: str | Path, *, guides_dir: Opt
                 return EXIT_REQUEUE
             preps, recs = [], {}
             for eid in pending[c:c + per_chunk]:
+                for tmp in (out / eid).glob(".*.tmp"):  # left by a killed run: never complete
+                    tmp.unlink(missing_ok=True)
                 try:
                     preps.append(runner.prepare(eset.load(eid)))
                 except EditError as e:

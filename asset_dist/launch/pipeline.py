@@ -166,7 +166,7 @@ def load_pipeline(path: str | Path, run_root: Optional[str] = None, overrides: S
             res = Resources.from_dict(spec.get("resources") or {}, base_res, src=f"{where}: resources")
             res = Resources.from_dict(resources or {}, res, src="command-line resources").check()
         except ValueError as e:
-            raise PipelineError(str(e)) from None
+            raise PipelineError(str(e) if src in str(e) else f"{where}: {e}") from None
         sets = common_sets + _as_list(spec.get("set"), f"{where}: 'set'")
         sets += [f"{key}={stages[parent].export}" for key, parent in spec.get("inputs", {}).items()]
         try:

@@ -21,10 +21,12 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import datetime
 import json
 import math
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -47,6 +49,10 @@ TRAIN_COMMAND = (sys.executable, "-m", "asset_dist.cli", "train")
 STALE_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "NODE_RANK", "CROSS_RANK",
               "CROSS_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT")
 RESEND_USR1_S = 5.0  # a checkpoint request is repeated until the trainer takes it (it may still be starting)
+# How each task's python starts: with USR2 ignored until submitit installs its handler. SLURM may send the
+# time-limit warning up to 30 s before it is due (its check period), so a requeued run with a short limit
+# can get it while python is still starting, which would kill the task (USR2's default action).
+TASK_PYTHON = "bash -c " + shlex.quote('trap "" USR2; exec "$0" "$@"') + " " + shlex.quote(sys.executable)
 
 
 def log(msg: str) -> None:
@@ -197,7 +203,8 @@ def make_executor(kind: str, folder: str | Path, res: Resources, name: str,
     res.check()
     kind = resolve_executor(kind)
     if kind == "slurm":
-        ex = submitit.AutoExecutor(folder=str(folder), cluster="slurm", slurm_max_num_timeout=res.max_timeouts)
+        ex = submitit.AutoExecutor(folder=str(folder), cluster="slurm", slurm_max_num_timeout=res.max_timeouts,
+                                   slurm_python=TASK_PYTHON)
         extra: dict[str, Any] = {"requeue": True}  # submitit requeues with `scontrol requeue`
         deps = [dependency] if dependency else []
         if after:
@@ -224,7 +231,7 @@ def make_executor(kind: str, folder: str | Path, res: Resources, name: str,
         raise ValueError(f"the local executor runs on this machine only: nodes must be 1 (got {res.nodes})")
     if after or dependency:
         raise ValueError("job dependencies need SLURM (the local executor runs jobs one at a time)")
-    ex = submitit.LocalExecutor(folder=str(folder), max_num_timeout=res.max_timeouts)
+    ex = submitit.LocalExecutor(folder=str(folder), max_num_timeout=res.max_timeouts, python=TASK_PYTHON)
     ex.update_parameters(timeout_min=res.seconds / 60, tasks_per_node=res.tasks, gpus_per_node=res.gpus_per_node,
                          signal_delay_s=res.signal_delay, stderr_to_stdout=True, nodes=1)
     return ex
@@ -288,19 +295,33 @@ def _child_preexec(libc: Optional[Any]):
     return setup
 
 
-def _exit_status(pid: int) -> Optional[int]:
-    """The child's exit status without reaping it (Popen-style: -N for death by signal N), or None if running.
+def _peek_exit(pid: int) -> Optional[int]:
+    """A child's exit status without reaping it (Popen-style: -N for death by signal N), or None if running.
 
     Peeking (WNOWAIT) instead of Popen.poll(): checkpoint() runs inside a signal handler that may interrupt
     __call__'s own wait, and Popen's wait lock is not re-entrant.
     """
-    try:
-        res = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
-    except ChildProcessError:
-        return None
+    res = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
     if res is None or res.si_pid == 0:
         return None
     return res.si_status if res.si_code == os.CLD_EXITED else -res.si_status
+
+
+def job_end_epoch(job_id: str) -> Optional[float]:
+    """The SLURM job's time-limit end (EndTime) in seconds since the epoch, or None."""
+    try:
+        p = subprocess.run(["scontrol", "show", "job", "-o", str(job_id)], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    m = re.search(r"\bEndTime=(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)", p.stdout)
+    return datetime.datetime.fromisoformat(m.group(1)).timestamp() if m else None
+
+
+def near_time_limit(margin_s: float = 10.0) -> bool:
+    """True when this SLURM job is at (or past) its time limit: a TERM now is the limit, not a scancel."""
+    job_id = os.environ.get("SLURM_JOB_ID")
+    end = job_end_epoch(job_id) if job_id and os.environ.get("SUBMITIT_EXECUTOR") == "slurm" else None
+    return end is not None and time.time() >= end - margin_s
 
 
 class TrainJob(submitit.helpers.Checkpointable):
@@ -316,10 +337,11 @@ class TrainJob(submitit.helpers.Checkpointable):
         self.command = list(command or TRAIN_COMMAND)
         self.term_grace_s = term_grace_s
         self._proc: Optional[subprocess.Popen] = None
+        self._rc: Optional[int] = None  # the trainer's exit status, once seen
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
-        state["_proc"] = None  # a resubmission starts its own trainer
+        state["_proc"] = state["_rc"] = None  # a resubmission starts its own trainer
         return state
 
     def argv(self) -> list[str]:
@@ -330,12 +352,19 @@ class TrainJob(submitit.helpers.Checkpointable):
             cmd += ["--set", f"paths.run_dir={self.run_dir}"]
         return cmd + ["--resume", "auto"]
 
-    def _wait(self, proc: subprocess.Popen) -> int:
-        while True:
-            rc = _exit_status(proc.pid)
-            if rc is not None:
-                return rc
+    def _status(self) -> Optional[int]:
+        """The trainer's exit status, or None while it runs (safe inside a signal handler)."""
+        if self._rc is None and self._proc is not None:
+            try:
+                self._rc = _peek_exit(self._proc.pid)
+            except ChildProcessError:  # already reaped by Popen
+                self._rc = self._proc.returncode
+        return self._rc
+
+    def _wait(self) -> int:
+        while (rc := self._status()) is None:
             time.sleep(0.5)
+        return rc
 
     def __call__(self) -> dict[str, Any]:
         place = task_place(submitit.JobEnvironment())
@@ -348,11 +377,11 @@ class TrainJob(submitit.helpers.Checkpointable):
                 f"{place.master_addr}:{place.master_port}; run folder {self.run_dir or '(from the config)'}")
             log("command " + " ".join(self.argv()))
         proc = subprocess.Popen(self.argv(), cwd=self.cwd, env=child_env(place), preexec_fn=_child_preexec(libc))
-        self._proc = proc
+        self._proc, self._rc = proc, None
         try:
-            rc = self._wait(proc)
+            rc = self._wait()
         finally:
-            self._stop(proc)
+            self._stop()
         if rc == 0:
             return {"rank": place.rank, "exit_code": 0, "run_dir": self.run_dir}
         if rc == EXIT_REQUEUE:
@@ -360,18 +389,25 @@ class TrainJob(submitit.helpers.Checkpointable):
                 # rank 0 got the same request: its checkpoint() resubmits the whole job
                 log(f"rank {place.rank}: trainer checkpointed (exit {EXIT_REQUEUE}); rank 0 resubmits")
                 sys.exit(EXIT_REQUEUE)
-            # Nobody asked rank 0 for a checkpoint: the trainer saved on a TERM (scancel, or a preemption,
-            # where submitit's USR2 may still follow and resubmit from its handler during this pause).
-            log(f"trainer checkpointed on a TERM (exit {EXIT_REQUEUE}); waiting {self.term_grace_s:.0f} s for a "
-                "preemption notice")
+            # Nobody asked rank 0 for a checkpoint: the trainer saved on a TERM.
+            if near_time_limit():
+                # The TERM at the time limit (the warning came too early to be taken, or too late): resubmit
+                # through submitit's own handler, as if its warning had arrived now.
+                log(f"trainer checkpointed on the TERM at the time limit (exit {EXIT_REQUEUE}): resubmitting")
+                os.kill(os.getpid(), submitit.JobEnvironment._usr_sig())
+                time.sleep(60)  # the handler requeues and exits; this is not reached
+            # scancel, or a preemption (a USR2 may still follow and resubmit from its handler during the pause)
+            log(f"trainer checkpointed on a TERM before the time limit (exit {EXIT_REQUEUE}); waiting "
+                f"{self.term_grace_s:.0f} s for a preemption notice")
             time.sleep(self.term_grace_s)
-            raise TrainingFailed(f"trainer stopped by TERM and checkpointed in {self.run_dir}; not resubmitted "
-                                 "(scancel?). Submit the same command again to resume.")
+            raise TrainingFailed(f"trainer stopped by TERM before the time limit and checkpointed in {self.run_dir}; "
+                                 "not resubmitted (scancel?). Submit the same command again to resume.")
         raise TrainingFailed(f"trainer failed: {describe_exit(rc)}; logs in this job's submitit folder")
 
-    def _stop(self, proc: subprocess.Popen) -> None:
+    def _stop(self) -> None:
         """Reap the trainer; if it still runs (this task is being stopped), let it save first."""
-        if _exit_status(proc.pid) is None:
+        proc = self._proc
+        if self._status() is None:
             proc.send_signal(signal.SIGTERM)
             try:
                 proc.wait(timeout=60)
@@ -389,7 +425,7 @@ class TrainJob(submitit.helpers.Checkpointable):
         if proc is None:
             log("checkpoint requested before the trainer started: resubmitting")
             return submitit.helpers.DelayedSubmission(self, *args, **kwargs)
-        rc = _exit_status(proc.pid)
+        rc = self._status()
         if rc is None:
             log(f"checkpoint requested: asking the trainer (pid {proc.pid}) to save on every rank")
             while rc is None:
@@ -400,7 +436,7 @@ class TrainJob(submitit.helpers.Checkpointable):
                 deadline = time.monotonic() + RESEND_USR1_S
                 while rc is None and time.monotonic() < deadline:
                     time.sleep(0.2)
-                    rc = _exit_status(proc.pid)
+                    rc = self._status()
         if rc in (EXIT_REQUEUE, 0) or rc < 0:
             # 99: saved. 0: finished just now (the rerun sees that and exits at once). Killed by a signal:
             # resume from the last checkpoint.
@@ -408,7 +444,6 @@ class TrainJob(submitit.helpers.Checkpointable):
             return submitit.helpers.DelayedSubmission(self, *args, **kwargs)
         log(f"trainer failed ({describe_exit(rc)}): not resubmitting")
         return None
-
 
 
 # ---- submitting and waiting -----------------------------------------------------------------------------

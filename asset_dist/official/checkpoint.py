@@ -59,7 +59,13 @@ def load_official_checkpoint(path: "str | os.PathLike", trust_pickle: bool = Fal
                 "by full unpickling, which can run code stored in the file. Only if you trust where the file comes "
                 "from, pass --trust-pickle (Python: trust_pickle=True).") from None
         warn(f"{path}: loading with full unpickling (--trust-pickle){what}; this runs any code stored in the file")
-        obj = _torch_load(path, weights_only=False)
+        try:
+            obj = _torch_load(path, weights_only=False)
+        except (ModuleNotFoundError, AttributeError) as e2:  # e.g. PL 1.x keys callback states by their class
+            raise CheckpointError(
+                f"{path}: full unpickling needs a class this environment lacks ({e2}); install the package that "
+                "defines it (official checkpoints: pytorch-lightning), or, where it is installed, keep only the "
+                "weights: torch.save({'state_dict': torch.load(F, weights_only=False)['state_dict']}, OUT)") from None
     except Exception as e:  # noqa: BLE001 - name the file
         raise CheckpointError(f"{path}: cannot be read as a PyTorch checkpoint ({e})") from e
     if not isinstance(obj, Mapping):

@@ -8,8 +8,8 @@ writes OUT/vqgan.pt, OUT/seg.pt, OUT/guide.pt, OUT/sga.pt (train/export.py forma
 compatibility mode on (docs/OFFICIAL_COMPAT.md) and points train.* / infer.* at the exports.
 
 Where each model comes from (each flag takes any official file; the first that holds the model wins):
-  VQGAN   --vqgan (standalone, or first_stage_model.*), else --sga, else --guide (first_stage_model.*)
-  seg VQ  --seg (standalone, or cond_stage_model.*),    else --sga, else --guide (cond_stage_model.*)
+  VQGAN   --vqgan (standalone, or first_stage_model.*), else --sga, --guide, any other file (first_stage_model.*)
+  seg VQ  --seg (standalone, or cond_stage_model.*),    else --sga, --guide, any other file (cond_stage_model.*)
   guide   --guide (transformer.*), else --sga (guiding_transformer.*)
   SGA     --sga (transformer.*)
 The official test script runs the SGA checkpoint's VQ models and the guide from the guiding checkpoint, which is
@@ -100,7 +100,7 @@ def _choose(files: dict[str, OfficialFile]) -> dict[str, Part]:
                                  f"{prefix}* tensors")
             parts[stage] = Part(stage, own, prefix if own.has(prefix) else "")
             continue
-        src = next((f for f in (s, g) if f is not None and f.has(prefix)), None)
+        src = next((f for f in (s, g, *files.values()) if f is not None and f.has(prefix)), None)
         if src is not None:
             parts[stage] = Part(stage, src, prefix)
     if g is not None:
@@ -131,9 +131,14 @@ def _account(files: dict[str, OfficialFile], parts: dict[str, Part]) -> dict[str
                 if ign:
                     lines.append(f"documented ignores (not used by ASSET): {', '.join(_short(ign))}")
                 continue
-            owner = parts[STAGE_OF[prefix]]  # only copies of an imported model can be left unused here
-            lines.append(f"{prefix}* ({len(keys)} tensors): a copy of the {owner.stage} model, which is taken from "
-                         f"{owner.file.label(owner.prefix)}")
+            owner = parts.get(STAGE_OF.get(prefix, ""))
+            if owner is not None:
+                lines.append(f"{prefix}* ({len(keys)} tensors): a copy of the {owner.stage} model, which is taken "
+                             f"from {owner.file.label(owner.prefix)}")
+            else:  # a transformer inside a file given as --vqgan / --seg
+                roles = ", ".join(f"--{r}" for r, x in files.items() if x is f)
+                lines.append(f"{prefix}* ({len(keys)} tensors): not imported, the file was given as {roles} only "
+                             "(pass it as --guide or --sga to import its transformer)")
         report[key] = lines
     return report
 
@@ -207,6 +212,12 @@ def _configs(parts: dict[str, Part], params: OfficialParams, notes: list[str]) -
         if stage in parts:
             part = parts[stage]
             part.cfg = infer_vq_config(under(part.file, part.prefix), masked, p, part.file.label(part.prefix))
+    for stage, want in (("vqgan", "image"), ("seg", "label map")):  # same architecture: catch swapped files
+        cfg = parts[stage].cfg if stage in parts else None
+        if cfg is not None and (cfg.in_channels == 3) != (stage == "vqgan"):
+            other = "seg" if stage == "vqgan" else "vqgan"
+            raise ValueError(f"{parts[stage].file.label(parts[stage].prefix)}: a VQ model with {cfg.in_channels} "
+                             f"input channels is not the {want} tokenizer; pass it as --{other}")
     for stage in ("guide", "sga"):
         if stage in parts:
             part = parts[stage]

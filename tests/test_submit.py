@@ -1,0 +1,361 @@
+"""The submitit launcher and the pipeline, without a cluster: sbatch text, task placement, the checkpoint
+hand-off to the trainer, pipeline files, skip/afterok logic, and a two-task job on submitit's local executor
+(tests/fake_trainer.py as the trainer) that is interrupted by its time limit, checkpoints on every rank,
+is resubmitted and finishes with every step taken exactly once.
+
+The same paths on a real SLURM cluster, with the real trainer: tests/test_slurm_train.py.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import submitit
+
+from asset_dist.cli import main as cli_main
+from asset_dist.launch import pipeline as pl
+from asset_dist.launch.env import EXIT_REQUEUE, dist_env
+from asset_dist.launch.submit import (TASK_PYTHON, Resources, TrainJob, child_env, make_executor, submit_jobs,
+                                      task_place, time_seconds, wait_job)
+
+REPO = Path(__file__).resolve().parents[1]
+FAKE = [sys.executable, str(REPO / "tests" / "fake_trainer.py"), "train"]
+
+
+@pytest.mark.parametrize("spec, seconds", [
+    ("90", 5400), (90, 5400), ("1:30", 90), ("48:00:00", 172800), ("1-0", 86400), ("1-02:03", 93780),
+    ("2-03:04:05", 183845), ("00:01:00", 60),
+])
+def test_time_limits_in_slurm_syntax(spec, seconds):
+    assert time_seconds(spec) == seconds
+
+
+@pytest.mark.parametrize("spec", ["", "1h", "0", "1:2:3:4", "-5"])
+def test_bad_time_limits_fail(spec):
+    with pytest.raises(ValueError, match="time limit"):
+        time_seconds(spec)
+
+
+def test_resources_defaults_and_checks():
+    r = Resources(gpus_per_node=8, time="48:00:00")
+    assert (r.tasks, r.minutes, r.signal_delay) == (8, 2880, 300)
+    assert Resources(time="00:01:00").signal_delay == 15  # a quarter of a short limit
+    assert Resources().tasks == 1  # a CPU node: one task unless asked
+    with pytest.raises(ValueError, match="one task per GPU"):
+        Resources(gpus_per_node=8, tasks_per_node=4).check()
+    with pytest.raises(ValueError, match="shorter than the time limit"):
+        Resources(time="1", signal_delay_s=60).check()
+    with pytest.raises(ValueError, match="unknown key"):
+        Resources.from_dict({"gpus": 8})
+    with pytest.raises(ValueError, match="'nodes' must be an integer"):
+        Resources.from_dict({"nodes": "2"})
+
+
+@pytest.fixture
+def slurm_executor_available(monkeypatch):
+    """SlurmExecutor refuses to exist without srun on PATH; building the sbatch text does not need it."""
+    monkeypatch.setattr(submitit.SlurmExecutor, "affinity", classmethod(lambda cls: 2))
+
+
+def _sbatch_lines(ex, map_count=None) -> list[str]:
+    from submitit.slurm.slurm import _make_sbatch_string
+
+    params = dict(ex._executor.parameters)
+    if map_count:
+        params["map_count"] = map_count
+    return _make_sbatch_string(command=ex._executor._submitit_command_str, folder=ex._executor.folder,
+                               **params).splitlines()
+
+
+def test_sbatch_text_carries_every_resource_and_dependency(tmp_path, slurm_executor_available):
+    res = Resources(nodes=2, gpus_per_node=8, cpus_per_task=8, time="48:00:00", mem="64G", partition="gpu",
+                    account="proj", qos="high", constraint="a100", max_timeouts=7)
+    ex = make_executor("slurm", tmp_path, res, "asset-guide", after=["11", "12"])
+    lines = _sbatch_lines(ex)
+    for flag in ["--nodes=2", "--ntasks-per-node=8", "--gpus-per-node=8", "--cpus-per-task=8", "--time=2880",
+                 "--mem=64G", "--partition=gpu", "--account=proj", "--qos=high", "--constraint=a100",
+                 "--job-name=asset-guide", "--requeue", "--signal=USR2@300", "--dependency=afterok:11:12",
+                 "--kill-on-invalid-dep=yes", "--open-mode=append"]:
+        assert f"#SBATCH {flag}" in lines, (flag, lines)
+    assert not any("--error" in x for x in lines)  # stderr goes to the task's log with stdout
+    srun = next(x for x in lines if x.startswith("srun "))
+    assert srun.endswith(f"{TASK_PYTHON} -u -m submitit.core._submit {tmp_path}")
+    assert ex._executor.max_num_timeout == 7
+
+    # CPU tasks, no GPU line; several configs make an array throttled by array_parallelism
+    ex = make_executor("slurm", tmp_path, Resources(tasks_per_node=2, time="10", array_parallelism=1), "x")
+    lines = _sbatch_lines(ex, map_count=3)
+    assert "#SBATCH --ntasks-per-node=2" in lines and "#SBATCH --array=0-2%1" in lines
+    assert not any("gpus" in x or "dependency" in x for x in lines)
+
+
+def test_local_executor_limits():
+    with pytest.raises(ValueError, match="nodes must be 1"):
+        make_executor("local", "/tmp/x", Resources(nodes=2), "x")
+    with pytest.raises(ValueError, match="need SLURM"):
+        make_executor("local", "/tmp/x", Resources(), "x", after=["3"])
+
+
+def test_task_place_from_submitit_environment(monkeypatch):
+    env = {"SUBMITIT_EXECUTOR": "slurm", "SLURM_JOB_ID": "1234", "SLURM_NTASKS": "16", "SLURM_JOB_NUM_NODES": "2",
+           "SLURM_NODEID": "1", "SLURM_PROCID": "9", "SLURM_LOCALID": "1", "SLURM_JOB_NODELIST": "gpu[07-08]"}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    place = task_place(submitit.JobEnvironment())
+    assert (place.rank, place.local_rank, place.world_size, place.node_rank, place.num_nodes,
+            place.local_world_size) == (9, 1, 16, 1, 2, 8)
+    assert (place.master_addr, place.master_port) == ("gpu07", 20000 + 1234)
+    # stale launcher variables of the submitting shell do not leak into the trainer's placement
+    child = child_env(place, base={**env, "RANK": "0", "WORLD_SIZE": "1", "CROSS_RANK": "0", "MASTER_ADDR": "localhost"})
+    seen = dist_env(child)
+    assert (seen.rank, seen.world_size, seen.local_rank, seen.master_addr, seen.master_port, seen.launcher) == \
+        (9, 16, 1, "gpu07", 21234, "torchrun")
+    assert child["OMP_NUM_THREADS"] == "1" and "CROSS_RANK" not in child
+
+
+def test_train_job_command_and_pickle(tmp_path):
+    import cloudpickle
+
+    job = TrainJob("configs/tiny_seg.yaml", ["train.max_steps=3"], "runs/x", cwd=REPO)
+    assert job.argv() == [*job.command, "--config", str(REPO / "configs/tiny_seg.yaml"), "--set", "train.max_steps=3",
+                          "--set", f"paths.run_dir={REPO / 'runs/x'}", "--resume", "auto"]
+    job._proc = subprocess.Popen(["true"])
+    job._proc.wait()
+    back = cloudpickle.loads(cloudpickle.dumps(job))
+    assert back._proc is None and back.argv() == job.argv() and isinstance(back, submitit.helpers.Checkpointable)
+
+
+# A stand-in trainer for checkpoint(): USR1 ignored for `delay` seconds (start-up), then USR1 -> exit CODE.
+SIGNAL_CHILD = r"""
+import signal, sys, time
+delay, code = float(sys.argv[1]), int(sys.argv[2])
+time.sleep(delay)
+signal.signal(signal.SIGUSR1, lambda *a: sys.exit(code))
+open(sys.argv[3], "w").write("ready")
+while True:
+    time.sleep(0.05)
+"""
+
+
+def _child(tmp_path, delay: float, code: int) -> subprocess.Popen:
+    script = tmp_path / "child.py"
+    script.write_text(SIGNAL_CHILD)
+    from asset_dist.launch.submit import _child_preexec
+
+    return subprocess.Popen([sys.executable, str(script), str(delay), str(code), str(tmp_path / "ready")],
+                            preexec_fn=_child_preexec(None))
+
+
+def test_checkpoint_forwards_usr1_until_taken_then_resubmits(tmp_path):
+    job = TrainJob("c.yaml", [], str(tmp_path), cwd=tmp_path)
+    job._proc = _child(tmp_path, delay=1.5, code=EXIT_REQUEUE)  # USR1 during its start-up is dropped
+    t0 = time.monotonic()
+    out = job.checkpoint()
+    assert isinstance(out, submitit.helpers.DelayedSubmission) and out.function is job
+    assert (tmp_path / "ready").exists() and time.monotonic() - t0 >= 1.5  # it waited for the save
+    job._proc.wait()
+    assert job._proc.returncode == EXIT_REQUEUE
+
+
+@pytest.mark.parametrize("code", [2, 3])
+def test_checkpoint_does_not_resubmit_a_failed_trainer(tmp_path, code):
+    job = TrainJob("c.yaml", [], str(tmp_path), cwd=tmp_path)
+    job._proc = _child(tmp_path, delay=0, code=code)
+    while not (tmp_path / "ready").exists():
+        time.sleep(0.05)
+    assert job.checkpoint() is None
+    job._proc.wait()
+
+
+def test_children_ignore_submitits_usr2(tmp_path):
+    """SLURM sends the USR2 warning to every process of the step: the trainer must survive it."""
+    p = _child(tmp_path, delay=0, code=EXIT_REQUEUE)
+    while not (tmp_path / "ready").exists():
+        time.sleep(0.05)
+    p.send_signal(signal.SIGUSR2)
+    time.sleep(0.3)
+    assert p.poll() is None
+    p.send_signal(signal.SIGUSR1)
+    assert p.wait(timeout=10) == EXIT_REQUEUE
+
+
+# ---- the local executor, end to end --------------------------------------------------------------------
+
+def _fake_job(tmp_path: Path, *sets: str) -> TrainJob:
+    (tmp_path / "config.yaml").write_text("name: fake\n")
+    return TrainJob(tmp_path / "config.yaml", list(sets), tmp_path / "run", command=FAKE, cwd=REPO)
+
+
+def _steps(run: Path, rank: int) -> list[int]:
+    return [int(x) for x in (run / "steps" / f"rank{rank}.log").read_text().split()]
+
+
+def _task_pids(controller: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(controller)], capture_output=True, text=True).stdout
+    return [int(x) for x in out.split()]
+
+
+def test_local_timeout_signal_checkpoints_all_ranks_resubmits_and_finishes(tmp_path):
+    """USR2 to every task, as submitit's local controller (or SLURM's --signal) sends before the time limit."""
+    steps = 80
+    job = _fake_job(tmp_path, f"train.max_steps={steps}", "fake.step_seconds=0.05")
+    (sub,) = submit_jobs([job], Resources(tasks_per_node=2, time="10"), "local", name="fake")
+    run = tmp_path / "run"
+    deadline = time.monotonic() + 120
+    while not ((run / "steps" / "rank1.log").exists() and len(_steps(run, 1)) >= 10):
+        assert time.monotonic() < deadline and not sub.done(), sub.task(0).paths.stdout.read_text()
+        time.sleep(0.2)
+    tasks = _task_pids(sub._process.pid)
+    assert len(tasks) == 2
+    for pid in tasks:
+        os.kill(pid, signal.SIGUSR2)
+    ok, msg = wait_job(sub)
+    log0, log1 = sub.task(0).paths.stdout.read_text(), sub.task(1).paths.stdout.read_text()
+    assert ok, msg + "\n" + log0
+    for r in (0, 1):
+        assert _steps(run, r) == list(range(1, steps + 1))  # nothing lost at the save, nothing redone
+        assert (run / "done" / f"rank{r}").read_text().strip() == str(steps)
+    assert log0.count("checkpoint requested: asking the trainer") == 1
+    assert "resubmitting with --resume auto" in log0 and "Requeued job" in log0
+    assert "SIGUSR1 at step" in log0  # rank 0's trainer took the forwarded request...
+    assert "peer signal at step" in log1  # ...and rank 1's saved with it (all-reduced stop flag)
+    saved = json.loads((run / "ckpt" / "rank1.json").read_text())
+    assert saved == {"step": steps, "signal": None}
+    assert [r["exit_code"] for r in sub.results()] == [0, 0]
+
+
+def test_local_bad_config_exit_is_not_resubmitted(tmp_path):
+    job = _fake_job(tmp_path, "fake.exit_code=2")
+    (sub,) = submit_jobs([job], Resources(tasks_per_node=2, time="5"), "local", name="fake")
+    ok, msg = wait_job(sub)
+    assert not ok and "exit 2: bad config or input (not resubmitted" in msg
+    launches = sorted((tmp_path / "run" / "launches").glob("*.json"))
+    assert len(launches) == 2  # one start per rank: no retry
+
+
+# ---- pipelines ----------------------------------------------------------------------------------------------
+
+def test_landscape_pipeline_wires_parents_and_resources():
+    p = pl.load_pipeline(REPO / "configs" / "landscape.yaml", cwd=REPO, resources={"partition": "big"})
+    assert [s.name for s in p.stages] == ["vqgan", "seg", "guide", "sga512", "sga1024"]
+    by = {s.name: s for s in p.stages}
+    assert by["vqgan"].after == [] and by["seg"].after == []
+    assert by["guide"].after == ["vqgan", "seg"]
+    assert by["sga1024"].after == ["vqgan", "seg", "guide", "sga512"]
+    runs = REPO / "runs"
+    assert f"train.init_from={runs / 'landscape_sga512' / 'export' / 'sga.pt'}" in by["sga1024"].overrides
+    assert f"train.guide_weights={runs / 'landscape_guide' / 'export' / 'guide.pt'}" in by["sga1024"].overrides
+    assert f"train.seg_weights={runs / 'landscape_seg' / 'export' / 'seg.pt'}" in by["guide"].overrides
+    assert by["sga1024"].export == runs / "landscape_sga1024" / "export" / "sga.pt"
+    assert (by["seg"].resources.time, by["seg"].resources.nodes, by["guide"].resources.nodes) == ("24:00:00", 1, 2)
+    assert {s.resources.partition for s in p.stages} == {"big"}
+    assert {s.resources.tasks for s in p.stages} == {8}
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    f = tmp_path / "p.yaml"
+    f.write_text(text)
+    return f
+
+
+@pytest.mark.parametrize("body, message", [
+    ("stages: {a: {config: {cfg}, run_dir: r/a, after: [b]}, b: {config: {cfg}, run_dir: r/b, after: [a]}}",
+     "cycle: a -> b -> a"),
+    ("stages: {a: {config: {cfg}, run_dir: r/a, inputs: {train.seg_weights: nope}}}", "parent 'nope' is not a stage"),
+    ("stages: {a: {config: {cfg}, run_dir: r/a, gpus: 3}}", "stage 'a': unknown key(s) gpus"),
+    ("stages: {a: {config: {cfg}, run_dir: r/a, set: [train.stagee=x]}}", "stage 'a': "),
+    ("stages: {a: {config: {cfg}}}", "'run_dir' is required"),
+    ("stages: {a: {config: {cfg}, run_dir: r/a}, b: {config: {cfg}, run_dir: r/a}}", "same export"),
+    ("resources: {time: soon}\nstages: {a: {config: {cfg}, run_dir: r/a}}", "time limit 'soon'"),
+])
+def test_pipeline_file_errors_name_the_problem(tmp_path, body, message):
+    f = _write(tmp_path, body.replace("{cfg}", str(REPO / "configs" / "tiny_seg.yaml")))
+    with pytest.raises(ValueError) as e:
+        pl.load_pipeline(f, cwd=tmp_path)
+    assert message in str(e.value) and str(f) in str(e.value)
+
+
+def _tiny(tmp_path: Path) -> pl.Pipeline:
+    return pl.load_pipeline(REPO / "configs" / "tiny_pipeline.yaml", run_root=str(tmp_path / "runs"), cwd=tmp_path,
+                            overrides=["data.train_shards=/data/shards"])
+
+
+def _finish(stage: pl.Stage) -> None:
+    stage.export.parent.mkdir(parents=True, exist_ok=True)
+    stage.export.write_bytes(b"x")
+
+
+def test_plan_skips_finished_stages_and_chains_the_rest(tmp_path, monkeypatch):
+    p = _tiny(tmp_path)
+    assert [(s.name, s.kind, s.resources.tasks) for s in p.stages] == \
+        [("vqgan", "vqgan", 2), ("seg", "seg", 2), ("guide", "guide", 2), ("sga", "sga", 2)]
+    assert "data.train_shards=/data/shards" in p.stage("sga").overrides
+    submitted = []
+
+    def fake_submit(jobs, res, executor, name, after=()):
+        submitted.append((name, list(after), jobs[0].run_dir))
+        return [type("J", (), {"job_id": str(100 + len(submitted)), "num_tasks": 1,
+                               "paths": type("P", (), {"stdout": "log"})})()]
+
+    monkeypatch.setattr(pl, "submit_jobs", fake_submit)
+    ids = pl.submit_slurm(p, pl.plan(p, "slurm"))
+    assert submitted == [("tiny-vqgan", [], str(tmp_path / "runs" / "vqgan")),
+                         ("tiny-seg", [], str(tmp_path / "runs" / "seg")),
+                         ("tiny-guide", ["101", "102"], str(tmp_path / "runs" / "guide")),
+                         ("tiny-sga", ["101", "102", "103"], str(tmp_path / "runs" / "sga"))]
+    assert ids == {"vqgan": "101", "seg": "102", "guide": "103", "sga": "104"}
+    assert json.loads((tmp_path / "runs" / "guide" / "submitted.json").read_text())["job_id"] == "103"
+
+    # tokenizers finished, the guide's job still queued: only the SGA is submitted, after the guide's job
+    _finish(p.stage("vqgan"))
+    _finish(p.stage("seg"))
+    monkeypatch.setattr(pl, "slurm_state", lambda job_id: "PENDING" if job_id == "103" else "")
+    steps = pl.plan(p, "slurm")
+    assert [(s.stage.name, s.status, s.job_id) for s in steps] == \
+        [("vqgan", "done", ""), ("seg", "done", ""), ("guide", "queued", "103"), ("sga", "submit", "")]
+    submitted.clear()
+    pl.submit_slurm(p, steps)
+    assert submitted == [("tiny-sga", ["103"], str(tmp_path / "runs" / "sga"))]
+
+    # the guide's job is gone without an export (failed): it is submitted again, without dependencies
+    monkeypatch.setattr(pl, "slurm_state", lambda job_id: "")
+    assert [s.status for s in pl.plan(p, "slurm")] == ["done", "done", "submit", "submit"]
+    _finish(p.stage("guide"))
+    _finish(p.stage("sga"))
+    assert {s.status for s in pl.plan(p, "slurm")} == {"done"}
+
+
+def test_pipeline_cli_dry_run_and_errors(tmp_path, capsys):
+    rc = cli_main(["pipeline", "--config", str(REPO / "configs" / "tiny_pipeline.yaml"), "--dry-run",
+                   "--executor", "slurm", "--run-root", str(tmp_path), "--time", "10", "--partition", "cpu",
+                   "--set", "data.train_shards=/data/s"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "guide      submit   vqgan,seg" in out and "(dry run: nothing submitted)" in out
+    assert f"--set train.init_from={tmp_path / 'guide' / 'export' / 'guide.pt'}" in out
+    assert "10, " not in out and "1x2 task(s), 0 GPU/node, 10 " in out
+    assert not (tmp_path / "vqgan").exists()
+
+    assert cli_main(["pipeline", "--config", str(tmp_path / "nope.yaml")]) == 2
+    assert "pipeline file not found" in capsys.readouterr().err
+
+
+def test_submit_cli_checks_before_submitting(tmp_path, capsys):
+    cfg = str(REPO / "configs" / "tiny_seg.yaml")
+    assert cli_main(["submit", "--config", cfg, "--set", "train.stagee=seg", "--executor", "local"]) == 2
+    assert "train.stagee" in capsys.readouterr().err
+    assert cli_main(["submit", "--config", cfg, "--executor", "local", "--after", "5"]) == 2
+    assert "need SLURM" in capsys.readouterr().err
+    assert cli_main(["submit", "--config", cfg, "--gpus-per-node", "8", "--tasks-per-node", "2"]) == 2
+    assert "one task per GPU" in capsys.readouterr().err
+    rc = cli_main(["submit", "--config", cfg, "--run-dir", str(tmp_path / "r"), "--executor", "local",
+                   "--tasks-per-node", "2", "--dry-run"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "seg: 1 node(s) x 2 task(s)" in out and f"paths.run_dir={tmp_path / 'r'}" in out
+    assert not (tmp_path / "r").exists()
