@@ -39,7 +39,7 @@ class Stage:
     run_dir: Path  # absolute
     inputs: dict[str, str]  # config key -> parent stage whose export it takes
     after: list[str]  # every parent (inputs + explicit `after`), in file order
-    overrides: list[str]  # the pipeline's `set` + the stage's `set` + the wired parent exports
+    overrides: list[str]  # the file's `set`, the stage's `set`, the command line's, then the wired parent exports
     resources: Resources
     kind: str = ""  # train.stage of the resolved config: names the export file
 
@@ -125,7 +125,7 @@ def load_pipeline(path: str | Path, run_root: Optional[str] = None, overrides: S
         raise PipelineError(f"{src}: 'stages' must map stage names to their settings")
     cwd = Path(cwd or Path.cwd())
     root = run_root if run_root is not None else data.get("run_root") or ""
-    common_sets = _as_list(data.get("set"), f"{src}: 'set'") + list(overrides)
+    file_sets = _as_list(data.get("set"), f"{src}: 'set'")
     try:
         base_res = Resources.from_dict(data.get("resources") or {}, src=f"{src}: resources")
     except ValueError as e:
@@ -167,7 +167,8 @@ def load_pipeline(path: str | Path, run_root: Optional[str] = None, overrides: S
             res = Resources.from_dict(resources or {}, res, src="command-line resources").check()
         except ValueError as e:
             raise PipelineError(str(e) if src in str(e) else f"{where}: {e}") from None
-        sets = common_sets + _as_list(spec.get("set"), f"{where}: 'set'")
+        # the file's `set`, then the stage's, then the command line's; the wired parent exports win over all
+        sets = file_sets + _as_list(spec.get("set"), f"{where}: 'set'") + list(overrides)
         sets += [f"{key}={stages[parent].export}" for key, parent in spec.get("inputs", {}).items()]
         try:
             cfg = load_config(config, sets + [f"paths.run_dir={run_dir.resolve()}"])
