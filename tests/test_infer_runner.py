@@ -93,3 +93,17 @@ def test_single_edit_command_matches_batch(runs, tmp_path):
                files["mask"], "--class", "lake", "--out", str(tmp_path / "o2")])
     check(bad, 1)
     assert "unknown class name 'lake'" in bad.stderr
+
+
+def test_guide_only_mode_without_sga(tmp_path):
+    """No SGA export: the guide samples 256 px edits itself; larger edits fail with a message naming the fix."""
+    from asset_dist.config import load_config
+    from asset_dist.infer.runner import run_batch_edits
+    from asset_dist.launch.env import DistEnv
+
+    cfg = load_config(make_exports(tmp_path / "w", sga=False), ["infer.samples=1"])
+    ok = small_edit_set(tmp_path / "edits", with_bad=False)
+    assert run_batch_edits(cfg, str(tmp_path / "edits"), tmp_path / "o", device="cpu", env=DistEnv()) == 0
+    recs = {r["edit"]: r for r in map(json.loads, (tmp_path / "o" / "manifest.jsonl").read_text().splitlines())}
+    assert all(recs[e]["status"] == "ok" and recs[e]["mode"] == "guide-only" for e in ok if e != "e512")
+    assert recs["e512"]["status"] == "failed" and "set infer.sga_weights" in recs["e512"]["error"]

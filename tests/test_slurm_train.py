@@ -21,6 +21,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -47,6 +48,7 @@ FAKE = [sys.executable, str(REPO / "tests" / "fake_trainer.py"), "train"]
 # the TERM at the limit (60-90 s) stops it. Either way the first run ends within ~70 s of training: at most
 # ~100 steps even at 1.5 steps/s, so 150 steps always need a restart.
 REQUEUE_STEPS = 150
+PREEMPT_STEPS = 300
 REQUEUE_SETS = ["data.batch_size=1", f"train.max_steps={REQUEUE_STEPS}", "train.ckpt_every=1000",
                 "logging.image_every=0", "logging.log_every=10"]
 
@@ -114,12 +116,30 @@ def submitit_job(slurm_cluster: SlurmCluster, sflckr_shards, tmp_path_factory):
     slurm_cluster.cancel(job)
 
 
+def _preempt_when_training(cluster: SlurmCluster, job: int, steps: Path, report: dict) -> None:
+    """Once the job has taken 20 steps, preempt it as submitit's job._interrupt() fakes it: TERM to every
+    process of the job, then submitit's USR2. Runs beside the other tests, so it does not wait for its turn."""
+    try:
+        deadline = time.monotonic() + 400
+        while not (steps.exists() and len(steps.read_text().split()) >= 20):
+            state = cluster.job(job).get("JobState")
+            if state not in ("PENDING", "RUNNING") or time.monotonic() > deadline:
+                report["error"] = f"job {job} is {state} and took no 20 steps"
+                return
+            time.sleep(0.5)
+        report["at_step"] = len(steps.read_text().split())
+        cluster.run("scancel", "--signal=TERM", str(job))
+        cluster.run("scancel", f"--signal={submitit.JobEnvironment.USR_SIG}", str(job))
+    except Exception as e:  # noqa: BLE001 - reported by the test
+        report["error"] = repr(e)
+
+
 @pytest.fixture(scope="module")
 def preempt_job(slurm_cluster: SlurmCluster, tmp_path_factory):
-    """A submitit job (fake trainer, 2 tasks) that the test preempts once it is training."""
+    """A submitit job (fake trainer, 2 tasks, 300 steps of 0.1 s) that is preempted once it is training."""
     tmp = tmp_path_factory.mktemp("preempt")
     (tmp / "config.yaml").write_text("name: fake\n")
-    job = TrainJob(tmp / "config.yaml", ["train.max_steps=120", "fake.step_seconds=0.1"], tmp / "run",
+    job = TrainJob(tmp / "config.yaml", [f"train.max_steps={PREEMPT_STEPS}", "fake.step_seconds=0.1"], tmp / "run",
                    command=FAKE, cwd=REPO)
     old = os.environ.get("SLURM_CONF")
     os.environ["SLURM_CONF"] = slurm_cluster.conf  # submitit calls sbatch from this process
@@ -131,7 +151,12 @@ def preempt_job(slurm_cluster: SlurmCluster, tmp_path_factory):
             os.environ.pop("SLURM_CONF")
         else:
             os.environ["SLURM_CONF"] = old
-    yield sub, tmp / "run"
+    report: dict = {}
+    thread = threading.Thread(target=_preempt_when_training,
+                              args=(slurm_cluster, int(sub.job_id), tmp / "run" / "steps" / "rank1.log", report),
+                              daemon=True)
+    thread.start()
+    yield sub, tmp / "run", thread, report
     slurm_cluster.cancel(int(sub.job_id))
 
 
@@ -152,7 +177,7 @@ def pipeline_run(slurm_cluster: SlurmCluster, sflckr_shards, tmp_path_factory):
 
 
 @pytest.fixture(autouse=True)
-def _everything_submitted_first(requeue_job, sga_job, submitit_job, preempt_job, pipeline_run):
+def _everything_submitted_first(requeue_job, preempt_job, sga_job, submitit_job, pipeline_run):
     """All jobs start with the module, so their waits overlap."""
 
 
@@ -226,27 +251,19 @@ def test_submit_command_trains_through_submitit(slurm_cluster: SlurmCluster, sub
 
 
 def test_submitit_preemption_checkpoints_every_rank_and_resumes(slurm_cluster: SlurmCluster, preempt_job):
-    sub, run = preempt_job
+    sub, run, thread, report = preempt_job
     job = int(sub.job_id)
-    steps = run / "steps" / "rank1.log"
-    deadline = time.monotonic() + 300
-    while not (steps.exists() and len(steps.read_text().split()) >= 20):
-        info = slurm_cluster.job(job)
-        assert info["JobState"] in ("PENDING", "RUNNING"), info
-        assert time.monotonic() < deadline, f"no training steps after 300 s: {info}"
-        time.sleep(0.5)
-    # a preemption as submitit's job._interrupt() fakes it: TERM to every process, then submitit's USR2
-    slurm_cluster.run("scancel", "--signal=TERM", str(job))
-    slurm_cluster.run("scancel", f"--signal={submitit.JobEnvironment.USR_SIG}", str(job))
+    thread.join(timeout=420)
+    assert "error" not in report and "at_step" in report, report
     info = slurm_cluster.wait(job, timeout=300)
     log0 = (run / "submitit" / f"{job}_0_log.out").read_text()
     assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "1"), log0
     assert f"Requeued job {job}" in log0 and "resubmitting with --resume auto" in log0
     for r in (0, 1):
         taken = [int(x) for x in (run / "steps" / f"rank{r}.log").read_text().split()]
-        assert taken == list(range(1, 121)), f"rank {r}: steps lost or redone"
+        assert taken == list(range(1, PREEMPT_STEPS + 1)), f"rank {r}: steps lost or redone"
         first = json.loads((run / "launches" / f"restart1-rank{r}.json").read_text())
-        assert 20 <= first["start_step"] < 120  # the second run resumed from the save of the first
+        assert report["at_step"] <= first["start_step"] < PREEMPT_STEPS  # resumed from the preemption's save
     assert job_outcome(sub) == (True, "completed")
 
 

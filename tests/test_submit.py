@@ -152,7 +152,8 @@ def _child(tmp_path, delay: float, code: int) -> subprocess.Popen:
                             preexec_fn=_child_preexec(None))
 
 
-def test_checkpoint_forwards_usr1_until_taken_then_resubmits(tmp_path):
+def test_checkpoint_forwards_usr1_until_taken_then_resubmits(tmp_path, monkeypatch):
+    monkeypatch.setattr("asset_dist.launch.submit.RESEND_USR1_S", 0.5)
     job = TrainJob("c.yaml", [], str(tmp_path), cwd=tmp_path)
     job._proc = _child(tmp_path, delay=1.5, code=EXIT_REQUEUE)  # USR1 during its start-up is dropped
     t0 = time.monotonic()
@@ -359,3 +360,53 @@ def test_submit_cli_checks_before_submitting(tmp_path, capsys):
     out = capsys.readouterr().out
     assert rc == 0 and "seg: 1 node(s) x 2 task(s)" in out and f"paths.run_dir={tmp_path / 'r'}" in out
     assert not (tmp_path / "r").exists()
+
+
+# A stand-in trainer for the local pipeline: records what it was asked, writes RUN/export/<stage>.pt.
+FAKE_STAGE = r"""
+import argparse, json, os, sys
+from pathlib import Path
+from asset_dist.config import load_config
+p = argparse.ArgumentParser()
+p.add_argument("command")
+p.add_argument("--config")
+p.add_argument("--set", dest="sets", action="append", default=[])
+p.add_argument("--resume")
+a = p.parse_args()
+cfg = load_config(a.config, a.sets)
+if os.environ.get("FAKE_FAIL_STAGE") == cfg.train.stage:
+    sys.exit(2)
+with open(os.environ["FAKE_ORDER"], "a") as f:
+    f.write(json.dumps({"stage": cfg.train.stage, "world": os.environ["WORLD_SIZE"], "sets": a.sets}) + "\n")
+out = Path(cfg.paths.run_dir) / "export" / f"{cfg.train.stage}.pt"
+out.parent.mkdir(parents=True, exist_ok=True)
+out.write_text("x")
+"""
+
+
+def test_local_pipeline_runs_stage_after_stage_and_stops_at_a_failure(tmp_path, monkeypatch, capsys):
+    script = tmp_path / "fake_stage.py"
+    script.write_text(FAKE_STAGE)
+    order = tmp_path / "order.jsonl"
+    monkeypatch.setattr("asset_dist.launch.submit.TRAIN_COMMAND", (sys.executable, str(script), "train"))
+    monkeypatch.setenv("FAKE_ORDER", str(order))
+    root = tmp_path / "runs"
+    p = pl.load_pipeline(REPO / "configs" / "tiny_pipeline.yaml", run_root=str(root), cwd=tmp_path,
+                         overrides=["data.train_shards=/data/shards"], resources={"tasks_per_node": 1})
+    assert pl.run_local(p, pl.plan(p, "local"))
+    ran = [json.loads(x) for x in order.read_text().splitlines()]
+    assert [r["stage"] for r in ran] == ["vqgan", "seg", "guide", "sga"] and {r["world"] for r in ran} == {"1"}
+    assert f"train.init_from={root / 'guide' / 'export' / 'guide.pt'}" in ran[3]["sets"]
+    assert all((root / s / "export" / f"{s}.pt").is_file() for s in ("vqgan", "seg", "guide", "sga"))
+
+    # the guide fails (exit 2): the SGA is not run; finished stages are skipped
+    (root / "guide" / "export" / "guide.pt").unlink()
+    (root / "sga" / "export" / "sga.pt").unlink()
+    order.unlink()
+    monkeypatch.setenv("FAKE_FAIL_STAGE", "guide")
+    capsys.readouterr()
+    assert not pl.run_local(p, pl.plan(p, "local"))
+    out, err = capsys.readouterr()
+    assert "vqgan: done" in out and "seg: done" in out and "exit 2: bad config" in out
+    assert "stage guide failed; not running what depends on it (sga)" in err
+    assert not order.exists() and not (root / "sga" / "export" / "sga.pt").exists()

@@ -109,7 +109,7 @@ def edit_main(args) -> int:
     except (OSError, ValueError) as e:
         print(f"error: edit {eid!r}: {e}", file=sys.stderr)
         return 1
-    rc = run_batch_edits(cfg, "", args.out, samples=args.samples, device=args.device, retry_failed=True,
+    rc = run_batch_edits(cfg, "", args.out, samples=args.samples, device=args.device, redo=True,
                          env=DistEnv(), edit_set=MemoryEdits([rec]))
     done = read_record(Path(args.out), eid)
     if done is None or done["status"] != "ok":

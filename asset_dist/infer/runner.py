@@ -21,6 +21,7 @@ A killed run restarted with the same command skips edits that have a record.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 import time
@@ -36,6 +37,7 @@ from asset_dist.config import Config, save_config
 from asset_dist.data.views import make_views
 from asset_dist.infer import guides as G
 from asset_dist.infer.blend import composite
+from asset_dist.infer.decode import IncrementalTransformer
 from asset_dist.infer.edits import Edit, EditError, EditFiles, EditSet, decode_edit, png_bytes, split_for_rank
 from asset_dist.infer.sampler import row_generator, sample_cached
 from asset_dist.launch.env import EXIT_REQUEUE, DistEnv, dist_env
@@ -72,6 +74,11 @@ def weight_paths(cfg: Config) -> dict[str, str]:
 
 def pick_device(arg: str, env: DistEnv) -> torch.device:
     if arg == "cpu" or (arg == "auto" and not torch.cuda.is_available()):
+        # one process per task: use the task's cores, not every core of the node (OpenMP oversubscription
+        # makes several ranks on one node crawl); torchrun sets OMP_NUM_THREADS=1 itself
+        cpus = os.environ.get("OMP_NUM_THREADS") or os.environ.get("SLURM_CPUS_PER_TASK")
+        if cpus and cpus.isdigit() and int(cpus) > 0:
+            torch.set_num_threads(int(cpus))
         return torch.device("cpu")
     if not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device visible")
@@ -102,12 +109,12 @@ def load_models(cfg: Config, device: torch.device, need_sga: bool = True) -> Mod
             raise ValueError(f"no {key} weights: set infer.{key}_weights (or train.{key}_weights) to an export")
     dtype = DTYPES[cfg.infer.precision]
     tok = Tokenizers(cfg, paths["vqgan"], paths["seg"]).to(device)
-    guide = AssetTransformer(cfg.model.transformer)
+    guide = IncrementalTransformer(cfg.model.transformer)
     load_weights(guide, paths["guide"], "guide")
     guide.to(device=device, dtype=dtype).eval().requires_grad_(False)
     sga = None
     if need_sga and paths["sga"]:
-        sga = AssetTransformer(cfg.model.transformer)
+        sga = IncrementalTransformer(cfg.model.transformer)
         load_weights(sga, paths["sga"], "sga")
         sga.to(device=device, dtype=dtype).eval().requires_grad_(False)
     return Models(tok, guide, sga, device, file_digest(paths["guide"]))
@@ -342,14 +349,21 @@ def _check_run_settings(out: Path, settings: dict, env: DistEnv) -> None:
 class _StopFlag:
     """USR1 (SLURM's time-limit warning) or TERM: finish the current chunk, then exit EXIT_REQUEUE."""
 
+    SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+
     def __init__(self):
         self.set = False
+        self.saved: dict = {}
 
-    def install(self) -> None:
+    def __enter__(self) -> "_StopFlag":
         def handler(signum, frame):  # noqa: ARG001
             self.set = True
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
-            signal.signal(sig, handler)
+        self.saved = {sig: signal.signal(sig, handler) for sig in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, old in self.saved.items():
+            signal.signal(sig, old)
 
 
 def _log(msg: str) -> None:
@@ -358,10 +372,9 @@ def _log(msg: str) -> None:
 
 def run_batch_edits(cfg: Config, edits: str, out: str | Path, *, guides_dir: Optional[str] = None,
                     samples: Optional[int] = None, device: str = "auto", retry_failed: bool = False,
-                    env: Optional[DistEnv] = None, edit_set=None) -> int:
-    """edit-batch: this rank's share of the edits; returns 0, or EXIT_REQUEUE when stopped by a signal."""
-    from tqdm import tqdm
-
+                    redo: bool = False, env: Optional[DistEnv] = None, edit_set=None) -> int:
+    """edit-batch: this rank's share of the edits; returns 0, or EXIT_REQUEUE when stopped by a signal.
+    edit_set: anything with `.ids` and `.load(id)` instead of shards; redo: ignore existing records."""
     check_infer_config(cfg)
     env = env or dist_env()
     samples = samples or cfg.infer.samples
@@ -380,52 +393,62 @@ def run_batch_edits(cfg: Config, edits: str, out: str | Path, *, guides_dir: Opt
     pending = []
     for eid in mine:
         rec = read_record(out, eid)
-        if rec is None or (retry_failed and rec["status"] == "failed"):
+        if redo or rec is None or (retry_failed and rec["status"] == "failed"):
             pending.append(eid)
     _log(f"[rank {env.rank}/{env.world_size}] {len(mine)} edit(s) of {len(all_ids)}, {len(mine) - len(pending)} "
          f"already done, {len(pending)} to do -> {out}")
-    stop = _StopFlag()
-    stop.install()
     if pending:
-        models = load_models(cfg, pick_device(device, env))
-        runner = EditRunner(cfg, models, samples, guides_dir)
-        per_chunk = max(1, -(-i.batch_size // samples))
-        log_path = out / "logs" / f"rank{env.rank}.jsonl"
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        bar = tqdm(total=len(pending), desc=f"edits rank {env.rank}", unit="edit", disable=None, file=sys.stderr)
-        n_failed = 0
-        for c in range(0, len(pending), per_chunk):
-            if stop.set:
-                _log(f"[rank {env.rank}] stop signal: {len(pending) - c} edit(s) left for the restart")
-                bar.close()
+        with _StopFlag() as stop:
+            if _run_pending(cfg, eset, pending, out, samples, guides_dir, device, env, stop):
                 return EXIT_REQUEUE
-            preps, recs = [], {}
-            for eid in pending[c:c + per_chunk]:
-                for tmp in (out / eid).glob(".*.tmp"):  # left by a killed run: never complete
-                    tmp.unlink(missing_ok=True)
-                try:
-                    preps.append(runner.prepare(eset.load(eid)))
-                except EditError as e:
-                    recs[eid] = failed_record(eid, str(e), env)
-            runner.run_rows([(p, k) for p in preps for k in range(samples)], runner.sample_batch)
-            recs.update({p.edit_id: runner.finish(p, out, env) for p in preps})
-            for eid in pending[c:c + per_chunk]:
-                rec = recs[eid]
-                atomic_write_json(out / eid / RECORD, rec)
-                with open(log_path, "a") as f:
-                    f.write(json.dumps({"edit": eid, "status": rec["status"], "rank": env.rank,
-                                        "world_size": env.world_size, "time": time.time()}) + "\n")
-                if rec["status"] != "ok":
-                    n_failed += 1
-                    _log(f"[rank {env.rank}] FAILED {rec['error']}")
-                bar.update()
-        bar.close()
-        _log(f"[rank {env.rank}] done: {len(pending) - n_failed} ok, {n_failed} failed")
     if write_manifest_if_complete(out, all_ids):
         _log(f"[rank {env.rank}] all {len(all_ids)} edits done: {out / MANIFEST}")
     else:
         _log(f"[rank {env.rank}] finished its share; {out / MANIFEST} is written by the last rank to finish")
     return 0
+
+
+def _run_pending(cfg: Config, eset, pending: list[str], out: Path, samples: int, guides_dir: Optional[str],
+                 device: str, env: DistEnv, stop: "_StopFlag") -> bool:
+    """The edits of `pending`, chunk by chunk; True when a stop signal cut the run short."""
+    from tqdm import tqdm
+
+    i = cfg.infer
+    models = load_models(cfg, pick_device(device, env))
+    runner = EditRunner(cfg, models, samples, guides_dir)
+    per_chunk = max(1, -(-i.batch_size // samples))
+    log_path = out / "logs" / f"rank{env.rank}.jsonl"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    bar = tqdm(total=len(pending), desc=f"edits rank {env.rank}", unit="edit", disable=None, file=sys.stderr)
+    n_failed = 0
+    for c in range(0, len(pending), per_chunk):
+        if stop.set:
+            _log(f"[rank {env.rank}] stop signal: {len(pending) - c} edit(s) left for the restart")
+            bar.close()
+            return True
+        preps, recs = [], {}
+        for eid in pending[c:c + per_chunk]:
+            for tmp in (out / eid).glob(".*.tmp"):  # left by a killed run: never complete
+                tmp.unlink(missing_ok=True)
+            try:
+                preps.append(runner.prepare(eset.load(eid)))
+            except EditError as e:
+                recs[eid] = failed_record(eid, str(e), env)
+        runner.run_rows([(p, k) for p in preps for k in range(samples)], runner.sample_batch)
+        recs.update({p.edit_id: runner.finish(p, out, env) for p in preps})
+        for eid in pending[c:c + per_chunk]:
+            rec = recs[eid]
+            atomic_write_json(out / eid / RECORD, rec)
+            with open(log_path, "a") as f:
+                f.write(json.dumps({"edit": eid, "status": rec["status"], "rank": env.rank,
+                                    "world_size": env.world_size, "time": time.time()}) + "\n")
+            if rec["status"] != "ok":
+                n_failed += 1
+                _log(f"[rank {env.rank}] FAILED {rec['error']}")
+            bar.update()
+    bar.close()
+    _log(f"[rank {env.rank}] done: {len(pending) - n_failed} ok, {n_failed} failed")
+    return False
 
 
 def run_precompute(cfg: Config, edits: str, out: str | Path, *, samples: Optional[int] = None,

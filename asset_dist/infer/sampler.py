@@ -25,19 +25,22 @@ batched and unbatched logits changes a token only if it moves two perturbed scor
 from __future__ import annotations
 
 import hashlib
+import time
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
 import torch
 
-from asset_dist.models.transformer import AssetTransformer, Guides
+from asset_dist.models.transformer import AssetTransformer, EncoderState, Guides
 
 
 @dataclass
 class SampleStats:
     sampled: int = 0  # hole tokens sampled (summed over rows)
     steps: int = 0  # sampling steps (hole positions of the union schedule)
-    fed: int = 0  # decoder positions computed (summed over calls, per row)
+    fed: int = 0  # decoder positions computed per row (summed over calls)
+    setup_s: float = 0.0  # encoder (seconds)
+    loop_s: float = 0.0  # decoding and sampling (seconds)
 
 
 def row_seed(seed: int, edit_id: str, sample: int, phase: str) -> int:
@@ -83,6 +86,18 @@ def _prepare(model: AssetTransformer, ids, cond, hole, hw):
     return lay, zs, hole_s, torch.cat([start, zs], 1)  # dec[:, p] = decoder input at position p
 
 
+def _encode(model, ids, cond, hole, guides, hw, state, stats: SampleStats) -> EncoderState:
+    t0 = time.perf_counter()
+    if state is None:
+        state = model.encode(ids, cond, hole, guides, hw)
+    elif hasattr(model, "index_state"):  # IncrementalTransformer: its block tables, once
+        state = model.index_state(state)
+    if ids.device.type == "cuda":
+        torch.cuda.synchronize(ids.device)  # so that setup_s / loop_s split the time honestly
+    stats.setup_s = time.perf_counter() - t0
+    return state
+
+
 def _commit(u: int, logits: torch.Tensor, hole_s, zs, dec, gens, top_k, temperature, stats) -> None:
     """Sample strip token u for the rows whose hole holds it; write it into the strip and decoder inputs."""
     rows = hole_s[:, u].nonzero().view(-1)
@@ -96,18 +111,22 @@ def _commit(u: int, logits: torch.Tensor, hole_s, zs, dec, gens, top_k, temperat
 @torch.no_grad()
 def sample_cached(model: AssetTransformer, ids: torch.Tensor, cond: torch.Tensor, hole: torch.Tensor,
                   gens: Sequence[torch.Generator], *, guides: Optional[Guides] = None, top_k: int = 100,
-                  temperature: float = 1.0, hw: Optional[tuple[int, int]] = None, limit: Optional[int] = None
-                  ) -> tuple[torch.Tensor, SampleStats]:
-    """KV-cached sampling (see module doc). limit: stop after that many hole positions (benchmarks)."""
+                  temperature: float = 1.0, hw: Optional[tuple[int, int]] = None, limit: Optional[int] = None,
+                  state: Optional[EncoderState] = None) -> tuple[torch.Tensor, SampleStats]:
+    """KV-cached sampling (see module doc). limit: stop after that many hole positions (benchmarks).
+    state: a precomputed `model.encode(ids, cond, hole, guides, hw)` (its guides are used)."""
     lay, zs, hole_s, dec = _prepare(model, ids, cond, hole, hw)
-    state = model.encode(ids, cond, hole, guides, hw)
+    stats = SampleStats()
+    state = _encode(model, ids, cond, hole, guides, hw, state, stats)
     cache = model.new_cache()
-    stats, prev = SampleStats(), 0  # prev: first decoder position not in the cache yet
+    prev = 0  # first decoder position not in the cache yet
+    t0 = time.perf_counter()
     for u in _schedule(hole_s, limit):
         out = model.decode_step(state, cache, dec[:, prev:u + 1], prev)  # last row predicts token u
         stats.fed += u + 1 - prev
         _commit(u, out[:, -1], hole_s, zs, dec, gens, top_k, temperature, stats)
         prev = u + 1
+    stats.loop_s = time.perf_counter() - t0
     return zs[:, lay.inv], stats
 
 
@@ -115,14 +134,17 @@ def sample_cached(model: AssetTransformer, ids: torch.Tensor, cond: torch.Tensor
 def sample_block_rerun(model: AssetTransformer, ids: torch.Tensor, cond: torch.Tensor, hole: torch.Tensor,
                        gens: Sequence[torch.Generator], *, guides: Optional[Guides] = None, top_k: int = 100,
                        temperature: float = 1.0, hw: Optional[tuple[int, int]] = None,
-                       limit: Optional[int] = None) -> tuple[torch.Tensor, SampleStats]:
+                       limit: Optional[int] = None, state: Optional[EncoderState] = None
+                       ) -> tuple[torch.Tensor, SampleStats]:
     """The official strategy: a block's first hole token from the previous chunk's last output, every later
     one by re-running the whole block (nt tokens through every decoder layer)."""
     lay, zs, hole_s, dec = _prepare(model, ids, cond, hole, hw)
     nt = lay.nt
-    state = model.encode(ids, cond, hole, guides, hw)
+    stats = SampleStats()
+    state = _encode(model, ids, cond, hole, guides, hw, state, stats)
     cache = model.new_cache()
-    stats, prev, last = SampleStats(), 0, None
+    prev, last = 0, None
+    t0 = time.perf_counter()
     for u in _schedule(hole_s, limit):
         b0 = (u // nt) * nt  # the block's first strip token; its decoder positions are b0+1 .. b0+nt
         if prev <= b0:  # known tokens up to the block: one chunk
@@ -136,6 +158,7 @@ def sample_block_rerun(model: AssetTransformer, ids: torch.Tensor, cond: torch.T
             stats.fed += nt
         _commit(u, logits, hole_s, zs, dec, gens, top_k, temperature, stats)
         prev = u + 1  # cached entries from position u+1 on saw the old token u
+    stats.loop_s = time.perf_counter() - t0
     return zs[:, lay.inv], stats
 
 
@@ -147,10 +170,12 @@ def sample_uncached(model: AssetTransformer, ids: torch.Tensor, cond: torch.Tens
     """The oracle: a full teacher-forced forward (encoder + decoder) per hole position."""
     lay, zs, hole_s, dec = _prepare(model, ids, cond, hole, hw)
     stats = SampleStats()
+    t0 = time.perf_counter()
     for u in _schedule(hole_s, limit):
         logits = model(zs[:, lay.inv], cond, hole, guides=guides, hw=hw)[:, u]
         stats.fed += lay.L
         _commit(u, logits, hole_s, zs, dec, gens, top_k, temperature, stats)
+    stats.loop_s = time.perf_counter() - t0
     return zs[:, lay.inv], stats
 
 

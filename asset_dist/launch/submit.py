@@ -11,18 +11,19 @@ logged. The trainer checkpoints on SIGUSR1/SIGTERM and all-reduces its stop flag
 makes every rank save. So: the children ignore USR2; on rank 0, `checkpoint()` forwards USR1 to its
 trainer, waits until all ranks have saved and exited EXIT_REQUEUE (99), and returns a resubmission of
 the same job (`--resume auto` continues from RUN/checkpoints/latest); submitit then requeues it. Other
-ranks exit when their trainer does. Non-transient failures (exit 2 bad config/input, 3 non-finite loss,
-any crash) raise, so submitit records the error and does not resubmit.
+ranks exit when their trainer does. A warning that never reached the trainer (it was still starting) is
+covered by the TERM at the time limit: the trainer saves on it, and rank 0 resubmits through submitit's
+handler. A TERM well before the limit (scancel) is not resubmitted. Non-transient failures (exit 2 bad
+config/input, 3 non-finite loss, any crash) raise, so submitit records the error and does not resubmit.
 
 The local executor (one machine, `tasks_per_node` processes) runs the very same callable, with the
-time-limit signal sent by submitit's local controller: tests and the quickstart use it.
+time-limit signal sent by submitit's local controller: tests and `asset-dist pipeline --executor local`.
 """
 from __future__ import annotations
 
 import argparse
 import ctypes
 import datetime
-import json
 import math
 import os
 import re
@@ -149,35 +150,33 @@ class Resources:
 
 
 def add_resource_args(p: argparse.ArgumentParser, defaults: bool = True) -> None:
-    """Resource flags (shared by `submit` and `pipeline`; for `pipeline` they override every stage)."""
-    d = Resources() if defaults else None
+    """Resource flags, shared by `submit` (defaults: Resources()) and `pipeline` (defaults=False: a flag given
+    overrides that resource for every stage, the pipeline file's value otherwise)."""
+    d = Resources()
 
-    def default(name: str) -> Any:
-        return getattr(d, name) if d else None
+    def arg(flag: str, name: str, text: str, typ: type = str, shown: Any = None) -> None:
+        if defaults:
+            text += f" (default {shown if shown is not None else getattr(d, name)})"
+        g.add_argument(flag, dest=name, type=typ, default=getattr(d, name) if defaults else None, help=text)
 
-    g = p.add_argument_group("resources")
-    g.add_argument("--nodes", type=int, default=default("nodes"), help="nodes (default %(default)s)")
-    g.add_argument("--gpus-per-node", type=int, default=default("gpus_per_node"),
-                   help="GPUs per node; one task per GPU (default %(default)s: CPU tasks, gloo)")
-    g.add_argument("--tasks-per-node", type=int, default=default("tasks_per_node"),
-                   help="tasks per node (default: the GPU count, or 1 without GPUs)")
-    g.add_argument("--cpus-per-task", type=int, default=default("cpus_per_task"),
-                   help="CPUs per task (default: the cluster's)")
-    g.add_argument("--time", default=default("time"),
-                   help="time limit, SLURM syntax: minutes, HH:MM:SS or D-HH:MM:SS (default %(default)s)")
-    g.add_argument("--mem", default=default("mem"), help="memory per node, SLURM syntax, e.g. 64G")
-    g.add_argument("--partition", default=default("partition"), help="SLURM partition")
-    g.add_argument("--account", default=default("account"), help="SLURM account")
-    g.add_argument("--qos", default=default("qos"), help="SLURM quality of service")
-    g.add_argument("--constraint", default=default("constraint"), help="SLURM node constraint, e.g. a100")
-    g.add_argument("--signal-delay", dest="signal_delay_s", type=int, default=default("signal_delay_s"),
-                   help="ask for a checkpoint this many seconds before the time limit (default: min(300, limit/4))")
-    g.add_argument("--max-timeouts", type=int, default=default("max_timeouts"),
-                   help="resubmissions after a time limit before giving up (default %(default)s; "
-                        "preemptions do not count)")
-    g.add_argument("--slurm-array-parallelism", dest="array_parallelism", type=int,
-                   default=default("array_parallelism"),
-                   help="with several --config: at most this many array tasks at once (default: all)")
+    g = p.add_argument_group("resources" if defaults else "resources (override every stage's)")
+    arg("--nodes", "nodes", "nodes", int)
+    arg("--gpus-per-node", "gpus_per_node", "GPUs per node; one task per GPU", int, "0: CPU tasks, gloo")
+    arg("--tasks-per-node", "tasks_per_node", "tasks per node", int, "the GPU count, or 1 without GPUs")
+    arg("--cpus-per-task", "cpus_per_task", "CPUs per task", int, "the cluster's")
+    arg("--time", "time", "time limit, SLURM syntax: minutes, HH:MM:SS or D-HH:MM:SS")
+    arg("--mem", "mem", "memory per node, SLURM syntax, e.g. 64G", str, "the cluster's")
+    arg("--partition", "partition", "SLURM partition", str, "the cluster's")
+    arg("--account", "account", "SLURM account", str, "yours")
+    arg("--qos", "qos", "SLURM quality of service", str, "the cluster's")
+    arg("--constraint", "constraint", "SLURM node constraint, e.g. a100", str, "none")
+    arg("--signal-delay", "signal_delay_s", "ask for a checkpoint this many seconds before the time limit", int,
+        "min(300, limit/4)")
+    arg("--max-timeouts", "max_timeouts", "resubmissions after a time limit before giving up (preemptions do "
+        "not count)", int)
+    if defaults:
+        arg("--slurm-array-parallelism", "array_parallelism",
+            "with several --config (one SLURM array): at most this many run at once", int, "all")
 
 
 def resources_from_args(args: argparse.Namespace, base: Optional[Resources] = None) -> Resources:
@@ -307,21 +306,31 @@ def _peek_exit(pid: int) -> Optional[int]:
     return res.si_status if res.si_code == os.CLD_EXITED else -res.si_status
 
 
-def job_end_epoch(job_id: str) -> Optional[float]:
-    """The SLURM job's time-limit end (EndTime) in seconds since the epoch, or None."""
+def scontrol_job(job_id: str) -> dict[str, str]:
+    """`scontrol show job` as a dict (works without accounting/sacct); {} once slurmctld forgot the job."""
     try:
-        p = subprocess.run(["scontrol", "show", "job", "-o", str(job_id)], capture_output=True, text=True, timeout=30)
+        p = subprocess.run(["scontrol", "show", "job", "-o", str(job_id)], capture_output=True, text=True,
+                           timeout=60)
     except (OSError, subprocess.TimeoutExpired):
-        return None
-    m = re.search(r"\bEndTime=(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)", p.stdout)
-    return datetime.datetime.fromisoformat(m.group(1)).timestamp() if m else None
+        return {}
+    return dict(re.findall(r"(\S+?)=(\S*)", p.stdout)) if p.returncode == 0 else {}
+
+
+def slurm_state(job_id: str) -> str:
+    """A job's state (PENDING, RUNNING, COMPLETED, ...); "" once the job is forgotten."""
+    return scontrol_job(job_id).get("JobState", "")
 
 
 def near_time_limit(margin_s: float = 10.0) -> bool:
     """True when this SLURM job is at (or past) its time limit: a TERM now is the limit, not a scancel."""
     job_id = os.environ.get("SLURM_JOB_ID")
-    end = job_end_epoch(job_id) if job_id and os.environ.get("SUBMITIT_EXECUTOR") == "slurm" else None
-    return end is not None and time.time() >= end - margin_s
+    if not job_id or os.environ.get("SUBMITIT_EXECUTOR") != "slurm":
+        return False
+    end = scontrol_job(job_id).get("EndTime", "")
+    try:  # slurmctld writes local time, e.g. 2026-11-28T09:10:30
+        return time.time() >= datetime.datetime.fromisoformat(end).timestamp() - margin_s
+    except ValueError:
+        return False
 
 
 class TrainJob(submitit.helpers.Checkpointable):
@@ -473,17 +482,6 @@ SLURM_ACTIVE = {"PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "SUSPENDED", 
                 "REQUEUE_FED", "RESIZING", "SIGNALING", "STAGE_OUT", "PREEMPTED"}
 
 
-def slurm_state(job_id: str) -> str:
-    """A job's state from slurmctld (works without accounting/sacct); "" once the job is forgotten."""
-    try:
-        p = subprocess.run(["scontrol", "show", "job", "-o", str(job_id)], capture_output=True, text=True,
-                           timeout=60)
-    except (OSError, subprocess.TimeoutExpired):
-        return ""
-    m = re.search(r"\bJobState=(\S+)", p.stdout) if p.returncode == 0 else None
-    return m.group(1) if m else ""
-
-
 def job_outcome(job: Any) -> tuple[bool, str]:
     """(success, message) from the result files every task writes when its callable returns or raises."""
     from submitit.core.utils import pickle_load
@@ -565,14 +563,18 @@ def main(args: argparse.Namespace) -> int:
         print(f"(dry run: nothing submitted; executor {kind})")
         return 0
 
-    if kind == "local" and len(jobs) > 1:  # one machine: one job after the other
-        ok = True
-        for job in jobs:
-            (sub,) = submit_jobs([job], res, kind, name)
-            ok &= _report(sub, job.run_dir, wait=True)
-        return 0 if ok else 1
-    folder = Path(jobs[0].run_dir if len(jobs) == 1 else os.path.commonpath(dirs)) / "submitit"
-    subs = submit_jobs(jobs, res, kind, name, folder=folder, after=args.after, dependency=args.dependency)
+    try:
+        if kind == "local" and len(jobs) > 1:  # one machine: one job after the other
+            ok = True
+            for job in jobs:
+                (sub,) = submit_jobs([job], res, kind, name)
+                ok &= _report(sub, job.run_dir, wait=True)
+            return 0 if ok else 1
+        folder = Path(jobs[0].run_dir if len(jobs) == 1 else os.path.commonpath(dirs)) / "submitit"
+        subs = submit_jobs(jobs, res, kind, name, folder=folder, after=args.after, dependency=args.dependency)
+    except Exception as e:  # noqa: BLE001 - sbatch refused (partition, account, dependency...): say so plainly
+        print(f"error: submission failed: {e}", file=sys.stderr)
+        return 1
     ok = all([_report(sub, job.run_dir, wait=args.wait or kind == "local") for sub, job in zip(subs, jobs)])
     return 0 if ok else 1
 

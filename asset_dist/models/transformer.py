@@ -11,8 +11,9 @@ Conventions
   A query block b sees its window ({b-1,b,b+1}; causal {b-2,b-1,b}) UNION its picks (a pick inside the window counts
   once), and causal attention never sees a key after the query's own position. Consequence for the official warm-up:
   the official decoder lets blocks 0-4 see all of blocks 0..b; here that is expressed by picks, i.e. rows 0-4 of
-  "d_causal" must list the blocks < b-2 (`official_transformer.official_guides` fills them). With rows 0-4 left at -1
-  the warm-up blocks only see their window (what the guide_blocks "fixed" mode produces).
+  "d_causal" must list the blocks < b-2 (`official_transformer.official_guides` fills them). guide_blocks' "fixed" mode
+  does this by itself: a causal row b has at most b-2 eligible blocks, so rows 0..k+2 list all of them and those
+  blocks attend densely-causally (rows 0-2 have nothing to pick and see their window, which is everything before them).
 - Decoder [start]: its key/value is visible to every decoder query; its own query attends only to itself in causal
   self-attention and densely to all encoder tokens in cross-attention (in both modes, as official).
 """

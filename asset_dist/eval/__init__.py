@@ -1,0 +1,1 @@
+"""Evaluation (`asset-dist evaluate`): tokenizers, transformers under several attention settings, edit outputs."""
