@@ -410,3 +410,80 @@ def test_local_pipeline_runs_stage_after_stage_and_stops_at_a_failure(tmp_path, 
     assert "vqgan: done" in out and "seg: done" in out and "exit 2: bad config" in out
     assert "stage guide failed; not running what depends on it (sga)" in err
     assert not order.exists() and not (root / "sga" / "export" / "sga.pt").exists()
+
+
+def test_a_stage_still_running_locally_is_not_started_twice(tmp_path, capsys):
+    p = _tiny(tmp_path)
+    for s in ("vqgan", "seg"):
+        _finish(p.stage(s))
+    # a live process that looks like submitit's local controller of the guide's job
+    ctrl = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "submitit.local._local"])
+    try:
+        guide = p.stage("guide")
+        guide.run_dir.mkdir(parents=True)
+        (guide.run_dir / "submitted.json").write_text(json.dumps({"job_id": str(ctrl.pid), "executor": "local"}))
+        steps = pl.plan(p, "local")
+        assert [(s.status, s.executor) for s in steps][2:] == [("queued", "local"), ("submit", "")]
+        assert pl.blocked(steps, "slurm") == pl.blocked(steps, "local") == [f"guide (local job {ctrl.pid})"]
+        assert not pl.run_local(p, steps)
+        assert f"still running: guide (local job {ctrl.pid})" in capsys.readouterr().err
+    finally:
+        ctrl.kill()
+        ctrl.wait()
+    assert [s.status for s in pl.plan(p, "local")] == ["done", "done", "submit", "submit"]
+
+
+class _FakeJobEnv:
+    cluster, raw_job_id, num_tasks, num_nodes, node, hostnames = "slurm", "77", 2, 1, 0, ["n1"]
+
+    def __init__(self, rank: int):
+        self.global_rank = self.local_rank = rank
+
+
+@pytest.mark.parametrize("rank, at_limit", [(0, True), (0, False), (1, True)])
+def test_trainer_stopped_by_term_resubmits_only_at_the_time_limit(tmp_path, monkeypatch, rank, at_limit):
+    """The trainer saved on a TERM nobody announced (exit 99): at the time limit rank 0 resubmits through
+    submitit's handler (the USR2 it raises itself); before it (scancel) nothing is resubmitted."""
+    from asset_dist.launch import submit as sm
+
+    monkeypatch.setattr(submitit, "JobEnvironment", lambda: _FakeJobEnv(rank))
+    monkeypatch.setattr(sm, "near_time_limit", lambda: at_limit)
+    job = TrainJob("c.yaml", [], str(tmp_path), command=[sys.executable, "-c", f"raise SystemExit({EXIT_REQUEUE})"],
+                   cwd=tmp_path, term_grace_s=0)
+    calls = []
+
+    def handler(signum, frame):  # what submitit's handler does on rank 0: checkpoint(), then requeue + exit
+        calls.append(job.checkpoint())
+        raise SystemExit(-1)
+
+    old = signal.signal(signal.SIGUSR2, handler)
+    try:
+        if rank != 0:
+            with pytest.raises(SystemExit) as e:
+                job()
+            assert e.value.code == EXIT_REQUEUE and calls == []
+        elif at_limit:
+            with pytest.raises(SystemExit):
+                job()
+            assert len(calls) == 1 and isinstance(calls[0], submitit.helpers.DelayedSubmission)
+        else:
+            with pytest.raises(sm.TrainingFailed, match="before the time limit .* not resubmitted"):
+                job()
+            assert calls == []
+    finally:
+        signal.signal(signal.SIGUSR2, old)
+
+
+def test_near_time_limit_reads_the_jobs_end_time(monkeypatch):
+    import datetime
+
+    from asset_dist.launch import submit as sm
+
+    monkeypatch.setenv("SLURM_JOB_ID", "5")
+    monkeypatch.setenv("SUBMITIT_EXECUTOR", "slurm")
+    for offset, want in [(-30, True), (5, True), (60, False)]:
+        end = (datetime.datetime.now() + datetime.timedelta(seconds=offset)).strftime("%Y-%m-%dT%H:%M:%S")
+        monkeypatch.setattr(sm, "scontrol_job", lambda job_id, end=end: {"EndTime": end})
+        assert sm.near_time_limit() is want, offset
+    monkeypatch.setattr(sm, "scontrol_job", lambda job_id: {"EndTime": "Unknown"})
+    assert sm.near_time_limit() is False

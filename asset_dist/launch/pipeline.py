@@ -67,6 +67,7 @@ class Step:
     status: str  # done | queued | submit
     job_id: str = ""  # queued: the recorded job; submit: filled in once submitted
     after_jobs: list[str] = field(default_factory=list)
+    executor: str = ""  # queued: where that job runs (slurm | local)
 
 
 def _as_list(value: Any, where: str) -> list[str]:
@@ -189,20 +190,40 @@ def recorded_job(stage: Stage) -> Optional[dict]:
         return None
 
 
+def job_alive(rec: dict) -> bool:
+    """Is a recorded job still queued or running? SLURM: slurmctld says so. Local: its controller process
+    (the job id is its pid) still runs."""
+    job_id = str(rec.get("job_id", ""))
+    if rec.get("executor") == "slurm":
+        return slurm_state(job_id) in SLURM_ACTIVE
+    try:
+        return b"submitit.local._local" in Path(f"/proc/{int(job_id)}/cmdline").read_bytes()
+    except (OSError, ValueError):
+        return False
+
+
 def plan(p: Pipeline, executor: str) -> list[Step]:
-    """What each stage needs: done (export exists), queued (its recorded SLURM job is still alive) or submit."""
+    """What each stage needs: done (export exists), queued (its recorded job is still queued or running) or
+    submit. A queued SLURM job becomes a dependency of the stages after it."""
     steps: dict[str, Step] = {}
     for s in p.stages:
         if s.export.is_file():
             steps[s.name] = Step(s, "done")
             continue
         rec = recorded_job(s)
-        if executor == "slurm" and rec and rec.get("executor") == "slurm" and slurm_state(rec["job_id"]) in SLURM_ACTIVE:
-            steps[s.name] = Step(s, "queued", job_id=str(rec["job_id"]))
+        if rec and job_alive(rec):
+            steps[s.name] = Step(s, "queued", job_id=str(rec["job_id"]), executor=str(rec.get("executor")))
         else:
             steps[s.name] = Step(s, "submit")
         steps[s.name].after_jobs = [steps[a].job_id for a in s.after if steps[a].status == "queued"]
     return list(steps.values())
+
+
+def blocked(steps: list[Step], executor: str) -> list[str]:
+    """Stages still running in a way this run cannot wait for: any of them when running locally (one stage
+    after the other), a local run when submitting to SLURM (afterok needs a SLURM job)."""
+    return [f"{st.stage.name} ({st.executor} job {st.job_id})" for st in steps
+            if st.status == "queued" and (executor == "local" or st.executor != "slurm")]
 
 
 def describe(steps: list[Step], executor: str) -> str:
@@ -242,6 +263,10 @@ def submit_slurm(p: Pipeline, steps: list[Step]) -> dict[str, str]:
 
 def run_local(p: Pipeline, steps: list[Step]) -> bool:
     """Run the unfinished stages one after the other on this machine (submitit's local executor)."""
+    busy = blocked(steps, "local")
+    if busy:
+        print(f"error: still running: {', '.join(busy)}; run again once it has finished", file=sys.stderr)
+        return False
     for st in steps:
         s = st.stage
         if st.status == "done":
@@ -299,6 +324,11 @@ def main(args: argparse.Namespace) -> int:
         return 0
     if kind == "local":
         return 0 if run_local(p, steps) else 1
+    busy = blocked(steps, kind)
+    if busy:
+        print(f"error: still running outside SLURM: {', '.join(busy)}; run again once it has finished",
+              file=sys.stderr)
+        return 1
     try:
         submit_slurm(p, steps)
     except Exception as e:  # noqa: BLE001 - sbatch refused (bad partition, account...): say which stage

@@ -393,24 +393,25 @@ class TrainJob(submitit.helpers.Checkpointable):
             self._stop()
         if rc == 0:
             return {"rank": place.rank, "exit_code": 0, "run_dir": self.run_dir}
-        if rc == EXIT_REQUEUE:
+        if rc in (EXIT_REQUEUE, -signal.SIGTERM):  # saved on a signal, or killed by TERM while starting
             if place.rank != 0:
-                # rank 0 got the same request: its checkpoint() resubmits the whole job
-                log(f"rank {place.rank}: trainer checkpointed (exit {EXIT_REQUEUE}); rank 0 resubmits")
+                # rank 0 saw the same: it resubmits the whole job, or not (scancel)
+                log(f"rank {place.rank}: trainer stopped ({describe_exit(rc)}); rank 0 decides on resubmission")
                 sys.exit(EXIT_REQUEUE)
-            # Nobody asked rank 0 for a checkpoint: the trainer saved on a TERM.
+            # Nobody asked rank 0 for a checkpoint: the trainer stopped on a TERM.
             if near_time_limit():
                 # The TERM at the time limit (the warning came too early to be taken, or too late): resubmit
                 # through submitit's own handler, as if its warning had arrived now.
-                log(f"trainer checkpointed on the TERM at the time limit (exit {EXIT_REQUEUE}): resubmitting")
-                os.kill(os.getpid(), submitit.JobEnvironment._usr_sig())
+                log(f"trainer stopped on the TERM at the time limit ({describe_exit(rc)}): resubmitting")
+                os.kill(os.getpid(), signal.Signals["SIG" + submitit.JobEnvironment.USR_SIG])
                 time.sleep(60)  # the handler requeues and exits; this is not reached
             # scancel, or a preemption (a USR2 may still follow and resubmit from its handler during the pause)
-            log(f"trainer checkpointed on a TERM before the time limit (exit {EXIT_REQUEUE}); waiting "
+            log(f"trainer stopped on a TERM before the time limit ({describe_exit(rc)}); waiting "
                 f"{self.term_grace_s:.0f} s for a preemption notice")
             time.sleep(self.term_grace_s)
-            raise TrainingFailed(f"trainer stopped by TERM before the time limit and checkpointed in {self.run_dir}; "
-                                 "not resubmitted (scancel?). Submit the same command again to resume.")
+            raise TrainingFailed(f"trainer stopped by TERM before the time limit ({describe_exit(rc)}), run folder "
+                                 f"{self.run_dir}; not resubmitted (scancel?). Submit the same command again "
+                                 "to resume from its last checkpoint.")
         raise TrainingFailed(f"trainer failed: {describe_exit(rc)}; logs in this job's submitit folder")
 
     def _stop(self) -> None:
