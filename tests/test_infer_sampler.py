@@ -9,6 +9,7 @@ import torch
 
 from asset_dist.config import TransformerConfig
 from asset_dist.infer import guides as G
+from asset_dist.infer.decode import IncrementalTransformer
 from asset_dist.infer.sampler import SAMPLERS, pick_tokens, row_generator, sample_cached
 from asset_dist.models.transformer import AssetTransformer
 
@@ -16,11 +17,11 @@ torch.set_num_threads(1)
 V, NC, H = 16, 8, 4
 
 
-def tiny(dtype=torch.float64, grid=(4, 2), seed=0) -> AssetTransformer:
+def tiny(dtype=torch.float64, grid=(4, 2), seed=0, cls=AssetTransformer) -> AssetTransformer:
     cfg = TransformerConfig(vocab_size=V, cond_vocab_size=NC, d_model=32, n_heads=H, ffn_dim=64, encoder_layers=2,
                             decoder_layers=2, block_grid=list(grid), max_position_embeddings=4)
     torch.manual_seed(seed)
-    m = AssetTransformer(cfg).to(dtype).eval()
+    m = cls(cfg).to(dtype).eval()
     with torch.no_grad():  # peaked logits: samples depend on the context, so mistakes in it show
         for p in m.parameters():
             p.normal_(0.0, 0.3)
@@ -49,11 +50,31 @@ def gens(n, phase="t", seed=0):
 
 
 @pytest.mark.parametrize("sparse", [False, True])
+def test_incremental_transformer_decodes_like_forward(sparse):
+    """Token-granular SGA steps (infer/decode.py) == the model's forward, for runs of any length, and the same
+    state dict as the base model."""
+    m, f = tiny(), tiny(cls=IncrementalTransformer)
+    assert m.state_dict().keys() == f.state_dict().keys()
+    z, c, hole = batch()
+    gd = guides() if sparse else None
+    full = m(z, c, hole, guides=gd)
+    st, cache = f.encode(z, c, hole, gd), f.new_cache()
+    assert (st.tables is not None) == sparse
+    dec = torch.cat([torch.full((3, 1), f.start_id), f.to_strip(z)], 1)
+    outs, p = [], 0
+    for n in (1, 1, 2, 5, 9, 1, 1, 1, 15, 28):  # below and above the block size (8)
+        outs.append(f.decode_step(st, cache, dec[:, p:p + n], p))
+        p += n
+    torch.testing.assert_close(torch.cat(outs, 1), full.detach(), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("sparse", [False, True])
 def test_cached_equals_block_rerun_and_uncached(sparse):
-    m = tiny()
+    m, fast = tiny(), tiny(cls=IncrementalTransformer)
     z, c, hole = batch()
     gd = guides() if sparse else None
     out = {name: fn(m, z, c, hole, gens(3), guides=gd, top_k=6, temperature=1.0) for name, fn in SAMPLERS.items()}
+    out["cached_incremental"] = SAMPLERS["cached"](fast, z, c, hole, gens(3), guides=gd, top_k=6, temperature=1.0)
     ref, st = out["uncached"]
     for name, (tok, s) in out.items():
         assert torch.equal(tok, ref), name
@@ -68,7 +89,7 @@ def test_cached_equals_block_rerun_and_uncached(sparse):
 def test_batch_invariance_fp32(sparse):
     """Each row sampled alone (other schedule, batch 1) gives the same tokens as in the batch: the randomness
     is per row, and the sampling rule does not see float noise between batch shapes."""
-    m = tiny(torch.float32)
+    m = tiny(torch.float32, cls=IncrementalTransformer)
     z, c, hole = batch()
     gd = guides() if sparse else None
     both, _ = sample_cached(m, z, c, hole, gens(3), guides=gd, top_k=5)

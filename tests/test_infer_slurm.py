@@ -15,10 +15,10 @@ def test_sbatch_edit_batch_two_tasks(slurm_cluster: SlurmCluster, tmp_path):  # 
     ok = small_edit_set(tmp_path / "edits", with_512=False)
     run = tmp_path / "run"
     env = {"RUN_DIR": str(run), "CONFIG": str(cfg), "OVERRIDES": f"infer.edits={tmp_path / 'edits'}"}
-    job = slurm_cluster.sbatch(*CPU, "-J", "asset-test-edit", "-t", "00:05:00", f"--output={tmp_path}/%x-%j.out",
+    job = slurm_cluster.sbatch(*CPU, "-J", "asset-test-edit", "-t", "00:10:00", f"--output={tmp_path}/%x-%j.out",
                                "slurm/edit_batch.sh", "infer.batch_size=3", env=env)
     try:
-        info = slurm_cluster.wait(job, timeout=240)
+        info = slurm_cluster.wait(job, timeout=400)
         log = (tmp_path / f"asset-test-edit-{job}.out")
         text = log.read_text() if log.exists() else "(no log)"
         assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), text

@@ -4,7 +4,8 @@ launcher and the stage pipeline, with the tiny configs on CPU (2 tasks, gloo).
 - `sbatch slurm/train_sga.sh` trains tiny SGA from tiny exported parents and exports it;
 - a tiny_seg job with a one-minute limit and an early warning (`--signal=B:USR1@10`) checkpoints on every
   rank, requeues, resumes and finishes with the step count, metrics and weights of an uninterrupted
-  torchrun run of the same config (bitwise: same world size);
+  torchrun run of the same config (bitwise: same world size). After the first requeue the test raises the
+  job's limit, so the resumed run finishes instead of repeating the same cycle;
 - `asset-dist submit --executor slurm` runs tiny_seg through submitit and exports it;
 - a submitit job preempted (TERM, then submitit's USR2, as `job._interrupt()` does) checkpoints on every
   rank through TrainJob.checkpoint, is requeued by submitit and resumes (tests/fake_trainer.py as trainer);
@@ -107,7 +108,8 @@ def submitit_job(slurm_cluster: SlurmCluster, sflckr_shards, tmp_path_factory):
     """`asset-dist submit` (the command line) on the cluster: tiny_seg, 4 steps, 2 tasks."""
     tmp = tmp_path_factory.mktemp("submitit")
     p = slurm_cluster.run(sys.executable, "-m", "asset_dist.cli", "submit", "--executor", "slurm",
-                          "--config", "configs/tiny_seg.yaml", "--run-dir", str(tmp / "run"), "--name", "asset-test-submit",
+                          "--config", "configs/tiny_seg.yaml", "--run-dir", str(tmp / "run"),
+                          "--name", "asset-test-submit",
                           "--tasks-per-node", "2", "--cpus-per-task", "1", "--time", "15",
                           "--set", f"data.train_shards={sflckr_shards}", "--set", "train.max_steps=4",
                           "--set", "logging.image_every=0", env=_env())

@@ -112,7 +112,8 @@ def test_task_place_from_submitit_environment(monkeypatch):
             place.local_world_size) == (9, 1, 16, 1, 2, 8)
     assert (place.master_addr, place.master_port) == ("gpu07", 20000 + 1234)
     # stale launcher variables of the submitting shell do not leak into the trainer's placement
-    child = child_env(place, base={**env, "RANK": "0", "WORLD_SIZE": "1", "CROSS_RANK": "0", "MASTER_ADDR": "localhost"})
+    stale = {"RANK": "0", "WORLD_SIZE": "1", "CROSS_RANK": "0", "MASTER_ADDR": "localhost"}
+    child = child_env(place, base={**env, **stale})
     seen = dist_env(child)
     assert (seen.rank, seen.world_size, seen.local_rank, seen.master_addr, seen.master_port, seen.launcher) == \
         (9, 16, 1, "gpu07", 21234, "torchrun")
@@ -434,10 +435,10 @@ def test_a_stage_still_running_locally_is_not_started_twice(tmp_path, capsys):
 
 
 class _FakeJobEnv:
+    """What TrainJob reads from submitit.JobEnvironment() in a SLURM task."""
+    USR_SIG = "USR2"
     cluster, raw_job_id, num_tasks, num_nodes, node, hostnames = "slurm", "77", 2, 1, 0, ["n1"]
-
-    def __init__(self, rank: int):
-        self.global_rank = self.local_rank = rank
+    global_rank = local_rank = 0
 
 
 @pytest.mark.parametrize("rank, at_limit", [(0, True), (0, False), (1, True)])
@@ -446,7 +447,8 @@ def test_trainer_stopped_by_term_resubmits_only_at_the_time_limit(tmp_path, monk
     submitit's handler (the USR2 it raises itself); before it (scancel) nothing is resubmitted."""
     from asset_dist.launch import submit as sm
 
-    monkeypatch.setattr(submitit, "JobEnvironment", lambda: _FakeJobEnv(rank))
+    env = type("Env", (_FakeJobEnv,), {"global_rank": rank, "local_rank": rank})
+    monkeypatch.setattr(submitit, "JobEnvironment", env)
     monkeypatch.setattr(sm, "near_time_limit", lambda: at_limit)
     job = TrainJob("c.yaml", [], str(tmp_path), command=[sys.executable, "-c", f"raise SystemExit({EXIT_REQUEUE})"],
                    cwd=tmp_path, term_grace_s=0)

@@ -280,7 +280,7 @@ def run_local(p: Pipeline, steps: list[Step]) -> bool:
             ok, msg = False, f"finished without writing {s.export}"
         print(f"{s.name}: {msg}", flush=True)
         if not ok:
-            later = [x.stage.name for x in steps if x.status != "done" and x.stage is not s]
+            later = [x.stage.name for x in steps[steps.index(st) + 1:] if x.status != "done"]
             print(f"error: stage {s.name} failed; not running what depends on it ({', '.join(later) or 'nothing'})."
                   " Fix it and run the same command again: finished stages are skipped.", file=sys.stderr)
             return False

@@ -94,6 +94,8 @@ class Trainer:
 
     def __init__(self, cfg: Config, resume: str = "auto"):
         self.cfg = cfg
+        self.stop_signal = 0
+        self.install_signal_handlers()  # first: a SLURM warning may arrive while we are still starting up
         self.env = dist_env()
         export_torch_env(self.env)
         self.rank, self.world = self.env.rank, self.env.world_size
@@ -113,7 +115,6 @@ class Trainer:
             deepspeed.init_distributed(dist_backend="nccl" if self.device.type == "cuda" else "gloo",
                                        verbose=False)
         self.run_dir = Path(cfg.paths.run_dir)
-        self.stop_signal = 0
         self.step = 0
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
 
@@ -258,9 +259,15 @@ class Trainer:
         print(f"exported {out}", flush=True)
         return out
 
+    def _stop_for_requeue(self) -> int:
+        self.save()
+        if self.rank == 0:
+            print(f"signal received: checkpointed at step {self.step}, exiting for requeue", flush=True)
+        self.log.close()
+        return EXIT_REQUEUE
+
     def run(self) -> int:
         cfg = self.cfg
-        self.install_signal_handlers()
         export = self.run_dir / "export" / f"{cfg.train.stage}.pt"
         if self.step >= cfg.train.max_steps and export.is_file():
             if self.rank == 0:
@@ -268,6 +275,8 @@ class Trainer:
             return 0
         batches = self._batches()
         t_last, n_last = time.time(), self.step
+        if self._any_rank(self.stop_signal):  # signalled during start-up
+            return self._stop_for_requeue()
         while self.step < cfg.train.max_steps:
             logs = self.train_step(batches)
             self.step += 1
@@ -283,11 +292,7 @@ class Trainer:
                 if self.rank == 0:
                     self.log.images(self.step, grids)
             if self._any_rank(self.stop_signal):
-                self.save()
-                if self.rank == 0:
-                    print(f"signal received: checkpointed at step {self.step}, exiting for requeue", flush=True)
-                self.log.close()
-                return EXIT_REQUEUE
+                return self._stop_for_requeue()
             if self.step % cfg.train.ckpt_every == 0 and self.step < cfg.train.max_steps:
                 self.save()
         tag = self.save()
