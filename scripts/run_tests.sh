@@ -9,4 +9,4 @@ if bash scripts/local_slurm.sh start; then
 elif [ "${CI:-}" = "true" ]; then
   echo "error: could not start the local SLURM cluster in CI" >&2; exit 1
 fi
-python3 -m pytest -q -p no:cacheprovider --timeout=900 tests "$@"
+python3 -m pytest -q -p no:cacheprovider --timeout=900 --durations=15 tests "$@"

@@ -208,7 +208,7 @@ def test_tokenizer_command(sflckr_shards, parents, tmp_path):
     assert two["world_size"] == 2 and two["samples"] == 5
     for name, m in rep["models"].items():
         for key, val in m.items():
-            assert two["models"][name][key] == (val if isinstance(val, (str, int)) else pytest.approx(val, rel=1e-9))
+            assert two["models"][name][key] == (val if isinstance(val, (str, int)) else pytest.approx(val, rel=1e-6))
 
     # one export alone: its stage decides; a transformer export is refused with a clear message
     assert run_cli("tokenizer", "--config", cfg_path, "--weights", parents["seg"], "--max-samples", 1, "--out",

@@ -49,7 +49,8 @@ def test_two_ranks_equal_one_rank_other_batch(runs):
 
 
 def test_each_edit_done_once_across_ranks(runs):
-    logs = [json.loads(line) for r in (0, 1) for line in (runs["two"] / "logs" / f"rank{r}.jsonl").read_text().splitlines()]
+    logs = [json.loads(line) for r in (0, 1)
+            for line in (runs["two"] / "logs" / f"rank{r}.jsonl").read_text().splitlines()]
     done = [entry["edit"] for entry in logs]
     assert sorted(done) == sorted(runs["ok"] + ["zbad"])  # every edit, once
     by_rank = {r: {e["edit"] for e in logs if e["rank"] == r} for r in (0, 1)}

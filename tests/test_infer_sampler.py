@@ -150,3 +150,20 @@ def test_guide_picks_and_storage(tmp_path):
     assert G.load_picks(path, {**fp, "seed": 1}) is None and G.load_picks(tmp_path / "none.npz", fp) is None
     stacked = G.stack_picks([G.row_picks(picks, 0), got])
     assert all(torch.equal(stacked[k], picks[k]) for k in picks)
+
+
+def test_gather_rows_layouts():
+    """Row gather over the storage == plain indexing, for the layouts decode steps meet: the cache sliced past
+    [start], the cross-attention keys (a transposed view), a batch-expanded tensor, and a fallback layout."""
+    from asset_dist.infer.decode import gather_rows
+
+    g = torch.Generator().manual_seed(0)
+    B, Hh, L, d = 2, 3, 12, 4
+    cache = torch.randn(B, Hh, L + 1, d, generator=g)
+    cross = torch.randn(B, L, Hh, d, generator=g).transpose(1, 2)
+    one = torch.randn(1, Hh, L, d, generator=g).expand(B, Hh, L, d)
+    odd = torch.randn(B, Hh, d, L, generator=g).transpose(2, 3)  # last dim not contiguous: fallback
+    idx = torch.randint(0, L, (B, Hh, 7), generator=g)
+    for x in (cache[:, :, 1:], cross, one, odd):
+        want = torch.stack([torch.stack([x[b, h, idx[b, h]] for h in range(Hh)]) for b in range(B)])
+        assert torch.equal(gather_rows(x, idx), want)

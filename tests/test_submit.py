@@ -419,6 +419,11 @@ def test_a_stage_still_running_locally_is_not_started_twice(tmp_path, capsys):
         _finish(p.stage(s))
     # a live process that looks like submitit's local controller of the guide's job
     ctrl = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "submitit.local._local"])
+    cmdline = Path(f"/proc/{ctrl.pid}/cmdline")
+    for _ in range(200):  # until the child has exec'ed (its cmdline is what the pipeline inspects)
+        if b"submitit.local._local" in cmdline.read_bytes():
+            break
+        time.sleep(0.05)
     try:
         guide = p.stage("guide")
         guide.run_dir.mkdir(parents=True)

@@ -97,9 +97,13 @@ def _print_written(paths) -> None:
 def _run(args) -> int:
     import torch
 
+    with torch.no_grad():  # a context, not set_grad_enabled: callers (tests, notebooks) keep their grad mode
+        return _run_body(args)
+
+
+def _run_body(args) -> int:
     from asset_dist.eval import common as C
 
-    torch.set_grad_enabled(False)
     if args.eval_command in ("tokenizer", "transformer"):
         from asset_dist.config import load_config
 

@@ -92,7 +92,7 @@ def add_edit_args(p: argparse.ArgumentParser) -> None:
 def edit_main(args) -> int:
     from asset_dist.data.shardwriter import safe_key
     from asset_dist.infer.classes import table_for_config
-    from asset_dist.infer.edits import EditError, MemoryEdits, make_record
+    from asset_dist.infer.edits import MemoryEdits, make_record
     from asset_dist.infer.runner import read_record, run_batch_edits
     from asset_dist.launch.env import DistEnv
 

@@ -33,6 +33,24 @@ class IndexedState(T.EncoderState):
     tables: Optional[dict] = None
 
 
+def gather_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """x [B, H, L, d] (any strides), idx [B, H, M] positions along L -> [B, H, M, d].
+
+    One index_select of d-float rows over x's storage (row copies) when the layout allows it: ~3-4x faster on
+    CPU than advanced indexing or torch.gather, which copy element by element."""
+    B, H, L, d = x.shape
+    s0, s1, s2, s3 = x.stride()
+    off0 = x.storage_offset()
+    if s3 != 1 or any(st % d for st in (s0, s1, s2, off0)):
+        return torch.gather(x, 2, idx.unsqueeze(-1).expand(-1, -1, -1, d))
+    rows = x.untyped_storage().nbytes() // x.element_size() // d
+    base = x.as_strided((rows, d), (d, 1), 0)
+    dev = x.device
+    r = (off0 + torch.arange(B, device=dev).view(B, 1, 1) * s0 + torch.arange(H, device=dev).view(1, H, 1) * s1
+         + idx * s2) // d
+    return torch.index_select(base, 0, r.reshape(-1)).view(B, H, -1, d)
+
+
 def query_block_attention(q: torch.Tensor, qtok: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                           table: torch.Tensor, nt: int, causal: bool,
                           prefix: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
@@ -41,18 +59,14 @@ def query_block_attention(q: torch.Tensor, qtok: torch.Tensor, k: torch.Tensor, 
     keys <= its token); prefix keys [B,H,P,d] are visible to every query. Returns [B,H,n,d]."""
     B, H, n, d = q.shape
     J = table.shape[-1]
-    nb = k.shape[2] // nt
     kb = table[:, :, torch.div(qtok, nt, rounding_mode="floor")]  # [B, H, n, J]
-    # whole blocks by advanced indexing: contiguous nt*d copies (a per-element gather is ~10x slower)
-    bi = torch.arange(B, device=q.device).view(B, 1, 1, 1)
-    hi = torch.arange(H, device=q.device).view(1, H, 1, 1)
     sel = kb.clamp(min=0)
-    Kg = k.expand(B, H, -1, d).reshape(B, H, nb, nt, d)[bi, hi, sel].view(B, H, n, J * nt, d)
-    Vg = v.expand(B, H, -1, d).reshape(B, H, nb, nt, d)[bi, hi, sel].view(B, H, n, J * nt, d)
+    key = (sel.unsqueeze(-1) * nt + torch.arange(nt, device=q.device)).view(B, H, n * J * nt)
+    Kg = gather_rows(k.expand(B, H, -1, d), key).view(B, H, n, J * nt, d)
+    Vg = gather_rows(v.expand(B, H, -1, d), key).view(B, H, n, J * nt, d)
     vis = (kb >= 0).unsqueeze(-1).expand(B, H, n, J, nt).reshape(B, H, n, J * nt)
     if causal:
-        key = (sel.unsqueeze(-1) * nt + torch.arange(nt, device=q.device)).view(B, H, n, J * nt)
-        vis = vis & (key <= qtok.view(1, 1, n, 1))
+        vis = vis & (key.view(B, H, n, J * nt) <= qtok.view(1, 1, n, 1))
     scale = d ** -0.5
     s = (q.unsqueeze(-2) @ Kg.transpose(-1, -2)).squeeze(-2) * scale  # [B, H, n, J*nt]
     s = s.masked_fill(~vis, float("-inf"))
