@@ -96,15 +96,39 @@ def test_single_edit_command_matches_batch(runs, tmp_path):
     assert "unknown class name 'lake'" in bad.stderr
 
 
-def test_guide_only_mode_without_sga(tmp_path):
+def test_guide_only_mode_without_sga(runs, tmp_path):
     """No SGA export: the guide samples 256 px edits itself; larger edits fail with a message naming the fix."""
     from asset_dist.config import load_config
     from asset_dist.infer.runner import run_batch_edits
     from asset_dist.launch.env import DistEnv
 
-    cfg = load_config(make_exports(tmp_path / "w", sga=False), ["infer.samples=1"])
-    ok = small_edit_set(tmp_path / "edits", with_bad=False)
-    assert run_batch_edits(cfg, str(tmp_path / "edits"), tmp_path / "o", device="cpu", env=DistEnv()) == 0
+    cfg = load_config(runs["cfg"], ["infer.samples=1", "infer.sga_weights="])
+    assert run_batch_edits(cfg, str(runs["tmp"] / "edits"), tmp_path / "o", device="cpu", env=DistEnv()) == 0
     recs = {r["edit"]: r for r in map(json.loads, (tmp_path / "o" / "manifest.jsonl").read_text().splitlines())}
-    assert all(recs[e]["status"] == "ok" and recs[e]["mode"] == "guide-only" for e in ok if e != "e512")
+    assert all(recs[e]["status"] == "ok" and recs[e]["mode"] == "guide-only" for e in runs["ok"] if e != "e512")
     assert recs["e512"]["status"] == "failed" and "set infer.sga_weights" in recs["e512"]["error"]
+
+
+def test_an_error_while_computing_fails_only_that_edit(runs, tmp_path, monkeypatch):
+    """A runtime error inside a batch: the batch is retried edit by edit, only the guilty edit is recorded as
+    failed, the others finish; the exit status says something went wrong (1), unlike bad input (0)."""
+    from asset_dist.config import load_config
+    from asset_dist.infer import runner as R
+    from asset_dist.launch.env import DistEnv
+
+    real = R.composite
+
+    def flaky(generated, original, mask, levels, band):
+        if original.shape[0] == 512:
+            raise RuntimeError("simulated failure")
+        return real(generated, original, mask, levels, band)
+
+    monkeypatch.setattr(R, "composite", flaky)
+    cfg = load_config(runs["cfg"], ["infer.samples=1", "infer.batch_size=8"])
+    rc = R.run_batch_edits(cfg, str(runs["tmp"] / "edits"), tmp_path / "o", device="cpu", env=DistEnv())
+    assert rc == 1
+    recs = {r["edit"]: r for r in map(json.loads, (tmp_path / "o" / "manifest.jsonl").read_text().splitlines())}
+    assert recs["e512"]["status"] == "failed" and "RuntimeError: simulated failure" in recs["e512"]["error"]
+    assert all(recs[e]["status"] == "ok" for e in runs["ok"] if e != "e512")
+    for e in ("a256", "d256"):  # in the same batch as e512 before the retry: same result as the 1-rank run
+        assert (tmp_path / "o" / e / "sample_0.png").read_bytes() == (runs["one"] / e / "sample_0.png").read_bytes()

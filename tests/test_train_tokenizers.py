@@ -154,3 +154,19 @@ def test_sigusr1_checkpoints_exits_for_requeue_and_resumes(sflckr_shards, tmp_pa
     check(proc)
     assert f"at step {step}" in proc.stdout
     assert read_export(run / "export" / "seg.pt")["step"] == step + 2
+
+
+def test_bf16_accumulation_checkpointing_and_schedule(sflckr_shards, tmp_path):
+    """bf16 (fp32 master weights exported), 2 micro-batches per step, activation checkpointing, clipping,
+    warm-up + cosine: the options a cluster run uses, through the real engine."""
+    run = tmp_path / "bf16"
+    check(run_train("tiny_seg.yaml", base(sflckr_shards, run, **{
+        "train.precision": "bf16", "train.grad_accum": 2, "train.activation_checkpointing": "true",
+        "train.grad_clip": 1.0, "train.warmup_steps": 1, "train.schedule": "cosine", "train.max_steps": 3,
+        "deepspeed.zero_stage": 2}), nproc=2))
+    m = metrics(run)
+    assert [r["step"] for r in m] == [1, 2, 3]
+    lrs = [r["lr/model"] for r in m]
+    assert lrs[0] > lrs[1] > lrs[2] > 0, lrs  # warm-up done after step 1, then cosine decay
+    rec = read_export(run / "export" / "seg.pt")
+    assert all(t.dtype == torch.float32 for t in rec["state_dict"].values())

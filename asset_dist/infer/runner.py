@@ -257,7 +257,7 @@ class EditRunner:
                 try:
                     fn(batch)
                 except Exception as e:  # noqa: BLE001 - isolate the edit that fails
-                    edits = list(dict.fromkeys(p for p, _ in batch))
+                    edits = list({id(p): p for p, _ in batch}.values())
                     if len(edits) == 1:
                         edits[0].error = f"edit {edits[0].edit_id!r}: {type(e).__name__}: {e}"
                         continue
@@ -397,20 +397,26 @@ def run_batch_edits(cfg: Config, edits: str, out: str | Path, *, guides_dir: Opt
             pending.append(eid)
     _log(f"[rank {env.rank}/{env.world_size}] {len(mine)} edit(s) of {len(all_ids)}, {len(mine) - len(pending)} "
          f"already done, {len(pending)} to do -> {out}")
+    crashed = 0
     if pending:
         with _StopFlag() as stop:
-            if _run_pending(cfg, eset, pending, out, samples, guides_dir, device, env, stop):
+            stopped, crashed = _run_pending(cfg, eset, pending, out, samples, guides_dir, device, env, stop)
+            if stopped:
                 return EXIT_REQUEUE
     if write_manifest_if_complete(out, all_ids):
         _log(f"[rank {env.rank}] all {len(all_ids)} edits done: {out / MANIFEST}")
     else:
         _log(f"[rank {env.rank}] finished its share; {out / MANIFEST} is written by the last rank to finish")
+    if crashed:  # bad inputs are the data's problem (exit 0); an error while computing may be ours: say so
+        _log(f"[rank {env.rank}] {crashed} edit(s) failed with an error while computing (see their records); "
+             "rerun with --retry-failed after fixing the cause")
+        return 1
     return 0
 
 
 def _run_pending(cfg: Config, eset, pending: list[str], out: Path, samples: int, guides_dir: Optional[str],
-                 device: str, env: DistEnv, stop: "_StopFlag") -> bool:
-    """The edits of `pending`, chunk by chunk; True when a stop signal cut the run short."""
+                 device: str, env: DistEnv, stop: "_StopFlag") -> tuple[bool, int]:
+    """The edits of `pending`, chunk by chunk -> (stopped by a signal, edits that failed while computing)."""
     from tqdm import tqdm
 
     i = cfg.infer
@@ -420,12 +426,12 @@ def _run_pending(cfg: Config, eset, pending: list[str], out: Path, samples: int,
     log_path = out / "logs" / f"rank{env.rank}.jsonl"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     bar = tqdm(total=len(pending), desc=f"edits rank {env.rank}", unit="edit", disable=None, file=sys.stderr)
-    n_failed = 0
+    n_failed = n_crashed = 0
     for c in range(0, len(pending), per_chunk):
         if stop.set:
             _log(f"[rank {env.rank}] stop signal: {len(pending) - c} edit(s) left for the restart")
             bar.close()
-            return True
+            return True, n_crashed
         preps, recs = [], {}
         for eid in pending[c:c + per_chunk]:
             for tmp in (out / eid).glob(".*.tmp"):  # left by a killed run: never complete
@@ -435,6 +441,7 @@ def _run_pending(cfg: Config, eset, pending: list[str], out: Path, samples: int,
             except EditError as e:
                 recs[eid] = failed_record(eid, str(e), env)
         runner.run_rows([(p, k) for p in preps for k in range(samples)], runner.sample_batch)
+        n_crashed += sum(p.error is not None for p in preps)
         recs.update({p.edit_id: runner.finish(p, out, env) for p in preps})
         for eid in pending[c:c + per_chunk]:
             rec = recs[eid]
@@ -448,7 +455,7 @@ def _run_pending(cfg: Config, eset, pending: list[str], out: Path, samples: int,
             bar.update()
     bar.close()
     _log(f"[rank {env.rank}] done: {len(pending) - n_failed} ok, {n_failed} failed")
-    return False
+    return False, n_crashed
 
 
 def run_precompute(cfg: Config, edits: str, out: str | Path, *, samples: Optional[int] = None,

@@ -148,6 +148,22 @@ class LPIPS(nn.Module):
 # Discriminator
 
 
+class BatchNorm2dStats(nn.BatchNorm2d):
+    """BatchNorm computed in the dtype of its running statistics. DeepSpeed's bf16/fp16 modes cast parameters
+    but not buffers, and CPU batch_norm refuses bf16 inputs with fp32 statistics; fp32 statistics are also
+    the better choice for a GAN discriminator. Same parameters, buffers and state-dict keys as BatchNorm2d."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dt = self.running_mean.dtype if self.running_mean is not None else x.dtype
+        if self.training and self.track_running_stats:
+            self.num_batches_tracked.add_(1)
+        w = None if self.weight is None else self.weight.to(dt)
+        b = None if self.bias is None else self.bias.to(dt)
+        use_batch = self.training or self.running_mean is None
+        return F.batch_norm(x.to(dt), self.running_mean, self.running_var, w, b, use_batch,
+                            self.momentum, self.eps).to(x.dtype)
+
+
 class PatchDiscriminator(nn.Module):
     """PatchGAN: conv4x4/s2 + LReLU, (n_layers-1) x [conv4x4/s2 + BN + LReLU], conv4x4/s1 + BN + LReLU,
     conv4x4/s1 -> 1 logit per patch (30x30 at 256). 2.77 M parameters at ndf 64, n_layers 3.
@@ -161,14 +177,14 @@ class PatchDiscriminator(nn.Module):
         for i in range(1, n + 1):
             prev, mult = mult, min(2 ** i, 8)
             stride = 2 if i < n else 1
-            layers += [nn.Conv2d(ndf * prev, ndf * mult, 4, stride, 1, bias=False), nn.BatchNorm2d(ndf * mult),
+            layers += [nn.Conv2d(ndf * prev, ndf * mult, 4, stride, 1, bias=False), BatchNorm2dStats(ndf * mult),
                        nn.LeakyReLU(0.2)]
         layers.append(nn.Conv2d(ndf * mult, 1, 4, 1, 1))
         self.main = nn.Sequential(*layers)
         for m in self.modules():  # pix2pix init
             if isinstance(m, nn.Conv2d):
                 nn.init.normal_(m.weight, 0.0, 0.02)
-            elif isinstance(m, nn.BatchNorm2d):
+            elif isinstance(m, nn.BatchNorm2d):  # includes BatchNorm2dStats
                 nn.init.normal_(m.weight, 1.0, 0.02)
                 nn.init.zeros_(m.bias)
 
