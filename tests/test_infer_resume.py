@@ -10,11 +10,13 @@ import sys
 import time
 
 import pytest
+import torch
 
 from asset_dist.config import load_config
 from asset_dist.infer.runner import run_batch_edits
 from tests.test_infer_common import REPO, check, cli, cli_env, make_exports, small_edit_set
 
+torch.set_num_threads(1)
 S = 2
 
 
