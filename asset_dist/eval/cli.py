@@ -102,6 +102,8 @@ def _run(args) -> int:
 
 
 def _run_body(args) -> int:
+    import torch
+
     from asset_dist.eval import common as C
 
     if args.eval_command in ("tokenizer", "transformer"):
