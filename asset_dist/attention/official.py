@@ -27,7 +27,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .layout import Grid, check_guide, n_blocks_of, window_table
+from .layout import Grid, check_guide, window_table
+from .sga import check_inputs
 
 WARMUP_BLOCKS = 5  # official: n_rand_blocks (3) + n_neighbor_blocks (3) - 1 causal blocks run dense
 OWN_SLOT = {False: 1, True: 2}  # slot of the own block in the window part of a table row
@@ -110,19 +111,7 @@ def official_sga_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gu
     `sga_fn`). q, k, v: [B, H, L, d] strip order; guide: long [B|1, H|1, nb, K] picks or -1; prefix_k/v:
     [B, H, P, d]. `impl` is accepted for that signature and ignored: there is one (gather) kernel."""
     B, H, L, d = q.shape
-    if k.shape != q.shape or v.shape != q.shape:
-        raise ValueError(f"q, k, v must have equal shapes, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
-    nb = n_blocks_of(grid)
-    if L % nb:
-        raise ValueError(f"sequence length {L} is not a multiple of the {nb} blocks of grid {tuple(grid)}")
-    if guide.dim() != 4 or guide.shape[-2] != nb:
-        raise ValueError(f"guide must be [B, heads, {nb}, K], got {tuple(guide.shape)}")
-    if (prefix_k is None) != (prefix_v is None):
-        raise ValueError("prefix_k and prefix_v must be given together")
-    if prefix_k is not None and (prefix_k.shape != prefix_v.shape or prefix_k.shape[:2] != (B, H)
-                                 or prefix_k.shape[-1] != d):
-        raise ValueError(f"prefix_k/v must be [{B}, {H}, P, {d}], got {tuple(prefix_k.shape)}, "
-                         f"{tuple(prefix_v.shape)}")
+    nb = check_inputs(q, k, v, guide, grid, prefix_k, prefix_v)
     check_guide(guide, nb)
     nt = L // nb
     table = official_table(guide.to(q.device).expand(B, H, nb, guide.shape[-1]), nb, causal)

@@ -43,15 +43,9 @@ _NEG_INF = float("-inf")
 # Public entry point
 
 
-def sga_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, guide: torch.Tensor, grid: Grid,
-                  causal: bool = False, prefix_k: Optional[torch.Tensor] = None,
-                  prefix_v: Optional[torch.Tensor] = None, impl: str = "auto") -> torch.Tensor:
-    """Block-sparse attention in strip order.
-
-    q, k, v: [B, heads, L, head_dim], L = n_blocks * block_size; guide: long [B, heads, n_blocks, K] key-block
-    ids or -1 (size-1 batch/head dims broadcast); prefix_k/v: [B, heads, P, head_dim] keys every query sees.
-    Returns [B, heads, L, head_dim]. Scale 1/sqrt(head_dim). Differentiable (flex: not on CPU).
-    """
+def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, guide: torch.Tensor, grid: Grid,
+                 prefix_k: Optional[torch.Tensor], prefix_v: Optional[torch.Tensor]) -> int:
+    """Shape checks shared by every SGA entry point (ours and the official-semantics kernel); returns n_blocks."""
     B, H, L, D = q.shape
     if k.shape != q.shape or v.shape != q.shape:
         raise ValueError(f"q, k, v must have equal shapes, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
@@ -62,12 +56,26 @@ def sga_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, guide: torc
         raise ValueError(f"guide must be [B, heads, {nb}, K], got {tuple(guide.shape)}")
     if (prefix_k is None) != (prefix_v is None):
         raise ValueError("prefix_k and prefix_v must be given together")
-    if prefix_k is not None:
-        if prefix_k.shape != prefix_v.shape or prefix_k.shape[:2] != (B, H) or prefix_k.shape[-1] != D:
-            raise ValueError(f"prefix_k/v must be [{B}, {H}, P, {D}], got {tuple(prefix_k.shape)}, "
-                             f"{tuple(prefix_v.shape)}")
-        if prefix_k.shape[2] == 0:
-            prefix_k = prefix_v = None
+    if prefix_k is not None and (prefix_k.shape != prefix_v.shape or prefix_k.shape[:2] != (B, H)
+                                 or prefix_k.shape[-1] != D):
+        raise ValueError(f"prefix_k/v must be [{B}, {H}, P, {D}], got {tuple(prefix_k.shape)}, "
+                         f"{tuple(prefix_v.shape)}")
+    return nb
+
+
+def sga_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, guide: torch.Tensor, grid: Grid,
+                  causal: bool = False, prefix_k: Optional[torch.Tensor] = None,
+                  prefix_v: Optional[torch.Tensor] = None, impl: str = "auto") -> torch.Tensor:
+    """Block-sparse attention in strip order.
+
+    q, k, v: [B, heads, L, head_dim], L = n_blocks * block_size; guide: long [B, heads, n_blocks, K] key-block
+    ids or -1 (size-1 batch/head dims broadcast); prefix_k/v: [B, heads, P, head_dim] keys every query sees.
+    Returns [B, heads, L, head_dim]. Scale 1/sqrt(head_dim). Differentiable (flex: not on CPU).
+    """
+    B, H, L, D = q.shape
+    nb = check_inputs(q, k, v, guide, grid, prefix_k, prefix_v)
+    if prefix_k is not None and prefix_k.shape[2] == 0:
+        prefix_k = prefix_v = None
     if not torch.compiler.is_compiling():
         check_guide(guide, nb)
     guide = guide.to(q.device).expand(B, H, nb, guide.shape[-1])
