@@ -21,6 +21,8 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
     "edit-batch": ("asset_dist.infer.commands", "add_batch_args", "batch_main",
                    "edit every record of an edit set (distributed, resumable)"),
     "edit": ("asset_dist.infer.commands", "add_edit_args", "edit_main", "one edit from image, label map and mask"),
+    "gallery": ("asset_dist.infer.gallery", "add_args", "main",
+                "gallery.html + contact sheet for an edit-batch output (input, labels before/after, mask, samples)"),
     "evaluate": ("asset_dist.eval.cli", "add_args", "main",
                  "evaluate tokenizers, SGA attention settings or an edit-batch output (tables in JSON + markdown)"),
     "import-official": ("asset_dist.official.importer", "add_args", "main",

@@ -10,7 +10,8 @@ edited label map. Sources:
   dataset   a labelled dataset (training shards, or --images/--labels folders): square centre crops, masks
             drawn with the training mask sampler, target classes drawn from --classes
   official  the official ASSET test cases in ../shared/datasets/edits (--which landscape: waterother into a
-            1024 photo with a 512 label map; --which coco: pizza, 512)
+            1024 photo with a 512 label map; --which coco: pizza, 512); --resolution resizes them, and a model
+            of the other label convention (--config/--convention) gets the labels converted
 
 Examples:
   python data_tools/make_edits.py official --which landscape --out data/edits/official_landscape
@@ -35,10 +36,12 @@ import argparse
 import sys
 from pathlib import Path
 
-from asset_dist.config import MaskConfig, load_config
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout, uninstalled
+
+from asset_dist.config import MaskConfig, load_config  # noqa: E402
 from asset_dist.infer.build import (CONVENTIONS, OFFICIAL, BuildError, Builder, from_dataset, from_folders,
-                                    from_list, official, write)
-from asset_dist.infer.classes import class_table
+                                    from_list, official, write)  # noqa: E402
+from asset_dist.infer.classes import class_table  # noqa: E402
 
 SHARED_EDITS = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "edits"
 
@@ -89,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     common(o)
     o.add_argument("--which", choices=sorted(OFFICIAL), required=True, help="landscape or coco")
     o.add_argument("--root", default=str(SHARED_EDITS), help=f"folder of the official files (default {SHARED_EDITS})")
+    o.add_argument("--resolution", type=int, default=0,
+                   help="resize the case to this side (e.g. 512 for a model trained at 512; default: native, "
+                        "landscape 1024 / COCO 512)")
     return p
 
 
@@ -105,9 +111,6 @@ def main(argv: list[str] | None = None) -> int:
             hole_rule = cfg.train.token_hole
         else:
             (n, shift), names, extra, side, hole_rule = CONVENTIONS[conv], a.class_names, {}, 256, "any"
-        if a.source == "official" and (n, shift) != CONVENTIONS[a.which]:
-            raise BuildError(f"--which {a.which} needs the {a.which} convention {CONVENTIONS[a.which]}, "
-                             f"the config gives {(n, shift)}")
         b = Builder(class_table(n, shift, names, extra), side, hole_rule, log)
         if a.source == "files":
             if a.list:
@@ -130,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
                          labels=Path(a.labels) if a.labels else None, resolution=a.resolution,
                          per_image=a.per_image, limit=a.limit, seed=a.seed, mask_cfg=mask_cfg)
         else:
-            official(b, Path(a.root), a.which)
+            official(b, Path(a.root), a.which, a.resolution)
         m = write(b.result(), Path(a.out), samples_per_shard=a.samples_per_shard, strict=a.strict,
                   overwrite=a.overwrite, args={k: v for k, v in vars(a).items()})
     except (BuildError, ValueError) as e:

@@ -14,8 +14,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
-from asset_dist.data.shardwriter import ShardError, run_sharding
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout, uninstalled
+
+from asset_dist.data.shardwriter import ShardError, run_sharding  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:

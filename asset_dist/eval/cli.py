@@ -59,7 +59,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     m.add_argument("--seed", type=int, default=0, help="seed of the random picks (with each sample's key)")
 
     e = sub.add_parser("edits", help="check and score an edit-batch output folder",
-                       description="Pixels outside the blend band unchanged (must be 100 %%; exit 1 otherwise), "
+                       description="Pixels outside the blend band unchanged (must be 100 %; exit 1 otherwise), "
                                    "diversity between samples inside the mask (pixel L1; LPIPS with local "
                                    "weights), timings per phase from OUT/manifest.jsonl, FID with a local "
                                    "feature extractor.")

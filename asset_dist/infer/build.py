@@ -146,9 +146,61 @@ def from_folders(b: Builder, images: Path, segs: Path, masks: Path, cls: Optiona
         b.from_files(pr["key"], Path(pr["image"]), Path(pr["label"]), mask, None if ns else cls, ns, seg_shift)
 
 
-def official(b: Builder, root: Path, which: str) -> None:
+def official(b: Builder, root: Path, which: str, resolution: int = 0) -> None:
+    """The official test case `which`, in the builder's label convention, optionally resized to `resolution`.
+
+    The native files are 1024 (landscape, with a 512 label map) and 512 (COCO). A model of the other convention
+    gets the labels converted (COCO id c >= 1 -> landscape c - 1; COCO's unlabeled 0, which the 182-way
+    landscape one-hot cannot hold, takes the nearest labelled pixel's class); the class is looked up by name.
+    resolution > 0: image area-downsampled (or bicubic up), mask and labels nearest, as the official test
+    script builds its inputs."""
     img, seg, mask, cls = OFFICIAL[which]
-    b.from_files(f"official_{which}", root / img, root / seg, root / mask, cls)
+    eid = f"official_{which}"
+    src_shift = CONVENTIONS[which][1]
+    if not resolution and src_shift == b.table.label_shift:
+        b.from_files(eid, root / img, root / seg, root / mask, cls)
+        return
+
+    def make() -> EditFiles:
+        from PIL import Image
+
+        def load(name: str, what: str) -> Image.Image:
+            im = Image.open(io.BytesIO(_read(eid, what, root / name)))
+            im.load()
+            return im
+
+        image, labels, m = load(img, "image"), load(seg, "label map"), load(mask, "mask")
+        lab = np.asarray(labels.convert("L") if labels.mode == "P" else labels, dtype=np.uint8)
+        lab = convert_labels(lab, src_shift, b.table.label_shift)
+        if resolution:
+            side = resolution
+            filt = Image.BOX if image.width >= side else Image.BICUBIC
+            image = image.convert("RGB").resize((side, side), filt)
+            m = m.convert("L").resize((side, side), Image.NEAREST)
+            lab = np.asarray(Image.fromarray(lab).resize((side, side), Image.NEAREST))
+        return make_record(eid, png_bytes(np.asarray(image.convert("RGB"))), png_bytes(lab),
+                           png_bytes(np.asarray(m.convert("L"))), class_id=b.table.lookup(cls), class_name=cls,
+                           num_classes=b.table.num_classes, label_shift=b.table.label_shift,
+                           source={"official": which, "root": str(root), "resolution": resolution,
+                                   "converted_from_shift": src_shift})
+    b.add(eid, make)
+
+
+def convert_labels(lab: np.ndarray, src_shift: int, dst_shift: int) -> np.ndarray:
+    """Label ids between the landscape (shift 0, no unlabeled) and COCO (shift 1, 0 = unlabeled) conventions."""
+    if src_shift == dst_shift:
+        return lab
+    if src_shift == 0:  # landscape -> COCO: every class moves up by one
+        return (lab.astype(np.int64) + 1).astype(np.uint8)
+    from scipy import ndimage
+
+    unl = lab == 0
+    if unl.all():
+        raise EditError("the label map is all unlabeled: nothing to convert")
+    if unl.any():  # nearest labelled pixel's class
+        idx = ndimage.distance_transform_edt(unl, return_distances=False, return_indices=True)
+        lab = lab[idx[0], idx[1]]
+    return (lab.astype(np.int64) - 1).astype(np.uint8)
 
 
 # ----------------------------------------------------------------------------------------------------------
