@@ -33,16 +33,18 @@ class VQConfig:
     """A factor-16 VQ autoencoder: the image VQGAN (masked encoder) or the semantic-map tokenizer."""
 
     in_channels: int = 3  # 3 for images; number of label classes for the seg tokenizer
-    out_channels: int = 3
-    ch: int = 128
+    out_channels: int = 3  # 3 for images; number of classes for the seg tokenizer (its logits)
+    ch: int = 128  # base channel width (paper 128; a multiple of 32: GroupNorm/RegionNorm use 32 groups)
+    # width multiplier per level; len(ch_mult) - 1 halvings (5 levels = factor 16)
     ch_mult: list[int] = field(default_factory=lambda: [1, 1, 2, 2, 4])
-    num_res_blocks: int = 2
+    num_res_blocks: int = 2  # residual blocks per encoder level
+    # feature-map sides (at `resolution`) that get a self-attention block
     attn_resolutions: list[int] = field(default_factory=lambda: [16])
     resolution: int = 256  # nominal resolution, fixes which level has attention
-    z_channels: int = 256
-    embed_dim: int = 256
-    n_embed: int = 1024
-    dropout: float = 0.0
+    z_channels: int = 256  # encoder output channels
+    embed_dim: int = 256  # code vector size
+    n_embed: int = 1024  # codebook size
+    dropout: float = 0.0  # dropout in the residual blocks
     masked: bool = True  # partial conv + region norm in the encoder (image VQGAN); False for seg
     # "true": region norm over known pixels; "official": the official code's arithmetic (c*mean, k/(cHW)).
     region_norm: str = "true"
@@ -52,29 +54,30 @@ class VQConfig:
 
 @dataclass
 class DiscConfig:
-    in_channels: int = 3
-    ndf: int = 64
-    n_layers: int = 3
+    in_channels: int = 3  # PatchGAN discriminator input channels
+    ndf: int = 64  # its base width
+    n_layers: int = 3  # its stride-2 conv layers
 
 
 @dataclass
 class TransformerConfig:
     vocab_size: int = 1024  # image codebook size V; [mask] = V, [start] = V + 1
     cond_vocab_size: int = 1024  # seg codebook size
-    d_model: int = 1024
-    n_heads: int = 16
-    ffn_dim: int = 4096
-    encoder_layers: int = 7
-    decoder_layers: int = 15
+    d_model: int = 1024  # hidden size
+    n_heads: int = 16  # attention heads (paper: 64-dim heads)
+    ffn_dim: int = 4096  # feed-forward hidden size
+    encoder_layers: int = 7  # encoder (seg tokens + known image tokens) layers
+    decoder_layers: int = 15  # decoder (image tokens, causal in strip order) layers
+    # token blocks per side [rows, cols] of the SGA grid: 16 x 4 blocks (64 blocks of nt tokens)
     block_grid: list[int] = field(default_factory=lambda: [16, 4])
     # learned position table of max_position_embeddings + 1 rows; only the last ([start]) row is used, the rest
     # exists for official-checkpoint compatibility (and the paper's parameter count)
     max_position_embeddings: int = 256
     peg: list[str] = field(default_factory=lambda: ["E_all", "D_0"])  # E_all | E_<i> | D_all | D_<i>
-    peg_kernel: int = 5
-    dropout: float = 0.0
-    attention_dropout: float = 0.0
-    guide_k: int = 3
+    peg_kernel: int = 5  # depthwise conv kernel of the position-encoding generator
+    dropout: float = 0.0  # residual / FFN dropout
+    attention_dropout: float = 0.0  # dropout on attention probabilities
+    guide_k: int = 3  # guide-picked key blocks per query block (on top of the 3-block window)
     # "fixed": forbid blocks >= b-2 for every causal row; "official": reproduce the rows-5/6 leak.
     causal_picks: str = "fixed"
     attention_impl: str = "auto"  # one of ATTENTION_IMPLS (asset_dist.attention.sga_attention's impl)
@@ -97,39 +100,39 @@ class ModelConfig:
 @dataclass
 class MaskConfig:
     kind: str = "landscape"  # landscape (dilated segment) | coco (dilated segment or bounding box)
-    max_ratio: float = 0.6
+    max_ratio: float = 0.6  # largest masked fraction of the image; bigger segments are halved until below
     sample_resolution: int = 0  # 0: min(data.resolution, 512), as the paper (the 1024 stage samples at 512)
 
 
 @dataclass
 class DataConfig:
     train_shards: str = MISSING  # brace pattern, directory with manifest.json, or a manifest path
-    val_shards: str = ""
+    val_shards: str = ""  # held-out shards; "" = the val split of train_shards' manifest
     resolution: int = 256  # high-resolution crop side: 256, 512 or 1024
-    guide_resolution: int = 256
+    guide_resolution: int = 256  # side of the low-resolution view the guide sees
     resize_short_side: int = 0  # 0: = resolution (landscape); COCO uses 296 / 592
-    num_classes: int = 182
+    num_classes: int = 182  # label classes (landscape 182; COCO 183 with 0 = unlabeled)
     label_shift: int = 0  # COCO: +1 in uint8 (255 unlabeled -> 0)
-    batch_size: int = 2
-    num_workers: int = 2
-    shuffle_buffer: int = 64
+    batch_size: int = 2  # per-rank batch (global = batch_size x world size x train.grad_accum)
+    num_workers: int = 2  # dataloader worker processes per rank (0 = in the training process)
+    shuffle_buffer: int = 64  # samples in each worker's shuffle buffer
     drop_last: bool = False  # drop each worker's short last batch of an epoch
-    max_corrupt_fraction: float = 0.01
-    seed: int = 23
+    max_corrupt_fraction: float = 0.01  # stop with an error naming the shard above this fraction of corrupt samples
+    seed: int = 23  # shuffling, crops and masks (with the epoch and sample key)
     mask: MaskConfig = field(default_factory=MaskConfig)
 
 
 @dataclass
 class LossConfig:
-    codebook_weight: float = 1.0
+    codebook_weight: float = 1.0  # VQ loss weight
     beta: float = 0.25  # legacy VQ: codebook-side weight (commitment side has weight 1)
-    pixel_weight: float = 1.0
-    perceptual_weight: float = 1.0
+    pixel_weight: float = 1.0  # L1 reconstruction weight
+    perceptual_weight: float = 1.0  # LPIPS weight
     perceptual_weights_path: str = ""  # local LPIPS/VGG weights; "" -> torch cache
     perceptual_random_init: bool = False  # tests only: run the VGG path with random weights
-    disc_weight: float = 0.8
-    disc_start: int = 10000
-    disc_factor: float = 1.0
+    disc_weight: float = 0.8  # GAN weight (times the adaptive lambda)
+    disc_start: int = 10000  # step at which the discriminator starts
+    disc_factor: float = 1.0  # GAN factor once started
     # lambda = ||grad nll|| / ||grad g|| at the decoder's last conv weight (taming). False: fixed disc_weight,
     # for setups where that weight is partitioned (ZeRO-3) and autograd.grad cannot see it whole.
     adaptive_weight: bool = True
@@ -139,26 +142,26 @@ class LossConfig:
 @dataclass
 class TrainConfig:
     stage: str = MISSING  # vqgan | seg | guide | sga
-    max_steps: int = 1000
-    lr: float = 7.2e-5
+    max_steps: int = 1000  # optimizer steps of the run (not micro-steps)
+    lr: float = 7.2e-5  # peak learning rate
     optimizer: str = "adam"  # adam | adamw
-    betas: list[float] = field(default_factory=lambda: [0.5, 0.9])
-    weight_decay: float = 0.0
-    warmup_steps: int = 0
+    betas: list[float] = field(default_factory=lambda: [0.5, 0.9])  # Adam betas
+    weight_decay: float = 0.0  # AdamW decay (0 for the paper's Adam stages)
+    warmup_steps: int = 0  # linear warm-up from 0
     schedule: str = "constant"  # constant | cosine
-    min_lr_ratio: float = 0.1
-    grad_clip: float = 0.0
-    grad_accum: int = 1
+    min_lr_ratio: float = 0.1  # cosine schedule floor, as a fraction of lr
+    grad_clip: float = 0.0  # max global grad norm (0 = off)
+    grad_accum: int = 1  # micro-batches per optimizer step
     precision: str = "fp32"  # fp32 | bf16 | fp16
-    activation_checkpointing: bool = False
-    seed: int = 23
-    ckpt_every: int = 500
-    keep_last: int = 3
+    activation_checkpointing: bool = False  # recompute transformer blocks / VQGAN levels in backward (memory for time)
+    seed: int = 23  # model init and dropout
+    ckpt_every: int = 500  # steps between checkpoints (also at the end and on signals)
+    keep_last: int = 3  # checkpoints kept (older ones are deleted after a newer one is complete)
     loss: LossConfig = field(default_factory=LossConfig)
     # parents: exported single-file weights of earlier stages
     vqgan_weights: str = ""
-    seg_weights: str = ""
-    guide_weights: str = ""
+    seg_weights: str = ""  # seg tokenizer export (seg.pt)
+    guide_weights: str = ""  # guide export: SGA picks come from it (frozen)
     init_from: str = ""  # initialise the trained model from this export (SGA from guide, 1024 from 512)
     # token hole: "any" = a token is unknown if any pixel of its patch is masked; "nearest" = official
     token_hole: str = "any"
@@ -166,22 +169,22 @@ class TrainConfig:
 
 @dataclass
 class DeepSpeedConfig:
-    zero_stage: int = 2
-    offload_optimizer: bool = False
-    overlap_comm: bool = False
+    zero_stage: int = 2  # 0 (DDP-like), 1 optimizer, 2 + gradients, 3 + parameters partitioned
+    offload_optimizer: bool = False  # ZeRO optimizer state in CPU memory
+    overlap_comm: bool = False  # overlap gradient reduction with backward
     extra: dict[str, Any] = field(default_factory=dict)  # merged into the generated DeepSpeed JSON
 
 
 @dataclass
 class LoggingConfig:
-    tensorboard: bool = True
-    log_every: int = 10
-    image_every: int = 200
+    tensorboard: bool = True  # write RUN/tensorboard (scalars + image grids)
+    log_every: int = 10  # steps between scalar logs
+    image_every: int = 200  # steps between image grids (0 = never)
 
 
 @dataclass
 class PathsConfig:
-    run_dir: str = "runs/default"
+    run_dir: str = "runs/default"  # checkpoints, exports, logs and the resolved config go here
 
 
 @dataclass
@@ -189,15 +192,15 @@ class InferConfig:
     """Editing (asset_dist/infer). Weights "" fall back to train.*_weights; sga_weights "" = the guide samples
     alone (256 px edits only)."""
 
-    vqgan_weights: str = ""
-    seg_weights: str = ""
-    guide_weights: str = ""
-    sga_weights: str = ""
+    vqgan_weights: str = ""  # image VQGAN export
+    seg_weights: str = ""  # seg tokenizer export
+    guide_weights: str = ""  # guide export (256 px completion and the SGA picks)
+    sga_weights: str = ""  # SGA export
     edits: str = ""  # default --edits of edit-batch / precompute-guides (shards, folder or manifest)
     guides: str = ""  # default --guides: precomputed block picks
     samples: int = 2  # samples per edit
     batch_size: int = 8  # (edit, sample) rows per sampling call; results do not depend on it
-    top_k: int = 100
+    top_k: int = 100  # sample among the k most likely tokens
     temperature: float = 1.0  # 0 = greedy
     seed: int = 0  # with the edit id and sample index, fixes every random draw
     precision: str = "fp32"  # transformers: fp32 | bf16 | fp16 | fp64 (tokenizers always fp32)
