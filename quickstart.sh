@@ -2,9 +2,9 @@
 # The main job on the bundled sample data, on CPU, end to end: install; shard the photos; train the tiny
 # tokenizers, guide and SGA-512 stages with 2 processes under DeepSpeed ZeRO-2; build an edit set (the two
 # official ASSET edits at 512 + edits drawn from held-out photos); precompute the guides and run the batch
-# editor with 2 processes; evaluate; write gallery.html + a PNG contact sheet. The same commands and code a
-# cluster run uses, at toy sizes (quality is poor at this scale). Re-running resumes: finished stages, edit
-# sets, guides and edits are kept.
+# editor with 2 processes; evaluate the tokenizers, the SGA attention settings and the edits; write
+# gallery.html + a PNG contact sheet. The same commands and code a cluster run uses, at toy sizes (quality
+# is poor at this scale). Re-running resumes: finished stages, edit sets, guides and edits are kept.
 #   bash quickstart.sh            (OUT=runs/quickstart by default; NPROC=2)
 # Optional: STEPS="60 40 60 20" (vqgan seg guide sga training steps), SKIP_INSTALL=1 (already installed).
 set -euo pipefail
@@ -63,7 +63,10 @@ phase "6/7 precompute the guides, then the batch editor ($NPROC processes) -> $O
 dist precompute-guides "${I[@]}" --edits "$EDITS" --out "$OUT/guides"
 dist edit-batch "${I[@]}" --edits "$EDITS" --guides "$OUT/guides" --out "$OUT/edit_results"
 
-phase "7/7 evaluate and the gallery"
+phase "7/7 evaluate (held-out photos and the edits) and the gallery -> $OUT/eval, $OUT/gallery.html"
+python -m asset_dist.cli evaluate tokenizer --config "$CONF" --out "$OUT/eval" 2> >(quiet)
+python -m asset_dist.cli evaluate transformer --config "$CONF" --weights "$OUT/sga512/export/sga.pt" \
+  --out "$OUT/eval" 2> >(quiet)
 python -m asset_dist.cli evaluate edits --edit-out "$OUT/edit_results" --edits "$EDITS" 2> >(quiet)
 python -m asset_dist.cli gallery "${I[@]}" --edits "$EDITS" --results "$OUT/edit_results" --out "$OUT"
 
@@ -76,5 +79,6 @@ done
 echo "  edit set:            $E (official_landscape, official_coco, heldout)"
 echo "  guide block picks:   $OUT/guides"
 echo "  edited images:       $OUT/edit_results/<edit>/sample_<k>.png, manifest.jsonl, eval_edits.md"
+echo "  evaluation:          $OUT/eval/eval_tokenizer.md, eval_transformer.md (guided vs window vs random picks)"
 echo "  gallery:             $OUT/gallery.html and $OUT/contact_sheet.png"
 echo "  view the logs:       tensorboard --logdir $OUT"

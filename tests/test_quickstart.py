@@ -53,6 +53,9 @@ def test_every_stage_and_edit_is_on_disk(first):
     ev = json.loads((out / "edit_results" / "eval_edits.json").read_text())
     assert ev["ok"] == 5 and ev["preservation"]["passed"] and ev["preservation"]["unchanged_fraction"] == 1.0
     assert "gallery.html" in p.stdout and "done in" in p.stdout
+    tok = json.loads((out / "eval" / "eval_tokenizer.json").read_text())
+    tr = (out / "eval" / "eval_transformer.md").read_text()
+    assert set(tok["models"]) == {"vqgan", "seg"} and all(f"| {row} |" in tr for row in ("guided", "window", "random", "guide256"))
 
 
 def test_gallery_shows_every_edit(first):
