@@ -16,10 +16,11 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} PYTHONUNBUFFERED=1
 read -r VQ_STEPS SEG_STEPS GUIDE_STEPS SGA_STEPS <<< "${STEPS:-60 40 60 20}"
 t0=$(date +%s)
 phase() { echo; echo "== [$(( $(date +%s) - t0 )) s] $*"; }
-quiet() { grep -v "real_accelerator\|FutureWarning\|warnings.warn\|UserWarning\|for batch in" >&2 || true; }
+NOISE="real_accelerator\|FutureWarning\|warnings.warn\|UserWarning\|for batch in\|return func(\*args"
+quiet() { grep --line-buffered -v "$NOISE" >&2 || true; }
 dist() {  # dist ARGS...: an asset-dist command on NPROC processes (torchrun; srun on a cluster)
   python -m torch.distributed.run --nproc_per_node "$NPROC" --master_port "$PORT" -m asset_dist.cli "$@" \
-    2> >(quiet)
+    2> >(quiet) | { grep --line-buffered -v "$NOISE" || true; }
 }
 
 phase "0/7 install"
