@@ -199,7 +199,7 @@ class InferConfig:
     edits: str = ""  # default --edits of edit-batch / precompute-guides (shards, folder or manifest)
     guides: str = ""  # default --guides: precomputed block picks
     samples: int = 2  # samples per edit
-    batch_size: int = 8  # (edit, sample) rows per sampling call; results do not depend on it
+    batch_size: int = 16  # (edit, sample) rows per sampling call (cached decoding pays off with rows: BENCHMARKS.md); results do not depend on it
     top_k: int = 100  # sample among the k most likely tokens
     temperature: float = 1.0  # 0 = greedy
     seed: int = 0  # with the edit id and sample index, fixes every random draw

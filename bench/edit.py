@@ -3,14 +3,17 @@
 per token) vs a full forward per token, batch 1 vs batch B, tiny and paper-size transformers, random weights.
 
 Strategies (all give the same tokens; tests/test_infer_sampler.py):
-  cached           the runner's: KV cache at token granularity, per-token SGA attention (infer/decode.py)
-  cached_blockpad  the same cache through AssetTransformer.decode_step as it is (attention padded to the block)
-  block_rerun      the official strategy: every hole token re-runs its whole block through the decoder
-  uncached         a full forward (encoder + decoder) per token: the oracle (tiny only)
+  cached       the runner's: KV cache at token granularity; SGA token steps attend through per-block key/value
+               buffers gathered once per block (AssetTransformer.decode_step, asset_dist/attention/decode.py)
+  block_rerun  the official strategy: every hole token re-runs its whole block through the decoder
+  uncached     a full forward (encoder + decoder) per token: the oracle (tiny only)
 
 What is timed: the sampling loop only (decoder steps + top-k/temperature draws), at the given resolution with
-every token but the first in the hole and random valid SGA picks; the encoder runs before the clock starts
-(for the paper-size model a random encoder state stands in, as its cost does not depend on the sampler).
+random valid SGA picks and the hole starting one token into block --start-block (default 8: steady state, every
+query block has its full window and picks; the timed cached steps cross one block boundary per 64 tokens, as
+sampling does). The first step (cache and buffer set-up) is left out. The encoder runs before the clock starts;
+for the paper-size model a random encoder state stands in and the known prefix is a random prefilled cache,
+as their cost does not depend on the sampler (the known-prefix chunk at batch 16 would take minutes).
 "edits/min" = sampling-only throughput for the official landscape edit: 2048 hole tokens x 2 samples at 1024.
 On the CPU, rates come from the process's CPU time (the loop runs on --threads threads; with 1 thread on an
 idle machine CPU time = wall time), so other jobs on a shared machine distort them less; wall rates are kept
@@ -19,13 +22,14 @@ in the JSON. On CUDA, rates are wall time.
 official landscape edit with tiny random-weight exports.
 
 Examples:
-  python bench/edit.py                                   # tiny + paper size, CPU, 1024 px, batch 1 and 8
+  python bench/edit.py                                   # tiny + paper size, CPU, 1024 px, batch 1, 8, 16
   python bench/edit.py --models paper --device cuda --dtype bf16 --cached-tokens 256 --rerun-tokens 64
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import tempfile
@@ -38,9 +42,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from asset_dist.config import TransformerConfig, load_config  # noqa: E402
-from asset_dist.infer.decode import IncrementalTransformer  # noqa: E402
 from asset_dist.infer.sampler import SAMPLERS, row_generator  # noqa: E402
-from asset_dist.models.transformer import AssetTransformer, EncoderState  # noqa: E402
+from asset_dist.models.transformer import AssetTransformer, DecodeCache, EncoderState  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 EDIT_TOKENS = 2048 * 2  # official landscape edit at 1024 ("any" token rule) x 2 samples
@@ -66,19 +69,41 @@ def random_picks(n: int, B: int, H: int, nb: int, k: int, causal: bool, g: torch
 
 
 def synthetic_state(model: AssetTransformer, B: int, L: int, guides, device, dtype) -> EncoderState:
-    """A random encoder state of the right shapes: decode-step cost does not depend on its values."""
+    """A random encoder state of the right shapes: decode-step cost does not depend on its values. One
+    cross-attention key/value pair serves every layer (8 GB less at batch 16; token steps read it only when
+    they enter a block)."""
     cfg = model.cfg
     lay = model.layout(L, device=device)
     hd = cfg.d_model // cfg.n_heads
     enc = torch.randn(B, L, cfg.d_model, device=device, dtype=dtype)
-    mem = [(torch.randn(B, cfg.n_heads, L, hd, device=device, dtype=dtype),
-            torch.randn(B, cfg.n_heads, L, hd, device=device, dtype=dtype)) for _ in model.decoder]
+    kv = (torch.randn(B, cfg.n_heads, L, hd, device=device, dtype=dtype),
+          torch.randn(B, cfg.n_heads, L, hd, device=device, dtype=dtype))
     peg = [None if layer.peg is None else torch.randn(B, L, cfg.d_model, device=device, dtype=dtype)
            for layer in model.decoder]
-    return EncoderState(lay, enc, mem, peg, guides)
+    return EncoderState(lay, enc, [kv] * len(model.decoder), peg, guides)
 
 
-def run_case(model, name, res, B, strategy, limit, device, dtype, real_encoder, seed=0) -> dict:
+def prefilled_cache(model: AssetTransformer, B: int, L: int, known: int, device, dtype) -> DecodeCache:
+    """A cache holding random keys/values at decoder positions 0..known-1 (the known prefix). Only the
+    positions a short run can read (up to two blocks past the prefix) are written; the rest of each
+    [B, H, L+1, hd] tensor stays untouched, so the OS never commits it."""
+    cfg = model.cfg
+    H, hd = cfg.n_heads, cfg.d_model // cfg.n_heads
+    nt = L // model.n_blocks
+    end = min(L + 1, (known // nt + 3) * nt + 1)
+    tile = torch.randn(1, H, known, hd, device=device, dtype=dtype)
+    cache = model.new_cache()
+    for i in range(len(model.decoder)):
+        for store in (cache.k, cache.v):
+            x = torch.empty(B, H, L + 1, hd, device=device, dtype=dtype)
+            x[:, :, :known] = tile
+            x[:, :, known:end] = 0
+            store[i] = x
+    cache.length = known
+    return cache
+
+
+def run_case(model, name, res, B, strategy, limit, device, dtype, real_encoder, start_block, seed=0) -> dict:
     cfg = model.cfg
     t = res // 16
     L = t * t
@@ -90,14 +115,16 @@ def run_case(model, name, res, B, strategy, limit, device, dtype, real_encoder, 
     guides = {k: v.to(device) for k, v in guides.items()}
     ids = torch.randint(0, cfg.vocab_size, (B, L), generator=g).to(device)
     cond = torch.randint(0, cfg.cond_vocab_size, (B, L), generator=g).to(device)
-    hole = torch.ones(B, L, dtype=torch.bool, device=device)
-    hole[:, 0] = False  # token 0 known: every timed re-run step re-runs a block (no block-first shortcut)
+    nt = L // nb
+    known = min(start_block, nb - 1) * nt + 1  # the hole starts one token into the block: every timed re-run
+    hole = torch.zeros(B, L, dtype=torch.bool, device=device)  # step re-runs a block (no block-first shortcut)
+    hole[:, known:] = True
     gens = [row_generator(seed, f"bench{i}", 0, "sga") for i in range(B)]
     kw = dict(guides=guides, top_k=100, temperature=1.0, limit=limit)
-    if strategy != "uncached":
-        kw["state"] = None if real_encoder else synthetic_state(model, B, L, guides, device, dtype)
-    fn = SAMPLERS["cached" if strategy == "cached_blockpad" else strategy]
-    _, st = fn(model, ids, cond, hole, gens, **kw)
+    if strategy != "uncached" and not real_encoder:
+        kw["state"] = synthetic_state(model, B, L, guides, device, dtype)
+        kw["cache"] = prefilled_cache(model, B, L, known, device, dtype)
+    _, st = SAMPLERS[strategy](model, ids, cond, hole, gens, **kw)
     # the first step allocates the cache (and warms up kernels): leave it out
     more = st.steps > 1
     loop = st.loop_s - st.first_s if more else st.loop_s
@@ -154,7 +181,8 @@ def main(argv=None) -> int:
     p.add_argument("--models", nargs="*", default=["tiny", "paper"], choices=["tiny", "paper"],
                    help="transformers to time (none: only --e2e)")
     p.add_argument("--res", type=int, default=1024, help="image side (1024: 64 tokens per block)")
-    p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 8, 16])
+    p.add_argument("--start-block", type=int, default=8, help="the hole starts one token into this block")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
     p.add_argument("--threads", type=int, default=1, help="CPU threads (default 1)")
@@ -166,24 +194,20 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     device, dtype = torch.device(a.device), DTYPES[a.dtype]
+    load0 = os.getloadavg()  # a shared machine shows here (the CPU-time rates still drift with it)
     rows = []
     for name in a.models:
         torch.manual_seed(0)
-        model = IncrementalTransformer(model_config(name)).to(device=device, dtype=dtype).eval()
+        model = AssetTransformer(model_config(name)).to(device=device, dtype=dtype).eval()
         tiny = name == "tiny"
-        n_cached = a.cached_tokens or (256 if tiny else 24)
+        n_cached = a.cached_tokens or (256 if tiny else 65)
         n_rerun = a.rerun_tokens or (64 if tiny else 4)
-        plan = [("cached", n_cached), ("cached_blockpad", n_rerun), ("block_rerun", n_rerun)]
+        plan = [("cached", n_cached), ("block_rerun", n_rerun)]
         if tiny and a.uncached_tokens:
             plan.append(("uncached", a.uncached_tokens))
         for B in a.batches:
             for strategy, limit in plan:
-                m = model
-                if strategy == "cached_blockpad":  # the model file's own decode_step, same weights
-                    m = AssetTransformer(model.cfg).to(device=device, dtype=dtype).eval()
-                    m.load_state_dict(model.state_dict())
-                r = run_case(m, name, a.res, B, strategy, limit, device, dtype, real_encoder=tiny)
-                del m
+                r = run_case(model, name, a.res, B, strategy, limit, device, dtype, tiny, a.start_block)
                 rows.append(r)
                 print(json.dumps(r), flush=True)
         del model
@@ -197,7 +221,8 @@ def main(argv=None) -> int:
               f"{r['ms_per_step']} | {r['edits_per_min']} | {sp:.1f}x |")
     out = {"machine": {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
                        "device": torch.cuda.get_device_name() if a.device == "cuda" else platform.processor() or "cpu",
-                       "threads": a.threads}, "args": vars(a), "rows": rows}
+                       "threads": a.threads, "cores": os.cpu_count(),
+                       "loadavg_1_5_15_before_after": [load0, os.getloadavg()]}, "args": vars(a), "rows": rows}
     if a.e2e:
         out["e2e"] = e2e(a.device, a.e2e)
         print("\ne2e:", json.dumps(out["e2e"]))

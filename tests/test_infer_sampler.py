@@ -1,6 +1,7 @@
 """The samplers: KV-cached == official block re-run == uncached full forward (same seeds), dense and SGA, for a
 batch whose rows have different holes; batch invariance; only hole tokens change; top-k / temperature rules;
-guide picks and their storage."""
+guide picks and their storage. And `decode_step`'s token steps (per-block key/value buffers) == forward, at
+block boundaries, after known chunks, when rewinding, in both SGA semantics."""
 from __future__ import annotations
 
 import numpy as np
@@ -9,7 +10,6 @@ import torch
 
 from asset_dist.config import TransformerConfig
 from asset_dist.infer import guides as G
-from asset_dist.infer.decode import IncrementalTransformer
 from asset_dist.infer.sampler import SAMPLERS, pick_tokens, row_generator, sample_cached
 from asset_dist.models.transformer import AssetTransformer
 
@@ -17,11 +17,11 @@ torch.set_num_threads(1)
 V, NC, H = 16, 8, 4
 
 
-def tiny(dtype=torch.float64, grid=(4, 2), seed=0, cls=AssetTransformer) -> AssetTransformer:
+def tiny(dtype=torch.float64, grid=(4, 2), seed=0, **kw) -> AssetTransformer:
     cfg = TransformerConfig(vocab_size=V, cond_vocab_size=NC, d_model=32, n_heads=H, ffn_dim=64, encoder_layers=2,
-                            decoder_layers=2, block_grid=list(grid), max_position_embeddings=4)
+                            decoder_layers=2, block_grid=list(grid), max_position_embeddings=4, **kw)
     torch.manual_seed(seed)
-    m = cls(cfg).to(dtype).eval()
+    m = AssetTransformer(cfg).to(dtype).eval()
     with torch.no_grad():  # peaked logits: samples depend on the context, so mistakes in it show
         for p in m.parameters():
             p.normal_(0.0, 0.3)
@@ -49,32 +49,97 @@ def gens(n, phase="t", seed=0):
     return [row_generator(seed, f"edit{i}", i % 2, phase) for i in range(n)]
 
 
+# runs of decoder positions (tiny: 8 blocks of nt = 8): [start]; a block's first token; a run ending on a
+# block's last token; a known chunk (>= nt: block kernel) ending inside a block, then token steps in that block
+# (its buffers gathered from the chunk's cache); a short run across two blocks; a chunk ending on a block's last
+# token, then its next block's first token
+RUNS = (1, 1, 2, 5, 1, 9, 1, 3, 7, 11, 1, 6, 1, 7, 2, 6)
+
+
+def decode_runs(m, st, dec, runs=RUNS, cache=None, p=0):
+    cache = cache or m.new_cache()
+    outs = []
+    for n in runs:
+        outs.append(m.decode_step(st, cache, dec[:, p:p + n], p))
+        p += n
+    return torch.cat(outs, 1), cache
+
+
 @pytest.mark.parametrize("sparse", [False, True])
-def test_incremental_transformer_decodes_like_forward(sparse):
-    """Token-granular SGA steps (infer/decode.py) == the model's forward, for runs of any length, and the same
-    state dict as the base model."""
-    m, f = tiny(), tiny(cls=IncrementalTransformer)
-    assert m.state_dict().keys() == f.state_dict().keys()
+def test_token_steps_decode_like_forward(sparse):
+    """decode_step == forward for runs of any length: token steps through the per-block buffers, block-kernel
+    chunks, and both mixed (see RUNS); rewinding into an earlier block re-gathers the buffers."""
+    m = tiny()
     z, c, hole = batch()
     gd = guides() if sparse else None
     full = m(z, c, hole, guides=gd)
-    st, cache = f.encode(z, c, hole, gd), f.new_cache()
+    st = m.encode(z, c, hole, gd)
     assert (st.tables is not None) == sparse
-    dec = torch.cat([torch.full((3, 1), f.start_id), f.to_strip(z)], 1)
-    outs, p = [], 0
-    for n in (1, 1, 2, 5, 9, 1, 1, 1, 15, 28):  # below and above the block size (8)
-        outs.append(f.decode_step(st, cache, dec[:, p:p + n], p))
-        p += n
-    torch.testing.assert_close(torch.cat(outs, 1), full.detach(), rtol=0, atol=1e-12)
+    dec = torch.cat([torch.full((3, 1), m.start_id), m.to_strip(z)], 1)
+    out, cache = decode_runs(m, st, dec)
+    assert sum(RUNS) == 64 and cache.length == 64
+    torch.testing.assert_close(out, full, rtol=0, atol=1e-12)
+    if sparse:  # the buffers are those of the last query block, for every layer
+        assert [b.block for b in cache.self_kv] == [b.block for b in cache.cross_kv] == [7, 7]
+    # rewind to strip token 19 (block 2) with other tokens there, continue by token steps; a state built
+    # outside `encode` (no tables yet) gets them on its first step
+    perm = m.layout(64).perm
+    z2 = z.clone()
+    z2[:, perm[19:23]] = (z2[:, perm[19:23]] + 3) % V
+    full2 = m(z2, c, hole, guides=gd)
+    st2 = m.encode(z2, c, hole, gd)
+    st2 = type(st2)(st2.layout, st2.enc, st2.mem, st2.peg, st2.guides)
+    dec2 = torch.cat([torch.full((3, 1), m.start_id), m.to_strip(z2)], 1)
+    decode_runs(m, st2, dec, runs=(20, 1, 1, 3, 10, 5), cache=cache)  # positions 0..39 from the first input
+    out2, _ = decode_runs(m, st2, dec2, runs=(1, 2, 6, 1, 7, 3), cache=cache, p=20)  # back into block 2
+    torch.testing.assert_close(out2, full2[:, 20:40], rtol=0, atol=1e-12)
+    out3, _ = decode_runs(m, st2, dec2, runs=(1, 2), cache=cache, p=37)  # back inside the own block (4)
+    torch.testing.assert_close(out3, full2[:, 37:40], rtol=0, atol=1e-12)
+    assert (st2.tables is not None) == sparse
+
+
+def official_guides(B=3, nb=8, seed=4, leak=True):
+    """Causal picks with the official quirks: window repeats, repeated picks, self-picks (the rows-5/6 leak)."""
+    g = torch.Generator().manual_seed(seed)
+    out = {k: torch.randint(-1, nb, (2, B, H, nb, 3), generator=g) for k in ("e_self", "d_causal", "d_cross")}
+    b = torch.arange(nb).view(nb, 1)
+    d = torch.where(out["d_causal"] > b - (0 if leak else 1), -1, out["d_causal"])  # nothing after the block
+    d[0, 0, 0, 5] = torch.tensor([5 if leak else 4, 3, 3])  # a self-pick (or window repeat) and a repeated pick
+    out["d_causal"] = d
+    out["d_cross"][0, 1, 2, 3] = torch.tensor([3, 2, 2])  # window repeats in cross-attention
+    if leak:  # a pick of the next block: the run of RUNS from block 6 into 7 must take the block kernel
+        out["d_causal"][1, 1, 2, 6] = torch.tensor([7, -1, -1])
+    return out
+
+
+@pytest.mark.parametrize("leak", [False, True])
+def test_token_steps_official_semantics(leak):
+    """Official SGA semantics (imported weights): a block listed twice counts twice, warm-up rows, and a causal
+    self-pick shows the own block up to the run's last query. Token steps == the block kernel on the same runs,
+    and without self-picks == forward."""
+    m = tiny(sga_semantics="official", causal_picks="official")
+    z, c, hole = batch()
+    gd = official_guides(leak=leak)
+    st = m.encode(z, c, hole, gd)
+    assert (st.tables["self"][0].own_picks is not None) == leak and st.tables["self"][1].spill[6] == leak
+    dec = torch.cat([torch.full((3, 1), m.start_id), m.to_strip(z)], 1)
+    out, _ = decode_runs(m, st, dec)
+    m._token_steps = lambda *a: False  # every run through official_block_attention
+    ref, _ = decode_runs(m, st, dec)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
+    if not leak:
+        torch.testing.assert_close(out, m(z, c, hole, guides=gd), rtol=0, atol=1e-12)
+    # the union semantics differ on these guides: the repeats matter
+    u = tiny()
+    assert (decode_runs(u, u.encode(z, c, hole, gd), dec)[0] - out).abs().max() > 1e-6
 
 
 @pytest.mark.parametrize("sparse", [False, True])
 def test_cached_equals_block_rerun_and_uncached(sparse):
-    m, fast = tiny(), tiny(cls=IncrementalTransformer)
+    m = tiny()
     z, c, hole = batch()
     gd = guides() if sparse else None
     out = {name: fn(m, z, c, hole, gens(3), guides=gd, top_k=6, temperature=1.0) for name, fn in SAMPLERS.items()}
-    out["cached_incremental"] = SAMPLERS["cached"](fast, z, c, hole, gens(3), guides=gd, top_k=6, temperature=1.0)
     ref, st = out["uncached"]
     for name, (tok, s) in out.items():
         assert torch.equal(tok, ref), name
@@ -85,11 +150,34 @@ def test_cached_equals_block_rerun_and_uncached(sparse):
     assert out["cached"][1].fed <= 64 < out["block_rerun"][1].fed
 
 
+@pytest.mark.parametrize("name", ["cached", "block_rerun"])
+def test_samplers_continue_a_prefix_cache(name):
+    """A cache that already holds the known prefix (positions 0..19) gives the same tokens as starting empty;
+    a hole inside the cached prefix is refused."""
+    m = tiny()
+    z, c, hole = batch()
+    perm = m.layout(64).perm
+    hole[:, perm[:20]] = False
+    gd = guides()
+    st = m.encode(z, c, hole, gd)
+
+    def prefix():
+        cache = m.new_cache()
+        m.decode_step(st, cache, torch.cat([torch.full((3, 1), m.start_id), m.to_strip(z)[:, :19]], 1), 0)
+        return cache
+    want, _ = SAMPLERS[name](m, z, c, hole, gens(3), guides=gd, top_k=6)
+    got, stats = SAMPLERS[name](m, z, c, hole, gens(3), guides=gd, top_k=6, state=st, cache=prefix())
+    assert torch.equal(got, want) and stats.sampled == int(hole.sum())
+    hole[0, perm[5]] = True
+    with pytest.raises(ValueError, match="hole must start"):
+        SAMPLERS[name](m, z, c, hole, gens(3), guides=gd, state=st, cache=prefix())
+
+
 @pytest.mark.parametrize("sparse", [False, True])
 def test_batch_invariance_fp32(sparse):
     """Each row sampled alone (other schedule, batch 1) gives the same tokens as in the batch: the randomness
     is per row, and the sampling rule does not see float noise between batch shapes."""
-    m = tiny(torch.float32, cls=IncrementalTransformer)
+    m = tiny(torch.float32)
     z, c, hole = batch()
     gd = guides() if sparse else None
     both, _ = sample_cached(m, z, c, hole, gens(3), guides=gd, top_k=5)
@@ -155,7 +243,7 @@ def test_guide_picks_and_storage(tmp_path):
 def test_gather_rows_layouts():
     """Row gather over the storage == plain indexing, for the layouts decode steps meet: the cache sliced past
     [start], the cross-attention keys (a transposed view), a batch-expanded tensor, and a fallback layout."""
-    from asset_dist.infer.decode import gather_rows
+    from asset_dist.attention.decode import gather_rows
 
     g = torch.Generator().manual_seed(0)
     B, Hh, L, d = 2, 3, 12, 4

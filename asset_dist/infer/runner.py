@@ -37,7 +37,6 @@ from asset_dist.config import Config, save_config
 from asset_dist.data.views import make_views
 from asset_dist.infer import guides as G
 from asset_dist.infer.blend import composite
-from asset_dist.infer.decode import IncrementalTransformer
 from asset_dist.infer.edits import Edit, EditError, EditFiles, EditSet, decode_edit, png_bytes, split_for_rank
 from asset_dist.infer.sampler import row_generator, sample_cached
 from asset_dist.launch.env import EXIT_REQUEUE, DistEnv, dist_env
@@ -109,12 +108,12 @@ def load_models(cfg: Config, device: torch.device, need_sga: bool = True) -> Mod
             raise ValueError(f"no {key} weights: set infer.{key}_weights (or train.{key}_weights) to an export")
     dtype = DTYPES[cfg.infer.precision]
     tok = Tokenizers(cfg, paths["vqgan"], paths["seg"]).to(device)
-    guide = IncrementalTransformer(cfg.model.transformer)
+    guide = AssetTransformer(cfg.model.transformer)
     load_weights(guide, paths["guide"], "guide")
     guide.to(device=device, dtype=dtype).eval().requires_grad_(False)
     sga = None
     if need_sga and paths["sga"]:
-        sga = IncrementalTransformer(cfg.model.transformer)
+        sga = AssetTransformer(cfg.model.transformer)
         load_weights(sga, paths["sga"], "sga")
         sga.to(device=device, dtype=dtype).eval().requires_grad_(False)
     return Models(tok, guide, sga, device, file_digest(paths["guide"]))

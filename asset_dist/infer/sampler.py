@@ -6,8 +6,9 @@ raster with only hole tokens replaced (known tokens are teacher-forced and kept)
 
 - `sample_cached`: the production sampler. The encoder runs once; the decoder runs incrementally through
   `AssetTransformer.decode_step`, a key/value cache at token granularity on the model's attention pattern
-  (dense or SGA). Each step feeds the tokens between two hole positions (a run of known tokens in one
-  call), so every decoder position is computed once.
+  (dense or SGA; SGA token steps attend through per-block key/value buffers gathered once per block). Each
+  step feeds the tokens between two hole positions (a run of known tokens in one call), so every decoder
+  position is computed once.
 - `sample_block_rerun`: the official test script's strategy (ASSET_FACTS 7.4, 10.7): runs of known tokens
   in one call, but every hole token after a block's first re-runs its whole block. Benchmark baseline.
 - `sample_uncached`: one full teacher-forced forward per hole token. The oracle.
@@ -31,7 +32,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from asset_dist.models.transformer import AssetTransformer, EncoderState, Guides
+from asset_dist.models.transformer import AssetTransformer, DecodeCache, EncoderState, Guides
 
 
 @dataclass
@@ -92,13 +93,22 @@ def _prepare(model: AssetTransformer, ids, cond, hole, hw):
 def _encode(model, ids, cond, hole, guides, hw, state, stats: SampleStats) -> EncoderState:
     t0 = time.perf_counter()
     if state is None:
-        state = model.encode(ids, cond, hole, guides, hw)
-    elif hasattr(model, "index_state"):  # IncrementalTransformer: its block tables, once
-        state = model.index_state(state)
+        state = model.encode(ids, cond, hole, guides, hw)  # also builds the SGA token-step tables, once
     if ids.device.type == "cuda":
         torch.cuda.synchronize(ids.device)  # so that setup_s / loop_s split the time honestly
     stats.setup_s = time.perf_counter() - t0
     return state
+
+
+def _start(model: AssetTransformer, hole_s: torch.Tensor, cache: Optional[DecodeCache]) -> DecodeCache:
+    """A fresh cache, or the caller's, which holds decoder positions 0..length-1 of these inputs: then no hole
+    may lie among strip tokens 0..length-1 (the first step needs the output at the first hole's position)."""
+    if cache is None:
+        return model.new_cache()
+    if bool(hole_s[:, :cache.length].any()):
+        raise ValueError(f"the given cache holds decoder positions 0..{cache.length - 1}: the hole must start at "
+                         f"strip token {cache.length} or later")
+    return cache
 
 
 def _commit(u: int, logits: torch.Tensor, hole_s, zs, dec, gens, top_k, temperature, stats: SampleStats,
@@ -119,14 +129,16 @@ def _commit(u: int, logits: torch.Tensor, hole_s, zs, dec, gens, top_k, temperat
 def sample_cached(model: AssetTransformer, ids: torch.Tensor, cond: torch.Tensor, hole: torch.Tensor,
                   gens: Sequence[torch.Generator], *, guides: Optional[Guides] = None, top_k: int = 100,
                   temperature: float = 1.0, hw: Optional[tuple[int, int]] = None, limit: Optional[int] = None,
-                  state: Optional[EncoderState] = None) -> tuple[torch.Tensor, SampleStats]:
+                  state: Optional[EncoderState] = None, cache: Optional[DecodeCache] = None
+                  ) -> tuple[torch.Tensor, SampleStats]:
     """KV-cached sampling (see module doc). limit: stop after that many hole positions (benchmarks).
-    state: a precomputed `model.encode(ids, cond, hole, guides, hw)` (its guides are used)."""
+    state: a precomputed `model.encode(ids, cond, hole, guides, hw)` (its guides are used). cache: one that
+    already holds the known prefix (positions 0..cache.length-1) of these inputs; it is extended in place."""
     lay, zs, hole_s, dec = _prepare(model, ids, cond, hole, hw)
     stats = SampleStats()
     state = _encode(model, ids, cond, hole, guides, hw, state, stats)
-    cache = model.new_cache()
-    prev = 0  # first decoder position not in the cache yet
+    cache = _start(model, hole_s, cache)
+    prev = cache.length  # first decoder position not in the cache yet
     t0 = (time.perf_counter(), time.process_time())
     for u in _schedule(hole_s, limit):
         out = model.decode_step(state, cache, dec[:, prev:u + 1], prev)  # last row predicts token u
@@ -141,16 +153,17 @@ def sample_cached(model: AssetTransformer, ids: torch.Tensor, cond: torch.Tensor
 def sample_block_rerun(model: AssetTransformer, ids: torch.Tensor, cond: torch.Tensor, hole: torch.Tensor,
                        gens: Sequence[torch.Generator], *, guides: Optional[Guides] = None, top_k: int = 100,
                        temperature: float = 1.0, hw: Optional[tuple[int, int]] = None,
-                       limit: Optional[int] = None, state: Optional[EncoderState] = None
-                       ) -> tuple[torch.Tensor, SampleStats]:
+                       limit: Optional[int] = None, state: Optional[EncoderState] = None,
+                       cache: Optional[DecodeCache] = None) -> tuple[torch.Tensor, SampleStats]:
     """The official strategy: a block's first hole token from the previous chunk's last output, every later
-    one by re-running the whole block (nt tokens through every decoder layer)."""
+    one by re-running the whole block (nt tokens through every decoder layer). state, cache: as
+    `sample_cached`."""
     lay, zs, hole_s, dec = _prepare(model, ids, cond, hole, hw)
     nt = lay.nt
     stats = SampleStats()
     state = _encode(model, ids, cond, hole, guides, hw, state, stats)
-    cache = model.new_cache()
-    prev, last = 0, None
+    cache = _start(model, hole_s, cache)
+    prev, last = cache.length, None
     t0 = (time.perf_counter(), time.process_time())
     for u in _schedule(hole_s, limit):
         b0 = (u // nt) * nt  # the block's first strip token; its decoder positions are b0+1 .. b0+nt

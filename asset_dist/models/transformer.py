@@ -16,6 +16,10 @@ Conventions
   blocks attend densely-causally (rows 0-2 have nothing to pick and see their window, which is everything before them).
 - Decoder [start]: its key/value is visible to every decoder query; its own query attends only to itself in causal
   self-attention and densely to all encoder tokens in cross-attention (in both modes, as official).
+- Incremental decoding (`encode` once, then `decode_step` over a `DecodeCache`): runs shorter than a block (the
+  sampler's token steps) attend through per-block key/value buffers gathered once when the run enters a block
+  (`asset_dist.attention.decode`); longer runs (known chunks, whole-block re-runs) use the block kernel
+  (`block_fn`). Both equal `forward` (tests/test_transformer.py, tests/test_infer_sampler.py).
 """
 from __future__ import annotations
 
@@ -29,6 +33,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from asset_dist import attention as A
+from asset_dist.attention import decode as AD
 from asset_dist.config import TransformerConfig
 
 Guides = dict[str, torch.Tensor]
@@ -72,6 +77,27 @@ def _parse_peg(items: Sequence[str], n_enc: int, n_dec: int) -> tuple[set[int], 
 # Layers
 
 
+class Linear(nn.Linear):
+    """nn.Linear (same parameters and state dict). 2-64 rows on the CPU without autograd (decode token steps)
+    run as one batched GEMM of the rows against 256-row slices of the weight: MKL's sgemm on the whole weight
+    was measured 20-35% slower for 4-32 rows (BENCHMARKS.md "Editing"; one row is a GEMV either way). Same
+    result up to float rounding (another summation blocking)."""
+
+    SLICE = 256
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        o, i = self.out_features, self.in_features
+        rows = x.numel() // i
+        if not (2 <= rows <= 64 and o % self.SLICE == 0 and o > self.SLICE and x.device.type == "cpu"
+                and not torch.is_grad_enabled()):
+            return super().forward(x)
+        n = o // self.SLICE
+        w = self.weight.view(n, self.SLICE, i).transpose(1, 2)
+        xs = x.reshape(rows, i).expand(n, rows, i)
+        y = torch.bmm(xs, w) if self.bias is None else torch.baddbmm(self.bias.view(n, 1, self.SLICE), xs, w)
+        return y.transpose(0, 1).reshape(*x.shape[:-1], o)
+
+
 class PEG(nn.Module):
     """Depthwise conv over each block's own token patch; zero padding at the block border, so blocks never mix."""
 
@@ -90,8 +116,8 @@ class SelfAttention(nn.Module):
     def __init__(self, d: int, n_heads: int):
         super().__init__()
         self.n_heads = n_heads
-        self.qkv = nn.Linear(d, 3 * d)
-        self.out = nn.Linear(d, d)
+        self.qkv = Linear(d, 3 * d)
+        self.out = Linear(d, d)
 
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         q, k, v = self.qkv(x).chunk(3, -1)
@@ -102,9 +128,9 @@ class CrossAttention(nn.Module):
     def __init__(self, d: int, n_heads: int):
         super().__init__()
         self.n_heads = n_heads
-        self.q = nn.Linear(d, d)
-        self.kv = nn.Linear(d, 2 * d)
-        self.out = nn.Linear(d, d)
+        self.q = Linear(d, d)
+        self.kv = Linear(d, 2 * d)
+        self.out = Linear(d, d)
 
     def project_kv(self, mem: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         k, v = self.kv(mem).chunk(2, -1)
@@ -114,8 +140,8 @@ class CrossAttention(nn.Module):
 class FeedForward(nn.Module):
     def __init__(self, d: int, ffn: int):
         super().__init__()
-        self.fc1 = nn.Linear(d, ffn)
-        self.fc2 = nn.Linear(ffn, d)
+        self.fc1 = Linear(d, ffn)
+        self.fc2 = Linear(ffn, d)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(F.gelu(self.fc1(x)))  # exact erf GELU, as BART
@@ -198,15 +224,22 @@ class EncoderState:
     mem: list[tuple[torch.Tensor, torch.Tensor]]  # per decoder layer: cross-attention k, v [B, H, L, hd]
     peg: list[Optional[torch.Tensor]]  # per decoder layer: PEG term [B, L, d] for decoder positions 1..L, or None
     guides: Optional[Guides]
+    # SGA token-step tables {"self": [StepTable per decoder layer], "cross": [...]}: built by `encode`, or by the
+    # first `decode_step` for a state built elsewhere
+    tables: Optional[dict[str, list[AD.StepTable]]] = None
 
 
 @dataclass
 class DecodeCache:
-    """Per decoder layer self-attention keys/values at token granularity, decoder positions 0..L."""
+    """Per decoder layer self-attention keys/values at token granularity, decoder positions 0..L, and (SGA) the
+    key/value buffers of the query block token steps are in."""
 
     k: list[Optional[torch.Tensor]] = field(default_factory=list)  # [B, H, L+1, hd], allocated on first use
     v: list[Optional[torch.Tensor]] = field(default_factory=list)
     length: int = 0  # positions 0..length-1 are valid
+    self_kv: list[Optional[AD.BlockKV]] = field(default_factory=list)  # per layer: [start] + the block's keys
+    cross_kv: list[Optional[AD.BlockKV]] = field(default_factory=list)  # per layer: the block's encoder keys
+    owner: Optional[EncoderState] = None  # the state cross_kv was gathered from
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -235,12 +268,13 @@ class AssetTransformer(nn.Module):
         enc_peg, dec_peg = _parse_peg(cfg.peg, cfg.encoder_layers, cfg.decoder_layers)
         self.encoder = nn.ModuleList(EncoderLayer(cfg, i in enc_peg) for i in range(cfg.encoder_layers))
         self.decoder = nn.ModuleList(DecoderLayer(cfg, i in dec_peg) for i in range(cfg.decoder_layers))
-        self.lm_head = nn.Linear(d, V, bias=False)
+        self.lm_head = Linear(d, V, bias=False)
         self.use_checkpoint = False  # activation checkpointing per layer (set by the trainer)
         # SGA kernel: None -> asset_dist.attention.sga_attention (union semantics); fidelity checks swap in
         # official_transformer.official_sga_attention (the official concatenation semantics, dense, small L only)
         self.sga_fn: Optional[Callable[..., torch.Tensor]] = None
-        self.block_fn: Callable[..., torch.Tensor] = _block_attention  # decode_step's counterpart of sga_fn
+        # decode_step's counterpart of sga_fn for runs of a block or more (shorter runs: token steps)
+        self.block_fn: Callable[..., torch.Tensor] = AD.block_attention
         if cfg.sga_semantics == "official":  # imported official weights: asset_dist/attention/official.py
             from asset_dist.attention.official import official_block_attention, official_sga_attention
             self.sga_fn, self.block_fn = official_sga_attention, official_block_attention
@@ -434,15 +468,38 @@ class AssetTransformer(nn.Module):
     @torch.no_grad()
     def encode(self, image_ids: torch.Tensor, cond_ids: torch.Tensor, hole: torch.Tensor,
                guides: Optional[Guides] = None, hw: Optional[tuple[int, int]] = None) -> EncoderState:
-        """Run the encoder once and precompute, per decoder layer, the cross-attention keys/values and PEG term."""
+        """Run the encoder once and precompute, per decoder layer, the cross-attention keys/values, PEG term and
+        SGA token-step tables."""
         lay, image_s, cond_s, hole_s = self._inputs(image_ids, cond_ids, hole, guides, hw)
         enc = self._encode(image_s, cond_s, hole_s, lay, guides)
         mem = [layer.cross_attn.project_kv(enc) for layer in self.decoder]
-        return EncoderState(lay, enc, mem, self._peg_terms(enc, lay), guides)
+        state = EncoderState(lay, enc, mem, self._peg_terms(enc, lay), guides)
+        self._tables(state)
+        return state
 
     def new_cache(self) -> DecodeCache:
         n = len(self.decoder)
-        return DecodeCache([None] * n, [None] * n, 0)
+        return DecodeCache([None] * n, [None] * n, 0, [None] * n, [None] * n, None)
+
+    def _tables(self, state: EncoderState) -> Optional[dict[str, list[AD.StepTable]]]:
+        """The state's token-step tables (once per image: not per token and layer)."""
+        if state.guides is not None and state.tables is None:
+            sem = self.cfg.sga_semantics
+            state.tables = {
+                "self": [AD.step_table(g.to(state.enc.device), self.n_blocks, True, sem)
+                         for g in state.guides["d_causal"]],
+                "cross": [AD.step_table(g.to(state.enc.device), self.n_blocks, False, sem)
+                          for g in state.guides["d_cross"]]}
+        return state.tables
+
+    def _token_steps(self, state: EncoderState, s: int, n: int) -> bool:
+        """Whether the run s..s+n-1 goes through the per-block buffers (SGA, shorter than a block)."""
+        nt = state.layout.nt
+        if state.guides is None or n >= nt:
+            return False
+        tables = self._tables(state)
+        b0, b1 = max(s - 1, 0) // nt, (s + n - 2) // nt  # query blocks of the run's tokens
+        return b0 == b1 or not any(t.spill[b0] for t in tables["self"])
 
     @torch.no_grad()
     def decode_step(self, state: EncoderState, cache: DecodeCache, new_token_ids: torch.Tensor,
@@ -463,6 +520,8 @@ class AssetTransformer(nn.Module):
         if n < 1 or s < 0 or s > cache.length or s + n > lay.L + 1:
             raise ValueError(f"decode_step: positions {s}..{s + n - 1} invalid (cache holds 0..{cache.length - 1}, "
                              f"sequence 0..{lay.L})")
+        steps = self._token_steps(state, s, n)
+        self._sync_buffers(state, cache, s, steps)
         pos = torch.arange(s, s + n, device=new_token_ids.device)
         y = self._embed_decoder(new_token_ids, pos, lay)
         tok = (pos - 1).clamp(min=0)
@@ -470,24 +529,93 @@ class AssetTransformer(nn.Module):
             peg = None
             if state.peg[i] is not None:
                 peg = state.peg[i][:, tok] * (pos > 0).view(1, -1, 1).to(y.dtype)
-            self_core = self._step_self_core(state, cache, i, pos)
-            cross_core = self._step_cross_core(state, i, pos)
-            y = layer(y, state.mem[i], self_core, cross_core, peg)
+            if steps:
+                cores = self._token_self_core(state, cache, i, s, n), self._token_cross_core(state, cache, i, s, n)
+            else:
+                cores = self._step_self_core(state, cache, i, pos), self._step_cross_core(state, i, pos)
+            y = layer(y, state.mem[i], *cores, peg)
         cache.length = s + n
         return self.lm_head(y)
 
-    def _step_self_core(self, state: EncoderState, cache: DecodeCache, i: int, pos: torch.Tensor) -> Core:
-        s, e = int(pos[0]), int(pos[-1]) + 1
-        L = state.layout.L
+    @staticmethod
+    def _sync_buffers(state: EncoderState, cache: DecodeCache, s: int, steps: bool) -> None:
+        """Drop block buffers that this call would leave stale. Self: a buffer of block b holds [start] and every
+        key before the block (positions <= b*nt) as they were when gathered, and its own block as token steps
+        wrote it; rewriting an earlier position, or a block-kernel run (writes only the cache), invalidates it.
+        Cross: only the state's encoder keys."""
+        n = len(cache.k)
+        if len(cache.self_kv) != n:  # a cache built without the buffer lists
+            cache.self_kv, cache.cross_kv = [None] * n, [None] * n
+        if cache.owner is not state:
+            cache.self_kv, cache.cross_kv, cache.owner = [None] * n, [None] * n, state
+        nt = state.layout.nt
+        for i, buf in enumerate(cache.self_kv):
+            if buf is not None and (not steps or s <= buf.block * nt):
+                cache.self_kv[i] = None
+
+    @staticmethod
+    def _write_cache(cache: DecodeCache, i: int, k: torch.Tensor, v: torch.Tensor, s: int, L: int
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        if cache.k[i] is None:
+            B, H, _, d = k.shape
+            cache.k[i] = k.new_zeros(B, H, L + 1, d)  # zeros: masked keys are read, never NaN
+            cache.v[i] = v.new_zeros(B, H, L + 1, d)
+        cache.k[i][:, :, s:s + k.shape[2]] = k
+        cache.v[i][:, :, s:s + v.shape[2]] = v
+        return cache.k[i], cache.v[i]
+
+    @staticmethod
+    def _segments(s: int, n: int, nt: int) -> list[tuple[int, int, int]]:
+        """(b, r0, r1): rows r0..r1-1 of the run s..s+n-1 (past [start]) hold the queries of query block b."""
+        out, r = [], (1 if s == 0 else 0)
+        while r < n:
+            b = (s + r - 1) // nt
+            end = min(n, (b + 1) * nt + 1 - s)
+            out.append((b, r, end))
+            r = end
+        return out
+
+    def _token_self_core(self, state: EncoderState, cache: DecodeCache, i: int, s: int, n: int) -> Core:
+        nt, L = state.layout.nt, state.layout.L
+        table = state.tables["self"][i]
+        last = s + n - 2  # the run's last query token
 
         def core(q, k, v):
-            if cache.k[i] is None:
-                B, H, _, d = k.shape
-                cache.k[i] = k.new_zeros(B, H, L + 1, d)
-                cache.v[i] = v.new_zeros(B, H, L + 1, d)
-            cache.k[i][:, :, s:e] = k
-            cache.v[i][:, :, s:e] = v
-            K, V = cache.k[i], cache.v[i]  # positions >= e are stale or empty; the causal mask never reads them
+            K, V = self._write_cache(cache, i, k, v, s, L)
+            outs = [V[:, :, :1]] if s == 0 else []  # [start] attends only to itself
+            for b, r0, r1 in self._segments(s, n, nt):
+                buf = cache.self_kv[i]
+                first = s + r0 - 1 - b * nt  # in-block offset of the segment's first query
+                if buf is None or buf.block != b:  # entering block b: gather after this run's cache write
+                    buf = AD.gather_block_kv(K[:, :, 1:], V[:, :, 1:], table, b, nt, (K[:, :, :1], V[:, :, :1]))
+                    cache.self_kv[i] = buf
+                else:
+                    AD.write_own(buf, k[:, :, r0:r1], v[:, :, r0:r1], first)
+                outs.append(AD.block_kv_attention(q[:, :, r0:r1], buf, nt, first, min(last - b * nt, nt - 1)))
+            return torch.cat(outs, 2) if len(outs) > 1 else outs[0]
+        return core
+
+    def _token_cross_core(self, state: EncoderState, cache: DecodeCache, i: int, s: int, n: int) -> Core:
+        nt = state.layout.nt
+        table = state.tables["cross"][i]
+
+        def core(q, k, v):
+            outs = [F.scaled_dot_product_attention(q[:, :, :1], k, v)] if s == 0 else []  # [start]: every token
+            for b, r0, r1 in self._segments(s, n, nt):
+                buf = cache.cross_kv[i]
+                if buf is None or buf.block != b:
+                    buf = cache.cross_kv[i] = AD.gather_block_kv(k, v, table, b, nt)
+                outs.append(AD.block_kv_attention(q[:, :, r0:r1], buf, nt))
+            return torch.cat(outs, 2) if len(outs) > 1 else outs[0]
+        return core
+
+    def _step_self_core(self, state: EncoderState, cache: DecodeCache, i: int, pos: torch.Tensor) -> Core:
+        """Dense runs, and SGA runs of a block or more (block kernel)."""
+        s, e = int(pos[0]), int(pos[-1]) + 1
+
+        def core(q, k, v):
+            K, V = self._write_cache(cache, i, k, v, s, state.layout.L)
+            # positions >= e are stale or empty; the causal mask never reads them
             if state.guides is None:
                 mask = pos.view(-1, 1) >= torch.arange(e, device=pos.device).view(1, -1)
                 return F.scaled_dot_product_attention(q, K[:, :, :e], V[:, :, :e], attn_mask=mask)
@@ -515,42 +643,6 @@ class AssetTransformer(nn.Module):
                                           state.layout.nt, causal=False))
             return torch.cat(outs, 2)
         return core
-
-
-def _block_attention(q: torch.Tensor, qtok: torch.Tensor, k: torch.Tensor, v: torch.Tensor, guide: torch.Tensor,
-                     nt: int, causal: bool, prefix: Optional[tuple[torch.Tensor, torch.Tensor]] = None
-                     ) -> torch.Tensor:
-    """SGA for a run of consecutive query tokens (incremental decoding): q [B,H,n,d] are strip tokens qtok [n];
-    k, v [B,H,L,d] strip order (causal: only keys <= each query's token are read). Each query block gathers its
-    window and picks (`asset_dist.attention.block_table`: the union, a repeated block counts once), O(n * 6 nt)
-    instead of O(n L)."""
-    B, H, n, d = q.shape
-    nb = k.shape[2] // nt
-    b0, b1 = int(qtok[0]) // nt, int(qtok[-1]) // nt
-    qb = torch.arange(b0, b1 + 1, device=q.device)  # query blocks touched by this run
-    m = qb.numel()
-    Q = q.new_zeros(B, H, m * nt, d)
-    Q[:, :, qtok - b0 * nt] = q
-    Q = Q.view(B, H, m, nt, d)
-    kb = A.block_table(guide.to(q.device).expand(B, H, nb, guide.shape[-1]), nb, causal)[:, :, qb]  # -1: unseen
-    J = kb.shape[-1]
-    ok = kb >= 0
-    idx = (kb.clamp(0, nb - 1).unsqueeze(-1) * nt + torch.arange(nt, device=q.device)).view(B, H, m * J * nt)
-    Kg = torch.gather(k.expand(B, H, -1, d), 2, idx.unsqueeze(-1).expand(-1, -1, -1, d)).view(B, H, m, J * nt, d)
-    Vg = torch.gather(v.expand(B, H, -1, d), 2, idx.unsqueeze(-1).expand(-1, -1, -1, d)).view(B, H, m, J * nt, d)
-    vis = ok.unsqueeze(-1).expand(B, H, m, J, nt).reshape(B, H, m, 1, J * nt)
-    if causal:
-        qpos = (qb.view(-1, 1) * nt + torch.arange(nt, device=q.device)).view(1, 1, m, nt, 1)
-        vis = vis & (idx.view(B, H, m, 1, J * nt) <= qpos)
-    if prefix is not None:
-        pk, pv = prefix  # [B, H, P, d], visible to every query
-        P = pk.shape[2]
-        Kg = torch.cat([pk.unsqueeze(2).expand(B, H, m, P, d), Kg], 3)
-        Vg = torch.cat([pv.unsqueeze(2).expand(B, H, m, P, d), Vg], 3)
-        vis = torch.cat([vis.new_ones(B, H, m, 1, P).expand(-1, -1, -1, vis.shape[3], -1), vis], -1)
-    s = (Q @ Kg.transpose(-1, -2)) * (d ** -0.5)
-    out = s.masked_fill(~vis, float("-inf")).softmax(-1) @ Vg  # [B, H, m, nt, d]
-    return out.view(B, H, m * nt, d)[:, :, qtok - b0 * nt]
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
