@@ -199,7 +199,9 @@ class InferConfig:
     edits: str = ""  # default --edits of edit-batch / precompute-guides (shards, folder or manifest)
     guides: str = ""  # default --guides: precomputed block picks
     samples: int = 2  # samples per edit
-    batch_size: int = 16  # (edit, sample) rows per sampling call (cached decoding pays off with rows: BENCHMARKS.md); results do not depend on it
+    # (edit, sample) rows per sampling call; results do not depend on it. Rows share each decoder weight read:
+    # cached decoding is ~20x the official re-run at 16 rows vs ~16x at 8 (BENCHMARKS.md, Editing)
+    batch_size: int = 16
     top_k: int = 100  # sample among the k most likely tokens
     temperature: float = 1.0  # 0 = greedy
     seed: int = 0  # with the edit id and sample index, fixes every random draw
