@@ -34,7 +34,8 @@ train() {  # train STAGE_CONFIG RUN_NAME [--set ...]
   local cfg=$1 name=$2; shift 2
   phase "train $name ($cfg, $NPROC processes, ZeRO-2) -> $OUT/$name"
   dist train --config "configs/$cfg" --resume auto --set "data.train_shards=$OUT/shards" \
-    --set "paths.run_dir=$OUT/$name" --set deepspeed.zero_stage=2 --set logging.image_every=10 "$@"
+    --set "data.val_shards=$OUT/shards" --set "paths.run_dir=$OUT/$name" --set deepspeed.zero_stage=2 \
+    --set logging.image_every=10 "$@"
 }
 phase "2/7 tokenizers"
 train tiny_vqgan.yaml vqgan --set train.max_steps="$VQ_STEPS"
