@@ -103,7 +103,8 @@ def _open(edit_id: str, what: str, data: bytes) -> Image.Image:
         raise EditError(f"edit {edit_id!r}: {what} is unreadable ({type(e).__name__}: {e})") from None
 
 
-def _labels(edit_id: str, what: str, data: bytes, side: int, num_classes: int) -> np.ndarray:
+def read_labels(edit_id: str, what: str, data: bytes, side: int, num_classes: int) -> np.ndarray:
+    """An 8-bit label PNG, checked against the model's classes, nearest-resized to side x side."""
     im = _open(edit_id, what, data)
     if im.mode not in ("L", "P"):
         raise EditError(f"edit {edit_id!r}: {what} must be a single-channel 8-bit PNG of label ids (mode {im.mode})")
@@ -160,12 +161,12 @@ def decode_edit(files: EditFiles, num_classes: int, side_multiple: int = 256, to
     if token_hole == "nearest" and not mask[::TOKEN, ::TOKEN].any():
         raise EditError(f"edit {eid!r}: the mask yields no hole token under the 'nearest' token-hole rule "
                         "(it misses every token's top-left pixel); enlarge it or use train.token_hole=any")
-    seg = _labels(eid, "label map", files.seg, w, num_classes)
+    seg = read_labels(eid, "label map", files.seg, w, num_classes)
     cid = int(meta.get("class_id", -1))
     if not -1 <= cid < num_classes:
         raise EditError(f"edit {eid!r}: class id {cid} is outside the model's {num_classes} classes")
     if files.new_seg is not None:
-        edited = _labels(eid, "edited label map", files.new_seg, w, num_classes)
+        edited = read_labels(eid, "edited label map", files.new_seg, w, num_classes)
     elif cid >= 0:
         edited = np.where(mask.astype(bool), np.uint8(cid), seg)
     else:

@@ -16,7 +16,7 @@ from typing import Optional
 import numpy as np
 from PIL import Image, ImageDraw
 
-from asset_dist.infer.edits import EditError, EditSet, _labels, decode_edit, png_bytes
+from asset_dist.infer.edits import EditError, EditSet, read_labels, decode_edit, png_bytes
 from asset_dist.infer.runner import PALETTE, read_record
 from asset_dist.utils import atomic_write_bytes, atomic_write_text
 
@@ -43,7 +43,7 @@ def build_row(edits: EditSet, eid: str, results: Path, num_classes: int, size: i
     try:
         files = edits.load(eid)
         e = decode_edit(files, num_classes)
-        before = _labels(eid, "label map", files.seg, e.side, num_classes)
+        before = read_labels(eid, "label map", files.seg, e.side, num_classes)
     except (EditError, ValueError, OSError) as err:
         row.error = (rec or {}).get("error") or str(err)
         return row
