@@ -1,6 +1,7 @@
 """The streaming loader: exact views, rank x worker split, mid-epoch resume, corrupt data."""
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import tarfile
@@ -254,3 +255,25 @@ def test_shard_sources(sflckr_shards):
         resolve_shards(str(sflckr_shards), "test")
     assert build_loader(_cfg(sflckr_shards), "val", 1, 2).num_samples + \
         build_loader(_cfg(sflckr_shards), "val", 0, 2).num_samples == 5
+
+
+def test_reused_worker_buffers_never_change_batches_the_caller_holds(sflckr_shards):
+    """Workers fill reused shared-memory slots, handed back only once no tensor uses them: batches kept by
+    the caller (all of them: more than a worker's slots) or dropped at once hold the in-process values."""
+    cfg = _cfg(sflckr_shards, resolution=64, guide_resolution=32, resize_short_side=64, batch_size=1)
+    ref = {b["key"][0]: b for b in build_loader(cfg, "train", 0, 1, convert=False)}  # in-process, fresh buffers
+    fields = ("image", "image_lr", "seg", "seg_lr", "mask", "mask_lr")
+    workers = dataclasses.replace(cfg, num_workers=2)
+    held = list(build_loader(workers, "train", 0, 1, convert=False))  # 10 batches per worker > MAX_SLOTS
+    assert len(held) == 20
+    streamed = 0
+    for b in build_loader(workers, "train", 0, 1, convert=False):  # each batch dropped once checked
+        assert all(torch.equal(b[k], ref[b["key"][0]][k]) for k in fields)
+        streamed += 1
+    floats = list(build_loader(workers, "train", 0, 1))  # converted into reused output buffers
+    assert streamed == 20 and len(floats) == 20
+    for b in held:
+        assert all(torch.equal(b[k], ref[b["key"][0]][k]) for k in fields), b["key"]
+    for b in floats:
+        want = finalize_batch(ref[b["key"][0]])
+        assert all(torch.equal(b[k], want[k]) for k in fields), b["key"]

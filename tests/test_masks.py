@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from PIL import Image
 from scipy import ndimage
 
 from asset_dist.config import MaskConfig
@@ -113,3 +114,53 @@ def test_deterministic_with_seed_and_resizes_input():
     assert all(np.array_equal(x, y) for x, y in zip(a, b))
     assert a[0].shape == (256, 256)  # the 64x64 map is nearest-resized to the requested resolution
     assert len({x.tobytes() for x in a}) > 1
+
+
+def _reference_mask(seg: np.ndarray, cfg: MaskConfig, rng: np.random.Generator, res: int) -> np.ndarray:
+    """The sampler written the direct way (pixel labelling with ndimage.label, one max filter over the
+    whole map), with the same random draws in the same order: the oracle for the run-based version."""
+    rows, cols = [(np.arange(res) * 2 + 1) * n // (2 * res) for n in np.shape(seg)]
+    seg = np.asarray(seg)[rows][:, cols]
+    label = seg[rng.integers(res), rng.integers(res)]
+    same = seg == label
+    comps, _ = ndimage.label(same, structure=np.ones((3, 3)))
+    pixels = np.flatnonzero(same)
+    comp = comps == comps.flat[pixels[rng.integers(len(pixels))]]
+    if cfg.kind == "coco" and rng.random() >= 0.5:
+        ys, xs = np.nonzero(comp)
+        my, mx = max(1, round((ys.max() + 1 - ys.min()) / 100)), max(1, round((xs.max() + 1 - xs.min()) / 100))
+        mask = np.zeros_like(comp, dtype=np.uint8)
+        mask[max(0, ys.min() - my):ys.max() + 1 + my, max(0, xs.min() - mx):xs.max() + 1 + mx] = 1
+    else:
+        mask = _square_dilate(comp, dilation_iterations(res))
+    halves = _halves(res, res)
+    if mask.sum() >= cfg.max_ratio * res * res:
+        mask = mask * (1 - halves[int(rng.integers(4))])
+    if not token_view(mask).any():
+        mask = halves[int(rng.integers(4))]
+    return mask
+
+
+def test_run_based_sampler_equals_pixel_labelling(shared_dir):
+    """Exact equality (masks and random stream) with the direct construction, on real segment maps and
+    on adversarial ones: noise (thousands of tiny components), diagonal chains (8-connectivity only),
+    a spiral-like snake, one label."""
+    rng = np.random.default_rng(3)
+    files = sorted((shared_dir / "datasets" / "sflckr" / "segmentations").rglob("*.png"))[:6]
+    maps = [np.asarray(Image.open(p)) for p in files]
+    cross = np.eye(128, dtype=np.uint8)[::-1] + np.eye(128, dtype=np.uint8)  # diagonal: 8-connected only
+    maps += [rng.integers(0, 3, (96, 101)).astype(np.uint8), cross, np.zeros((64, 64), np.uint8), _blocks_seg(128, 5)]
+    snake = np.zeros((128, 128), np.uint8)
+    snake[::4, 2:-2] = 1
+    snake[1::8, -3] = snake[2::8, -3] = snake[3::8, -3] = 1
+    snake[5::8, 2] = snake[6::8, 2] = snake[7::8, 2] = 1
+    maps.append(snake)
+    for i, seg in enumerate(maps):
+        for res in (64, 128) if i >= 6 else (128, 256):
+            for cfg in (MaskConfig(max_ratio=0.6), MaskConfig(kind="coco", max_ratio=0.85)):
+                for seed in range(4):
+                    a, b = np.random.default_rng([i, seed]), np.random.default_rng([i, seed])
+                    got = sample_mask(seg, cfg, a, res)
+                    want = _reference_mask(seg, cfg, b, res)
+                    np.testing.assert_array_equal(got, want, err_msg=f"map {i} {cfg} {seed}")
+                    assert a.random() == b.random()  # the same number of draws

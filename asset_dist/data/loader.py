@@ -13,10 +13,13 @@ Trade-off: resuming re-reads (but does not decode) the consumed part of each rea
 the same world size and worker count (otherwise `load_state_dict(..., strict=False)` restarts the epoch).
 Batches are formed inside a worker, so each worker's last batch of an epoch may be short (data.drop_last).
 Ranks may see slightly different sample counts; `iter_forever` never ends, so ranks in lockstep are fine.
+Memory: workers write each batch once, in place, into reused shared-memory slots, converted (float/long)
+batches go into reused buffers; nothing is reused while any tensor of the caller still uses it (buffers.py).
 """
 from __future__ import annotations
 
 import io
+import multiprocessing as mp
 import sys
 import warnings
 from collections import Counter
@@ -31,7 +34,8 @@ from webdataset.tariterators import tarfile_samples
 
 from asset_dist.config import ConfigError, DataConfig
 from asset_dist.data.shards import Part, Shard, reader_parts, resolve_shards
-from asset_dist.data.views import crop_views, sample_rng
+from asset_dist.data.buffers import BufferPool, MainSlots, WorkerSlots, batch_nbytes, batch_views, convert_into
+from asset_dist.data.views import copy_plane, fill_views, sample_rng, warm_up
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp")
 STATE_VERSION = 1
@@ -54,13 +58,18 @@ def decode_sample(sample: dict, label_shift: int = 0, num_classes: int = 256) ->
         with Image.open(io.BytesIO(sample["seg.png"])) as lm:
             if lm.mode not in ("L", "P"):
                 raise CorruptSample(f"label map is not single-channel 8-bit (mode {lm.mode})")
-            seg = np.asarray(lm, dtype=np.uint8)
+            lm.load()
+            seg = np.empty((lm.height, lm.width), dtype=np.uint8)
+            if lm.mode == "L":
+                copy_plane(lm, seg)
+            else:  # palette indices (paste would apply the palette)
+                seg[...] = np.asarray(lm, dtype=np.uint8)
     except CorruptSample:
         raise
     except Exception as e:  # noqa: BLE001 - any decoder error
         raise CorruptSample(f"cannot decode ({type(e).__name__}: {e})") from None
     if label_shift:
-        seg = seg + np.uint8(label_shift % 256)  # uint8 wrap-around: COCO's 255 (unlabeled) -> 0
+        seg += np.uint8(label_shift % 256)  # uint8 wrap-around: COCO's 255 (unlabeled) -> 0
     top = int(seg.max())
     if top >= num_classes:
         raise CorruptSample(f"label value {top} >= data.num_classes={num_classes}"
@@ -126,30 +135,6 @@ def _shuffled(items: Iterator[dict], size: int, rng: np.random.Generator) -> Ite
         yield buf[j]
 
 
-def collate_uint8(views: list[dict], shared: bool = False) -> dict:
-    """uint8 views of `crop_views` -> one uint8 tensor per field (images CHW). Workers ship uint8 (4-8x
-    fewer bytes through shared memory than float/long); `finalize_batch` converts in the main process.
-    Inside a worker the tensors are allocated in shared memory directly, so sending them copies nothing."""
-
-    def alloc(shape) -> torch.Tensor:
-        t = torch.empty((len(views), *shape), dtype=torch.uint8)
-        return t.share_memory_() if shared else t
-
-    out = {}
-    for name in ("image", "image_lr"):
-        side = views[0][name].shape[0]
-        out[name] = t = alloc((3, side, side))
-        for i, v in enumerate(views):
-            t[i].copy_(torch.from_numpy(v[name]).permute(2, 0, 1))
-    for name, shape in (("seg", ()), ("seg_lr", ()), ("mask", (1,)), ("mask_lr", (1,))):
-        side = views[0][name].shape[0]
-        out[name] = t = alloc((*shape, side, side))
-        for i, v in enumerate(views):
-            t[i].copy_(torch.from_numpy(v[name]).view(*shape, side, side))
-    out["key"] = [v["key"] for v in views]
-    return out
-
-
 def finalize_batch(batch: dict, pin_memory: bool = False) -> dict:
     """uint8 batch -> image float [-1, 1], seg long, mask float {0, 1}, on the batch's device; pinned when
     asked (CPU only, so the host-to-device copy can be asynchronous). A GPU engine can take uint8 batches
@@ -166,18 +151,13 @@ def finalize_batch(batch: dict, pin_memory: bool = False) -> dict:
     return out
 
 
-def _collate(views: list[dict], worker: int, pos: int, stats: Counter) -> dict:
-    out = collate_uint8(views, shared=get_worker_info() is not None)
-    out.update(_worker=worker, _pos=pos, _stats=dict(stats))
-    return out
-
-
 class _ReaderStream(IterableDataset):
     """The batches of one rank; inside a DataLoader each worker runs its own reader."""
 
     def __init__(self, shards: list[Shard], cfg: DataConfig, train: bool, rank: int, world_size: int,
-                 num_workers: int, epoch: int, skip: list[int], rotation: int):
+                 num_workers: int, epoch: int, skip: list[int], rotation: int, returned: Optional[list] = None):
         super().__init__()
+        self.returned = returned  # per reader: receive end of the pipe that hands its slots back (workers)
         self.shards, self.cfg, self.train = shards, cfg, train
         self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
         self.epoch, self.skip, self.rotation = epoch, skip, rotation
@@ -197,7 +177,10 @@ class _ReaderStream(IterableDataset):
             seed = [cfg.seed % 2**63, self.epoch, self.rank, self.world_size, w, self.num_workers]
             raw = _shuffled(raw, cfg.shuffle_buffer, np.random.default_rng(seed))
         mask_epoch = self.epoch if self.train else 0  # validation masks are the same every epoch
-        pos, views, stats = 0, [], Counter()
+        r, g, cap = cfg.resolution, cfg.guide_resolution, cfg.batch_size
+        slots = WorkerSlots(self.returned[w], (cap, r, g)) if info is not None else None
+        local, nbytes = BufferPool(), batch_nbytes(cap, r, g)  # without workers: buffers reused here
+        pos, n, keys, stats, batch = 0, 0, [], Counter(), None
         for sample in raw:
             pos += 1
             if pos <= self.skip[w]:
@@ -209,18 +192,34 @@ class _ReaderStream(IterableDataset):
                 corruption.add(sample.get("__url__", "?"), f"sample {sample.get('__key__', '?')!r}", str(e))
                 continue
             corruption.ok()
-            v = crop_views(image, seg, cfg.resolution, cfg.guide_resolution, cfg.mask,
-                           sample_rng(cfg.seed % 2**63, mask_epoch, key), self.train, short_side=cfg.resize_short_side)
-            stats["upscaled"] += int(v.pop("upscaled"))
+            if batch is None:  # the batch's buffer, filled in place sample by sample
+                batch = slots.take() if slots else (0, local.get(nbytes), True)
+                rows = {k: v.numpy() for k, v in batch_views(batch[1], cap, cap, r, g).items()}
+            out = {k: (v[n, 0] if k.startswith("mask") else v[n]) for k, v in rows.items()}
+            up = fill_views(out, image, seg, r, g, cfg.mask, sample_rng(cfg.seed % 2**63, mask_epoch, key),
+                            self.train, short_side=cfg.resize_short_side)
+            stats["upscaled"] += int(up)
             stats["samples"] += 1
-            v["key"] = key
-            views.append(v)
-            if len(views) == cfg.batch_size:
-                yield _collate(views, w, pos, stats)
-                views, stats = [], Counter()
+            keys.append(key)
+            n += 1
+            if n == cap:
+                msg = _message(batch, n, keys, w, pos, stats)
+                n, keys, stats, batch, rows, out = 0, [], Counter(), None, None, None  # drop our views of it
+                yield msg
+                del msg
         corruption.check(final=True)
-        if views and not cfg.drop_last:
-            yield _collate(views, w, pos, stats)
+        if n and not cfg.drop_last:
+            yield _message(batch, n, keys, w, pos, stats)
+
+
+def _message(batch: tuple[int, torch.Tensor, bool], n: int, keys: list[str], w: int, pos: int,
+             stats: Counter) -> dict:
+    """What a reader sends per batch; a slot's buffer only the first time (then the main process has it)."""
+    slot, buf, first = batch
+    msg = {"_slot": slot, "_n": n, "key": keys, "_worker": w, "_pos": pos, "_stats": dict(stats)}
+    if first:
+        msg["_buf"] = buf
+    return msg
 
 
 def validate_data_config(cfg: DataConfig, src: str = "data") -> None:
@@ -276,6 +275,7 @@ class ShardLoader:
             pin_memory = False
         self.rank, self.world_size, self.pin_memory, self.convert = rank, world_size, pin_memory, convert
         self.shards = resolve_shards(spec, split)
+        warm_up()  # Pillow self-checks once here, not in every (forked) worker of every epoch
         self.workers = max(1, cfg.num_workers)  # logical readers per rank (0 = one, in-process)
         self.epoch = epoch
         self.stats: Counter = Counter()
@@ -293,9 +293,9 @@ class ShardLoader:
         counts = [p.samples for w in range(self.workers) for p in stream.parts(w)]
         return None if None in counts else sum(counts)
 
-    def _stream(self, epoch: int, skip: list[int], rotation: int) -> _ReaderStream:
+    def _stream(self, epoch: int, skip: list[int], rotation: int, returned: Optional[list] = None) -> _ReaderStream:
         return _ReaderStream(self.shards, self.cfg, self.train, self.rank, self.world_size, self.workers,
-                             epoch, skip, rotation)
+                             epoch, skip, rotation, returned)
 
     def set_epoch(self, epoch: int) -> None:
         if self._pending is None or epoch != self.epoch:
@@ -310,14 +310,37 @@ class ShardLoader:
             self._pending = None
         else:
             self._reset()
-        ds = self._stream(self.epoch, list(self._consumed), self._next)
-        if self.cfg.num_workers == 0:
-            it = iter(ds)
-        else:
-            it = iter(DataLoader(ds, batch_size=None, num_workers=self.cfg.num_workers))
-        for raw in it:
-            w, pos, stats = raw.pop("_worker"), raw.pop("_pos"), raw.pop("_stats")
-            batch = finalize_batch(raw, self.pin_memory) if self.convert else raw
+        workers = self.cfg.num_workers
+        pipes = [mp.Pipe(duplex=False) for _ in range(workers)]  # per reader: main -> worker, freed slots
+        ds = self._stream(self.epoch, list(self._consumed), self._next, [rx for rx, _ in pipes])
+        it = iter(ds) if workers == 0 else iter(DataLoader(ds, batch_size=None, num_workers=workers))
+        cap, r, g = self.cfg.batch_size, self.cfg.resolution, self.cfg.guide_resolution
+        slots, outputs = MainSlots([tx for _, tx in pipes]), BufferPool()
+        while True:
+            slots.collect()  # lent slots the caller has let go of go back to their workers, before we wait
+            packed = next(it, None)
+            if packed is None:
+                break
+            w, pos, stats = packed["_worker"], packed["_pos"], packed["_stats"]
+            if workers == 0:  # a fresh buffer per batch, owned by the caller
+                key, buf, lend = None, packed["_buf"], False
+            else:
+                key, buf = slots.buffer(packed)
+                lend = not self.convert and slots.lendable(key)  # before any view of it exists
+            raw = {**batch_views(buf, packed["_n"], cap, r, g), "key": packed["key"]}
+            if self.convert:
+                batch = finalize_batch(raw, pin_memory=True) if self.pin_memory else convert_into(raw, outputs)
+                if key is not None:
+                    slots.release(key)  # read: the worker may refill it
+            elif key is None or key[1] < 0:
+                batch = raw  # the caller owns this buffer
+            elif lend:
+                batch = raw  # views of the worker's slot, handed back once the caller has let go of them
+                slots.lend(key)
+            else:  # reuse cannot be tracked: copy out
+                batch = {**batch_views(buf.clone(), packed["_n"], cap, r, g), "key": packed["key"]}
+                slots.release(key)
+            del raw, buf, packed
             self._consumed[w], self._next = pos, (w + 1) % self.workers
             self._batches += 1
             self._samples += len(batch["key"])
@@ -328,6 +351,7 @@ class ShardLoader:
                 warnings.warn(f"data: images smaller than the short side {side} are upscaled "
                               "(count in loader.stats['upscaled'])", stacklevel=2)
             yield batch
+            del batch  # so that only the caller's references keep a lent slot busy
 
     def state_dict(self) -> dict:
         """Position in the epoch: small, JSON-able; save one per rank."""
@@ -362,7 +386,8 @@ class ShardLoader:
 def build_loader(cfg: DataConfig, split: str, rank: int, world_size: int, epoch: int = 0,
                  pin_memory: bool = False, convert: bool = True) -> ShardLoader:
     """The loader of `split` ('train' or 'val') for one rank. convert=False yields uint8 batches (images
-    uint8 CHW, labels and masks uint8) for `finalize_batch` on the device."""
+    uint8 CHW, labels and masks uint8) for `finalize_batch` on the device: views of a worker's shared
+    buffer, valid for as long as you hold them (the worker refills it only after that)."""
     return ShardLoader(cfg, split, rank, world_size, epoch, pin_memory=pin_memory, convert=convert)
 
 
