@@ -6,7 +6,8 @@ The bare loop only decodes each image and label map and resizes the short side t
 256 views or tensors. The ratio loader / bare is the number that matters (target >= 0.9). Start-up is
 not timed (the loader's first batch, the bare loop's first chunk per worker). The input is repeated
 `--repeat` times so one epoch covers the run.
-"uint8" is the loader with convert=False (what a GPU engine uses: float conversion happens on the device).
+"uint8" is the loader with convert=False, as the training engine uses it (float conversion on the device);
+"float" converts on the CPU (convert=True, the default for other callers).
 --cpu adds CPU milliseconds per sample measured in one process (time.process_time, num_workers=0), which
 a shared machine disturbs less than wall-clock rates.
 
