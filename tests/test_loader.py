@@ -235,6 +235,10 @@ def test_corrupt_samples_are_counted_then_stop_the_run(tmp_path):
     loader = build_loader(_cfg(pattern, max_corrupt_fraction=0.5), "train", 0, 1)
     keys = [k for b in loader for k in b["key"]]
     assert sorted(keys) == ["k0", "k1", "k2", "k3"] and loader.stats["corrupt"] == 2
+    # the counts travel with the loader's checkpoint state (the training logs report them as running totals)
+    again = build_loader(_cfg(pattern, max_corrupt_fraction=0.5), "train", 0, 1)
+    again.load_state_dict(json.loads(json.dumps(loader.state_dict())))
+    assert again.stats["corrupt"] == 2 and again.stats["samples"] == 4
     with pytest.raises(RuntimeError, match=r"2 of 6 samples corrupt.*a-000000\.tar"):
         list(build_loader(_cfg(pattern, max_corrupt_fraction=0.1), "train", 0, 1))
     # a truncated shard file: the lost samples count as corrupt and the error names the shard

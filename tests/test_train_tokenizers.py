@@ -30,6 +30,7 @@ def test_vqgan_zero2_loss_falls_and_resume_is_bitwise(sflckr_shards, tmp_path):
     early, late = early_late(l1, 4)
     assert late < 0.9 * early, f"L1 did not fall: {l1}"
     assert any("loss/g_loss" in m for m in metrics(full)), "the GAN term never switched on"
+    assert all(m["data/corrupt_samples"] == 0 and 0 <= m["perf/data_wait_frac"] <= 1 for m in metrics(full))
 
     # the same run, stopped at step 6 and resumed from its checkpoint, ends with identical weights
     check(run_train("tiny_vqgan.yaml", base(sflckr_shards, part, **opts, **{"train.max_steps": 6}), nproc=2))

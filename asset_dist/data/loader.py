@@ -358,7 +358,7 @@ class ShardLoader:
         return {"version": STATE_VERSION, "split": self.split, "seed": self.cfg.seed, "epoch": self.epoch,
                 "rank": self.rank, "world_size": self.world_size, "num_workers": self.workers,
                 "consumed": list(self._consumed), "next_worker": self._next, "batches": self._batches,
-                "samples": self._samples}
+                "samples": self._samples, "stats": dict(self.stats)}
 
     def load_state_dict(self, state: dict, strict: bool = True) -> None:
         """Continue from `state` on the next iteration. With another world size, worker count, rank or seed
@@ -368,6 +368,7 @@ class ShardLoader:
         if state["split"] != self.split:
             raise ValueError(f"loader state is for the {state['split']!r} split, this loader reads {self.split!r}")
         self.epoch = int(state["epoch"])
+        self.stats = Counter({k: int(v) for k, v in state.get("stats", {}).items()})  # counts up to the save
         saved = (state["world_size"], state["num_workers"], state["rank"], state["seed"])
         if saved != (self.world_size, self.workers, self.rank, self.cfg.seed):
             msg = (f"loader state was saved with world_size={saved[0]}, workers={saved[1]}, rank={saved[2]}, "

@@ -116,6 +116,7 @@ class Trainer:
                                        verbose=False)
         self.run_dir = Path(cfg.paths.run_dir)
         self.step = 0
+        self._data_wait = 0.0  # seconds spent in next(batches) since the last log line
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
 
         self.stage = get_stage(cfg, self.device)
@@ -212,12 +213,27 @@ class Trainer:
         return {k: v.to(self.dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v
                 for k, v in out.items()}
 
+    def _data_logs(self, dt: float) -> dict[str, float]:
+        """Loader health over all ranks: corrupt / upscaled samples so far (sums), and the mean fraction of
+        the last `dt` seconds that steps spent waiting for a batch (near 0 = the loader keeps up)."""
+        st = self.loader.stats
+        t = torch.tensor([st["corrupt"], st["upscaled"], self._data_wait / dt], dtype=torch.float64,
+                         device=self.device)
+        dist.all_reduce(t)
+        self._data_wait = 0.0
+        return {"data/corrupt_samples": t[0].item(), "data/upscaled_samples": t[1].item(),
+                "perf/data_wait_frac": t[2].item() / self.world}
+
     def train_step(self, batches: Iterator[dict]) -> dict[str, float]:
         logs: dict[str, float] = {}
         for engine in self.engines.values():
             engine.train()
         for _ in range(self.cfg.train.grad_accum):
-            batch = self._to_device(next(batches))
+            t0 = time.perf_counter()
+            raw = next(batches)
+            self._data_wait += time.perf_counter() - t0  # the step waited for the loader this long
+            batch = self._to_device(raw)
+            del raw
             scratch: dict = {}
             for name in self.stage.networks:
                 out = self.stage.step(name, self.engines, batch, self.step, scratch)
@@ -285,13 +301,15 @@ class Trainer:
         while self.step < cfg.train.max_steps:
             logs = self.train_step(batches)
             self.step += 1
-            if self.rank == 0 and (self.step % cfg.logging.log_every == 0 or self.step == cfg.train.max_steps):
-                dt = time.time() - t_last
+            if self.step % cfg.logging.log_every == 0 or self.step == cfg.train.max_steps:
+                dt = max(time.time() - t_last, 1e-9)
+                logs.update(self._data_logs(dt))  # a collective: every rank takes part
                 logs["perf/samples_per_s"] = ((self.step - n_last) * cfg.data.batch_size * cfg.train.grad_accum
-                                              * self.world / max(dt, 1e-9))
+                                              * self.world / dt)
                 t_last, n_last = time.time(), self.step
-                self.log.scalars(self.step, logs)
-                self.log.progress(self.step, logs)
+                if self.rank == 0:
+                    self.log.scalars(self.step, logs)
+                    self.log.progress(self.step, logs)
             if cfg.logging.image_every > 0 and self.step % cfg.logging.image_every == 0:
                 grids = self.stage.images(self.engines, self._last_batch)
                 if self.rank == 0:

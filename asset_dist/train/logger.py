@@ -60,7 +60,9 @@ class RunLogger:
         eta = (self.total - step) / rate if rate > 0 else float("nan")
         shown = " ".join(f"{k.split('/')[-1]}={v:.4g}" for k, v in values.items() if k.startswith("loss"))
         eta_s = time.strftime("%H:%M:%S", time.gmtime(eta)) if math.isfinite(eta) else "--:--:--"
-        print(f"step {step}/{self.total} {shown} {rate:.2f} it/s eta {eta_s}", file=sys.stdout, flush=True)
+        wait = values.get("perf/data_wait_frac")
+        data = f" data-wait {wait:.0%}" if wait is not None else ""  # high = the loader is the bottleneck
+        print(f"step {step}/{self.total} {shown} {rate:.2f} it/s{data} eta {eta_s}", file=sys.stdout, flush=True)
 
     def close(self) -> None:
         if self.writer is not None:
