@@ -281,3 +281,17 @@ def test_reused_worker_buffers_never_change_batches_the_caller_holds(sflckr_shar
     for b in floats:
         want = finalize_batch(ref[b["key"][0]])
         assert all(torch.equal(b[k], want[k]) for k in fields), b["key"]
+
+
+def test_without_torchs_use_count_batches_are_copied_out(sflckr_shards, monkeypatch):
+    """A torch without the private storage use count: slot reuse cannot be tracked, so lent batches are
+    copies and the caller's held batches still never change."""
+    from asset_dist.data import buffers
+
+    monkeypatch.setattr(buffers, "_SOLE", -1)
+    cfg = _cfg(sflckr_shards, resolution=64, guide_resolution=32, resize_short_side=64, batch_size=1)
+    ref = {b["key"][0]: b for b in build_loader(cfg, "train", 0, 1, convert=False)}
+    held = list(build_loader(dataclasses.replace(cfg, num_workers=2), "train", 0, 1, convert=False))
+    assert len(held) == 20
+    for b in held:
+        assert all(torch.equal(b[k], ref[b["key"][0]][k]) for k in ("image", "seg", "mask", "image_lr")), b["key"]
