@@ -78,8 +78,8 @@ def test_val_views_exact(sflckr_shards, shared_dir):
             mask = sample_mask(seg, cfg.mask, sample_rng(cfg.seed, 0, key), 256)
             np.testing.assert_array_equal(b["mask"][i, 0].numpy(), mask)
             v = make_views(img, lab, 256, 256, cfg.mask, sample_rng(cfg.seed, 0, key), False)  # the public API
-            for k in ("image", "seg", "mask", "image_lr", "seg_lr", "mask_lr"):
-                assert torch.allclose(v[k].to(b[k].dtype), b[k][i], atol=1e-6), k
+            for k in ("image", "seg", "mask", "image_lr", "seg_lr", "mask_lr"):  # bit for bit: one conversion
+                assert v[k].dtype == b[k].dtype and torch.equal(v[k], b[k][i]), k
     # uint8 batches (for conversion on the device) hold the same values
     raw = next(iter(build_loader(cfg, "val", 0, 1, convert=False)))
     assert raw["image"].dtype == torch.uint8 and raw["seg"].dtype == torch.uint8

@@ -169,6 +169,6 @@ def convert_into(batch: dict, pool: BufferPool) -> dict:
         t = out[k] = buf[off:off + size].view(dtype).view(batch[k].shape)
         t.copy_(batch[k])
         if k.startswith("image"):
-            t.mul_(1 / 127.5).sub_(1.0)
+            t.div_(127.5).sub_(1.0)  # = views.image_to_unit
     out["key"] = batch["key"]
     return out

@@ -144,7 +144,7 @@ def finalize_batch(batch: dict, pin_memory: bool = False) -> dict:
         t = t.to(dtype)  # much faster than copy_ into a fresh tensor of another dtype
         return t.pin_memory() if pin_memory else t
 
-    out = {k: to(batch[k], torch.float32).mul_(1 / 127.5).sub_(1.0) for k in ("image", "image_lr")}
+    out = {k: to(batch[k], torch.float32).div_(127.5).sub_(1.0) for k in ("image", "image_lr")}  # = image_to_unit
     out.update({k: to(batch[k], torch.int64) for k in ("seg", "seg_lr")})
     out.update({k: to(batch[k], torch.float32) for k in ("mask", "mask_lr")})
     out["key"] = batch["key"]

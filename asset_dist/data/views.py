@@ -47,9 +47,10 @@ def mask_resolution(cfg: MaskConfig, resolution: int) -> int:
     return cfg.sample_resolution or min(resolution, 512)
 
 
-def to_image_tensor(a: np.ndarray) -> torch.Tensor:
-    """uint8 HWC -> float CHW in [-1, 1]."""
-    return torch.from_numpy(a).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
+def image_to_unit(t: torch.Tensor) -> torch.Tensor:
+    """uint8 image -> float32 x / 127.5 - 1 in [-1, 1], in place on the float copy. The one definition for
+    training batches (on any device), edits and evaluation, so the same pixel always gives the same value."""
+    return t.to(torch.float32).div_(127.5).sub_(1.0)
 
 
 def view_shapes(resolution: int, guide_resolution: int) -> dict[str, tuple[int, ...]]:
@@ -300,10 +301,10 @@ def make_views(image: Image.Image, seg: np.ndarray, resolution: int, guide_resol
                     mask=mask)
     t = {k: torch.from_numpy(a) for k, a in v.items()}
     return {
-        "image": t["image"].float().div_(127.5).sub_(1.0),
+        "image": image_to_unit(t["image"]),
         "seg": t["seg"].long(),
         "mask": t["mask"].float()[None],
-        "image_lr": t["image_lr"].float().div_(127.5).sub_(1.0),
+        "image_lr": image_to_unit(t["image_lr"]),
         "seg_lr": t["seg_lr"].long(),
         "mask_lr": t["mask_lr"].float()[None],
         "upscaled": up,

@@ -22,6 +22,7 @@ import torch
 import yaml
 from PIL import Image
 
+from asset_dist.data.views import image_to_unit
 from asset_dist.eval import metrics as M
 from asset_dist.eval.common import EvalError, fmt, markdown_table
 
@@ -222,7 +223,7 @@ def _phase_order(ph: str) -> tuple[int, str]:
 def _lpips_pairs(lpips, samples: list[np.ndarray], mask: np.ndarray, band: int) -> list[float]:
     ys, xs = M.mask_box(mask, margin=band)
     dev = next(lpips.parameters()).device
-    t = [torch.from_numpy(s[ys, xs]).permute(2, 0, 1)[None].float().div(127.5).sub(1).to(dev) for s in samples]
+    t = [image_to_unit(torch.from_numpy(s[ys, xs]).permute(2, 0, 1)[None]).to(dev) for s in samples]
     with torch.no_grad():
         return [float(lpips(t[i], t[j])) for i in range(len(t)) for j in range(i + 1, len(t))]
 
