@@ -20,7 +20,7 @@ import math
 
 import torch
 
-from asset_dist.data.views import view_shapes
+from asset_dist.data.views import unit_, view_shapes
 
 MAX_SLOTS = 8  # reused shared buffers per worker: in flight (DataLoader prefetches 2) + held by the caller
 KEEP_BUFFERS = 4  # reused buffers a BufferPool keeps
@@ -169,6 +169,6 @@ def convert_into(batch: dict, pool: BufferPool) -> dict:
         t = out[k] = buf[off:off + size].view(dtype).view(batch[k].shape)
         t.copy_(batch[k])
         if k.startswith("image"):
-            t.div_(127.5).sub_(1.0)  # = views.image_to_unit
+            unit_(t)
     out["key"] = batch["key"]
     return out

@@ -35,7 +35,7 @@ from webdataset.tariterators import tarfile_samples
 from asset_dist.config import ConfigError, DataConfig
 from asset_dist.data.shards import Part, Shard, reader_parts, resolve_shards
 from asset_dist.data.buffers import BufferPool, MainSlots, WorkerSlots, batch_nbytes, batch_views, convert_into
-from asset_dist.data.views import copy_plane, fill_views, sample_rng, warm_up
+from asset_dist.data.views import copy_plane, fill_views, sample_rng, unit_, warm_up
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp")
 STATE_VERSION = 1
@@ -144,7 +144,7 @@ def finalize_batch(batch: dict, pin_memory: bool = False) -> dict:
         t = t.to(dtype)  # much faster than copy_ into a fresh tensor of another dtype
         return t.pin_memory() if pin_memory else t
 
-    out = {k: to(batch[k], torch.float32).div_(127.5).sub_(1.0) for k in ("image", "image_lr")}  # = image_to_unit
+    out = {k: unit_(to(batch[k], torch.float32)) for k in ("image", "image_lr")}
     out.update({k: to(batch[k], torch.int64) for k in ("seg", "seg_lr")})
     out.update({k: to(batch[k], torch.float32) for k in ("mask", "mask_lr")})
     out["key"] = batch["key"]

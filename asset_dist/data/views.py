@@ -47,10 +47,15 @@ def mask_resolution(cfg: MaskConfig, resolution: int) -> int:
     return cfg.sample_resolution or min(resolution, 512)
 
 
-def image_to_unit(t: torch.Tensor) -> torch.Tensor:
-    """uint8 image -> float32 x / 127.5 - 1 in [-1, 1], in place on the float copy. The one definition for
+def unit_(t: torch.Tensor) -> torch.Tensor:
+    """Float tensor of pixel values 0..255 -> x / 127.5 - 1 in [-1, 1], in place. The one definition for
     training batches (on any device), edits and evaluation, so the same pixel always gives the same value."""
-    return t.to(torch.float32).div_(127.5).sub_(1.0)
+    return t.div_(127.5).sub_(1.0)
+
+
+def image_to_unit(t: torch.Tensor) -> torch.Tensor:
+    """uint8 image -> float32 in [-1, 1] (a new tensor; see `unit_`)."""
+    return unit_(t.to(torch.float32))
 
 
 def view_shapes(resolution: int, guide_resolution: int) -> dict[str, tuple[int, ...]]:

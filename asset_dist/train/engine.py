@@ -203,8 +203,8 @@ class Trainer:
 
     def _to_device(self, batch: dict) -> dict:
         """uint8 loader batch -> float image [-1, 1] / long labels / float mask on the device, floats in the
-        run's precision. The uint8 views of the loader's shared slot are dropped here, which hands the slot
-        back to its worker."""
+        run's precision. Only the converted copy is kept, so the loader can hand the uint8 slot back to its
+        worker once the caller has dropped the batch."""
         from asset_dist.data import finalize_batch
 
         moved = {k: v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v
