@@ -92,15 +92,21 @@ def bare_rate(pairs: list[tuple[Path, Path]], res: int, workers: int, n: int) ->
         return done / (time.perf_counter() - t)
 
 
-def loader_rate(shards: Path, res: int, workers: int, n: int, batch_size: int, convert: bool = True) -> float:
+def _timed_loader(shards: Path, res: int, workers: int, n: int, batch_size: int, convert: bool, clock) -> tuple:
+    """(samples, seconds by `clock`) for about n samples of the loader; its first batch (start-up) untimed."""
     _warm(shards.glob("*.tar"))
     cfg = DataConfig(train_shards=str(shards), resolution=res, num_workers=workers, batch_size=batch_size,
                      shuffle_buffer=16)
     it = iter_forever(build_loader(cfg, "train", 0, 1, convert=convert))
     next(it)
-    t = time.perf_counter()
+    t = clock()
     done = sum(len(b["key"]) for b in islice(it, max(1, n // batch_size)))
-    return done / (time.perf_counter() - t)
+    return done, clock() - t
+
+
+def loader_rate(shards: Path, res: int, workers: int, n: int, batch_size: int, convert: bool = True) -> float:
+    done, secs = _timed_loader(shards, res, workers, n, batch_size, convert, time.perf_counter)
+    return done / secs
 
 
 def cpu_ms(pairs: list[tuple[Path, Path]], shards: Path, res: int, n: int, batch_size: int, rounds: int) -> dict:
@@ -115,14 +121,8 @@ def cpu_ms(pairs: list[tuple[Path, Path]], shards: Path, res: int, n: int, batch
         return (time.process_time() - t) / len(jobs) * 1e3
 
     def loader(convert: bool) -> float:
-        _warm(shards.glob("*.tar"))
-        cfg = DataConfig(train_shards=str(shards), resolution=res, num_workers=0, batch_size=batch_size,
-                         shuffle_buffer=16)
-        it = iter_forever(build_loader(cfg, "train", 0, 1, convert=convert))
-        next(it)
-        t = time.process_time()
-        done = sum(len(b["key"]) for b in islice(it, max(1, n // batch_size)))
-        return (time.process_time() - t) / done * 1e3
+        done, secs = _timed_loader(shards, res, 0, n, batch_size, convert, time.process_time)
+        return secs / done * 1e3
 
     best = {"bare": float("inf"), "float": float("inf"), "uint8": float("inf")}
     for _ in range(rounds):
