@@ -134,8 +134,8 @@ def cpu_ms(pairs: list[tuple[Path, Path]], shards: Path, res: int, n: int, batch
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__.split("\n", 2)[2],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default=str(ROOT.parent / "shared" / "datasets" / "sflckr"),
-                   help="dataset folder with images/ and segmentations/ (default ../shared/datasets/sflckr)")
+    p.add_argument("--data", default=str(ROOT / "sample_data" / "sflckr"),
+                   help="dataset folder with images/ and segmentations/ (default sample_data/sflckr)")
     p.add_argument("--resolutions", type=int, nargs="+", default=[512, 1024])
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     p.add_argument("--samples", type=int, default=100, help="samples timed per measurement")

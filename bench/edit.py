@@ -161,7 +161,7 @@ def e2e(device: str, edits: int) -> dict:
                      config=to_dict(cfg), lineage={}, step=0)
         setattr(cfg.infer, f"{stage}_weights", str(tmp / f"{stage}.pt"))
     b = Builder(ClassTable(182), log=lambda m: None)
-    official(b, REPO.parent / "shared" / "datasets" / "edits", "landscape")
+    official(b, REPO / "sample_data" / "edits", "landscape")
     recs = []
     for i in range(edits):  # copies under other ids: other random streams, same work
         r = b.records[0]

@@ -9,15 +9,15 @@ edited label map. Sources:
             path without extension, with one --class (or --new-segs DIR)
   dataset   a labelled dataset (training shards, or --images/--labels folders): square centre crops, masks
             drawn with the training mask sampler, target classes drawn from --classes
-  official  the official ASSET test cases in ../shared/datasets/edits (--which landscape: waterother into a
+  official  the official ASSET test cases in sample_data/edits (--which landscape: waterother into a
             1024 photo with a 512 label map; --which coco: pizza, 512); --resolution resizes them, and a model
             of the other label convention (--config/--convention) gets the labels converted
 
 Examples:
   python data_tools/make_edits.py official --which landscape --out data/edits/official_landscape
   python data_tools/make_edits.py files --list my_edits.csv --convention landscape --out data/edits/mine
-  python data_tools/make_edits.py dataset --images ../shared/datasets/sflckr/images \\
-      --labels ../shared/datasets/sflckr/segmentations --classes waterother,snow,tree --resolution 512 \\
+  python data_tools/make_edits.py dataset --images sample_data/sflckr/images \\
+      --labels sample_data/sflckr/segmentations --classes waterother,snow,tree --resolution 512 \\
       --per-image 2 --out data/edits/sflckr
 
 Label conventions (ASSET_FACTS.md section 8): landscape = 182 COCO-Stuff labels, 0-based; coco = 183 labels,
@@ -43,7 +43,7 @@ from asset_dist.infer.build import (CONVENTIONS, OFFICIAL, BuildError, Builder, 
                                     from_list, official, write)  # noqa: E402
 from asset_dist.infer.classes import class_table  # noqa: E402
 
-SHARED_EDITS = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "edits"
+SAMPLE_EDITS = Path(__file__).resolve().parents[1] / "sample_data" / "edits"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -88,10 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mask sampler (default: the config's data.mask.kind, else landscape)")
     d.add_argument("--max-ratio", type=float, default=None, help="mask area cap (default config / 0.6)")
 
-    o = sub.add_parser("official", help="the official test cases in ../shared/datasets/edits")
+    o = sub.add_parser("official", help="the official test cases in sample_data/edits")
     common(o)
     o.add_argument("--which", choices=sorted(OFFICIAL), required=True, help="landscape or coco")
-    o.add_argument("--root", default=str(SHARED_EDITS), help=f"folder of the official files (default {SHARED_EDITS})")
+    o.add_argument("--root", default=str(SAMPLE_EDITS), help=f"folder of the official files (default {SAMPLE_EDITS})")
     o.add_argument("--resolution", type=int, default=0,
                    help="resize the case to this side (e.g. 512 for a model trained at 512; default: native, "
                         "landscape 1024 / COCO 512)")

@@ -2,8 +2,8 @@
 """Pack image folders + label-map folders into webdataset tar shards with a manifest.json.
 
 Example:
-  python data_tools/shard.py --images ../shared/datasets/sflckr/images \
-      --labels ../shared/datasets/sflckr/segmentations --out data/sflckr --val-fraction 0.1 --workers 8
+  python data_tools/shard.py --images sample_data/sflckr/images \
+      --labels sample_data/sflckr/segmentations --out data/sflckr --val-fraction 0.1 --workers 8
 
 Bad inputs (unreadable/truncated files, size mismatch, missing label map, multi-channel label map) are
 skipped, listed on stderr and in the manifest; --strict makes them an error. Exit codes: 0 done,

@@ -11,12 +11,12 @@ from PIL import Image
 from asset_dist.infer.build import convert_labels
 from asset_dist.infer.edits import EditSet, decode_edit
 from asset_dist.infer.gallery import write_gallery
-from tests.test_infer_common import REPO, SHARED
+from tests.test_infer_common import REPO
 
 sys.path.insert(0, str(REPO / "data_tools"))
 import make_edits  # noqa: E402
 
-EDITS = SHARED / "datasets" / "edits"
+EDITS = REPO / "sample_data" / "edits"
 
 
 def test_convert_labels_between_conventions():

@@ -17,8 +17,7 @@ from asset_dist.attention import (
     sga_mask,
 )
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-FIXTURES = SHARED / "fixtures" / "official_asset"
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "official_asset"
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -31,10 +30,7 @@ def one_thread():
 
 
 def fixture(name: str):
-    path = FIXTURES / name
-    if not path.is_file():
-        pytest.skip(f"official fixture {path} not found (shared/ must sit beside the repo)")
-    return np.load(path)
+    return np.load(FIXTURES / name)  # part of the repository: a missing file is a failure
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""`asset-dist import-official` against the official fixture pack (../shared/fixtures/official_asset, README):
+"""`asset-dist import-official` against the official fixture pack (tests/fixtures/official_asset, README):
 the combined guide checkpoint, plus the SGA / standalone-VQGAN / standalone-seg variants built from it in tmp_path
 (README "Checkpoint layout"), are imported through the CLI; every model is then rebuilt from the written
 config.yaml and the exports only, and reproduces the saved official outputs (README tolerances). Also: the sparse
@@ -38,9 +38,8 @@ from asset_dist.train.export import read_export
 torch.set_num_threads(1)
 
 ROOT = Path(__file__).resolve().parents[1]
-FIX = ROOT.parent / "shared" / "fixtures" / "official_asset"
+FIX = ROOT / "tests" / "fixtures" / "official_asset"
 CKPT = FIX / "asset_guide_tiny.ckpt"
-pytestmark = pytest.mark.skipif(not CKPT.is_file(), reason=f"fixture pack not found at {FIX}")
 ATOL = 1e-4  # README: VQ latents, decoder outputs and transformer logits
 DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
 

@@ -17,8 +17,7 @@ from asset_dist.infer import blend as B
 from asset_dist.infer.classes import ClassTable, class_table
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
-SFLCKR = SHARED / "datasets" / "sflckr"
+SFLCKR = REPO / "sample_data" / "sflckr"
 
 # tiny_sga.yaml with smaller tokenizers (no res blocks, no attention): the same code paths, CPU-cheap
 TEST_YAML = """base: {repo}/configs/tiny_sga.yaml
@@ -106,7 +105,7 @@ def write_inputs(folder: Path, name: str, image: np.ndarray, seg: np.ndarray, ma
 
 
 def small_edit_set(out: Path, with_bad: bool = True, with_512: bool = True) -> list[str]:
-    """A few edits from ../shared/datasets/sflckr (256 px with different holes and classes, one 512 px with a
+    """A few edits from sample_data/sflckr (256 px with different holes and classes, one 512 px with a
     small hole) and, with_bad, one edit that fails at run time (a non-square image stored without checks).
     Returns the ids of the edits expected to succeed."""
     from asset_dist.infer.edits import make_record, write_edit_shards

@@ -11,13 +11,13 @@ import torch
 
 from asset_dist.infer.edits import EditSet, decode_edit, make_record, split_for_rank
 from asset_dist.models.tokens import token_hole
-from tests.test_infer_common import REPO, SFLCKR, SHARED, png, rect_mask, square, write_inputs
+from tests.test_infer_common import REPO, SFLCKR, png, rect_mask, square, write_inputs
 
 sys.path.insert(0, str(REPO / "data_tools"))
 import make_edits  # noqa: E402
 
 torch.set_num_threads(1)
-EDITS = SHARED / "datasets" / "edits"
+EDITS = REPO / "sample_data" / "edits"
 
 
 def _load_one(folder, n_classes):
@@ -66,7 +66,7 @@ def test_dataset_mode_from_shards_and_folders(tmp_path, sflckr_shards):
     es2 = EditSet(str(tmp_path / "s2"))
     assert all(es.load(i).digest() == es2.load(i).digest() for i in es.ids)
     # folders: raw COCO-Stuff maps (255 = unlabeled) are shifted to the 183-class convention
-    coco = SHARED / "datasets" / "coco_stuff"
+    coco = REPO / "sample_data" / "coco_stuff"
     assert make_edits.main(["dataset", "--images", str(coco / "images"), "--labels", str(coco / "segmentations"),
                             "--convention", "coco", "--classes", "pizza", "--limit", "2", "--mask-kind", "coco",
                             "--out", str(tmp_path / "c")]) == 0

@@ -50,8 +50,8 @@ def _nearest(n_out: int, n_in: int) -> np.ndarray:
     return np.array([((2 * x + 1) * n_in) // (2 * n_out) for x in range(n_out)])
 
 
-def test_val_views_exact(sflckr_shards, shared_dir):
-    src = shared_dir / "datasets" / "sflckr"
+def test_val_views_exact(sflckr_shards, sample_data):
+    src = sample_data / "sflckr"
     cfg = _cfg(sflckr_shards, batch_size=2)
     batches = list(build_loader(cfg, "val", 0, 1))
     keys = [k for b in batches for k in b["key"]]
@@ -88,7 +88,7 @@ def test_val_views_exact(sflckr_shards, shared_dir):
         assert fin[k].dtype == batches[0][k].dtype and torch.equal(fin[k], batches[0][k]), k
 
 
-def test_lowres_view_is_the_downsampled_crop(sflckr_shards, shared_dir):
+def test_lowres_view_is_the_downsampled_crop(sflckr_shards, sample_data):
     cfg = _cfg(sflckr_shards, resolution=512, batch_size=4, mask=MaskConfig(max_ratio=0.6))
     loader = build_loader(cfg, "train", 0, 1)
     with pytest.warns(UserWarning, match="upscaled"):
@@ -104,7 +104,7 @@ def test_lowres_view_is_the_downsampled_crop(sflckr_shards, shared_dir):
         assert set(b["mask"].unique().tolist()) <= {0.0, 1.0} and (b["mask"].sum((1, 2, 3)) > 0).all()
 
     # 1024 stage: the mask is sampled at 512 and upsampled; images smaller than 1024 are upscaled (counted)
-    img = Image.open(next((shared_dir / "datasets" / "sflckr" / "images").rglob("*.jpg")))
+    img = Image.open(next((sample_data / "sflckr" / "images").rglob("*.jpg")))
     seg = np.random.default_rng(0).integers(0, 3, (img.size[1] // 8, img.size[0] // 8)).astype(np.uint8)
     v = make_views(img, seg, 1024, 256, MaskConfig(), np.random.default_rng(0), True)
     assert v["upscaled"] and v["image"].shape == (3, 1024, 1024)
@@ -114,15 +114,15 @@ def test_lowres_view_is_the_downsampled_crop(sflckr_shards, shared_dir):
 
 
 @pytest.fixture(scope="module")
-def coco_shards(shared_dir, tmp_path_factory) -> Path:
-    src = shared_dir / "datasets" / "coco_stuff"
+def coco_shards(sample_data, tmp_path_factory) -> Path:
+    src = sample_data / "coco_stuff"
     out = tmp_path_factory.mktemp("coco_shards")
     run_sharding(src / "images", src / "segmentations", out, samples_per_shard=12, log=lambda m: None)
     return out
 
 
-def test_coco_label_shift_and_wrong_convention_error(coco_shards, shared_dir):
-    src = shared_dir / "datasets" / "coco_stuff" / "segmentations"
+def test_coco_label_shift_and_wrong_convention_error(coco_shards, sample_data):
+    src = sample_data / "coco_stuff" / "segmentations"
     cfg = _cfg(coco_shards, label_shift=1, num_classes=183, resize_short_side=296, batch_size=5,
                mask=MaskConfig(kind="coco"))
     n, zeros = 0, 0

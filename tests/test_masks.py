@@ -141,12 +141,12 @@ def _reference_mask(seg: np.ndarray, cfg: MaskConfig, rng: np.random.Generator, 
     return mask
 
 
-def test_run_based_sampler_equals_pixel_labelling(shared_dir):
+def test_run_based_sampler_equals_pixel_labelling(sample_data):
     """Exact equality (masks and random stream) with the direct construction, on real segment maps and
     on adversarial ones: noise (thousands of tiny components), diagonal chains (8-connectivity only),
     a spiral-like snake, one label."""
     rng = np.random.default_rng(3)
-    files = sorted((shared_dir / "datasets" / "sflckr" / "segmentations").rglob("*.png"))[:6]
+    files = sorted((sample_data / "sflckr" / "segmentations").rglob("*.png"))[:6]
     maps = [np.asarray(Image.open(p)) for p in files]
     cross = np.eye(128, dtype=np.uint8)[::-1] + np.eye(128, dtype=np.uint8)  # diagonal: 8-connected only
     maps += [rng.integers(0, 3, (96, 101)).astype(np.uint8), cross, np.zeros((64, 64), np.uint8), _blocks_seg(128, 5)]

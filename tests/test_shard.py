@@ -81,16 +81,16 @@ def _check_round_trip(out: Path, src: Path, tmp_path: Path) -> None:
                 assert m.isfile() and re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*\.(jpg|png|seg\.png|json)", m.name)
 
 
-def test_round_trip_sflckr(sflckr_shards, shared_dir, tmp_path):
-    _check_round_trip(sflckr_shards, shared_dir / "datasets" / "sflckr", tmp_path)
+def test_round_trip_sflckr(sflckr_shards, sample_data, tmp_path):
+    _check_round_trip(sflckr_shards, sample_data / "sflckr", tmp_path)
     m = json.loads((sflckr_shards / "manifest.json").read_text())
     assert m["splits"]["train"]["samples"] == 20 and m["splits"]["val"]["samples"] == 5
     assert [s["samples"] for s in m["splits"]["train"]["shards"]] == [4] * 5
-    assert "lakes_39933489595_f0e5d85b6d_b" in _sources(shared_dir / "datasets" / "sflckr")
+    assert "lakes_39933489595_f0e5d85b6d_b" in _sources(sample_data / "sflckr")
 
 
-def test_round_trip_coco_stuff_parallel_cli(shared_dir, tmp_path):
-    src = shared_dir / "datasets" / "coco_stuff"
+def test_round_trip_coco_stuff_parallel_cli(sample_data, tmp_path):
+    src = sample_data / "coco_stuff"
     out = tmp_path / "shards"
     r = subprocess.run([sys.executable, str(SHARD_PY), "--images", str(src / "images"), "--labels",
                         str(src / "segmentations"), "--out", str(out), "--samples-per-shard", "10",
@@ -103,8 +103,8 @@ def test_round_trip_coco_stuff_parallel_cli(shared_dir, tmp_path):
     assert m["args"]["seed"] == 3 and m["tool"]["version"]
 
 
-def test_max_shard_bytes_cuts_shards(shared_dir, tmp_path):
-    src = shared_dir / "datasets" / "coco_stuff"
+def test_max_shard_bytes_cuts_shards(sample_data, tmp_path):
+    src = sample_data / "coco_stuff"
     m = run_sharding(src / "images", src / "segmentations", tmp_path, samples_per_shard=1000,
                      max_shard_bytes=400_000, **quiet)
     shards = m["splits"]["train"]["shards"]
@@ -223,8 +223,8 @@ def test_write_tar_is_atomic_and_checks_keys(tmp_path):
     assert not path.exists()
 
 
-def test_resume_repairs_and_matches_clean_run(sflckr_shards, shared_dir, tmp_path):
-    src = shared_dir / "datasets" / "sflckr"
+def test_resume_repairs_and_matches_clean_run(sflckr_shards, sample_data, tmp_path):
+    src = sample_data / "sflckr"
     args = dict(samples_per_shard=4, val_fraction=0.2, seed=0, workers=1, **quiet)
     out = tmp_path / "out"
     out.mkdir()
@@ -244,8 +244,8 @@ def test_resume_repairs_and_matches_clean_run(sflckr_shards, shared_dir, tmp_pat
         run_sharding(src / "images", src / "segmentations", out, resume=True, **{**args, "seed": 1})
 
 
-def test_killed_run_resumes_to_identical_shards(sflckr_shards, shared_dir, tmp_path):
-    src = shared_dir / "datasets" / "sflckr"
+def test_killed_run_resumes_to_identical_shards(sflckr_shards, sample_data, tmp_path):
+    src = sample_data / "sflckr"
     out = tmp_path / "out"
     cmd = [sys.executable, str(SHARD_PY), "--images", str(src / "images"), "--labels", str(src / "segmentations"),
            "--out", str(out), "--samples-per-shard", "4", "--val-fraction", "0.2", "--seed", "0", "--workers", "1"]

@@ -1,4 +1,4 @@
-"""AssetTransformer against the official-ASSET fixture pack (shared/fixtures/official_asset, README sections 3a-3c):
+"""AssetTransformer against the official-ASSET fixture pack (tests/fixtures/official_asset, README sections 3a-3c):
 key mapping, dense guide pass at 256 (logits, loss, pooled maps) and the SGA pass at 512 (logits, loss)."""
 import json
 from pathlib import Path
@@ -14,8 +14,7 @@ from asset_dist.models.transformer import AssetTransformer
 
 torch.set_num_threads(1)
 
-FIX = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "official_asset"
-pytestmark = pytest.mark.skipif(not FIX.is_dir(), reason=f"fixture pack not found at {FIX}")
+FIX = Path(__file__).resolve().parent / "fixtures" / "official_asset"
 
 
 @pytest.fixture(scope="module")

@@ -11,17 +11,17 @@ from asset_dist.data.masks import nearest_index, resize_nearest
 from asset_dist.data.views import box_down, crop_views, make_views, _nearest_crop
 
 
-def _photo(shared_dir, w: int, h: int) -> np.ndarray:
-    img = Image.open(shared_dir / "datasets" / "edits" / "landscape_input.jpg").convert("RGB")
+def _photo(sample_data, w: int, h: int) -> np.ndarray:
+    img = Image.open(sample_data / "edits" / "landscape_input.jpg").convert("RGB")
     return np.asarray(img.resize((w, h), Image.BILINEAR))
 
 
 @pytest.mark.parametrize("f", [2, 4, 8])
-def test_box_down_is_pils_box_resize_bit_for_bit(shared_dir, f):
+def test_box_down_is_pils_box_resize_bit_for_bit(sample_data, f):
     rng = np.random.default_rng(f)
     for trial in range(6):
         n = int(rng.integers(1, 40))
-        hwc = _photo(shared_dir, n * f, n * f) if trial % 2 else rng.integers(0, 256, (n * f, n * f, 3), dtype=np.uint8)
+        hwc = _photo(sample_data, n * f, n * f) if trial % 2 else rng.integers(0, 256, (n * f, n * f, 3), dtype=np.uint8)
         out = np.empty((3, n, n), np.uint8)
         box_down(np.ascontiguousarray(hwc.transpose(2, 0, 1)), f, out)
         want = np.asarray(Image.fromarray(hwc).resize((n, n), Image.BOX))
@@ -47,8 +47,8 @@ def test_nearest_crop_picks_the_exact_rule():
 
 
 @pytest.mark.parametrize("r,g", [(192, 64), (128, 128), (256, 32)])  # factor 3 (PIL path), 1, 8
-def test_views_at_other_guide_factors(shared_dir, r, g):
-    img = Image.fromarray(_photo(shared_dir, 300, 220))
+def test_views_at_other_guide_factors(sample_data, r, g):
+    img = Image.fromarray(_photo(sample_data, 300, 220))
     seg = np.random.default_rng(1).integers(0, 5, (55, 75)).astype(np.uint8)
     v = crop_views(img, seg, r, g, MaskConfig(), np.random.default_rng(2), True)
     assert v["image"].shape == (r, r, 3) and v["image_lr"].shape == (g, g, 3)
@@ -61,9 +61,9 @@ def test_views_at_other_guide_factors(shared_dir, r, g):
     assert torch.equal(t["image"], torch.from_numpy(v["image"]).permute(2, 0, 1).float().div(127.5).sub(1))
 
 
-def test_wide_label_values_and_given_masks_keep_their_values(shared_dir):
+def test_wide_label_values_and_given_masks_keep_their_values(sample_data):
     """make_views is also the inference API: int labels beyond uint8 and a given mask pass unchanged."""
-    img = Image.fromarray(_photo(shared_dir, 128, 128))
+    img = Image.fromarray(_photo(sample_data, 128, 128))
     seg = np.arange(96 * 96, dtype=np.int64).reshape(96, 96) % 1000
     mask = np.zeros((64, 64), np.uint8)
     mask[10:30, 5:50] = 255

@@ -1,6 +1,6 @@
 """Official-ASSET compatibility of the tokenizers: key layouts and outputs of the tiny official fixture.
 
-The fixture (../shared/fixtures/official_asset, README sections 1, 2 and "Checkpoint layout") was produced by the
+The fixture (tests/fixtures/official_asset, README sections 1, 2 and "Checkpoint layout") was produced by the
 unmodified official code with random weights. Tolerances are the README's: indices exact, latents / decoder
 outputs atol 1e-4.
 """
@@ -20,8 +20,7 @@ from asset_dist.models.seg_vq import seg_config
 
 torch.set_num_threads(1)  # small shared CI box
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-FIX = SHARED / "fixtures" / "official_asset"
+FIX = Path(__file__).resolve().parent / "fixtures" / "official_asset"
 ATOL = 1e-4
 
 

@@ -4,7 +4,7 @@ Three sources, one output (edits.write_edit_shards):
 - `from_list` / `from_folders`: the user's own files (image, label map, mask, class or edited label map);
 - `from_dataset`: a labelled dataset (training shards or image/label folders): square crops with masks drawn
   by the training mask sampler and target classes drawn from a list;
-- `official`: the two official ASSET test cases in ../shared/datasets/edits.
+- `official`: the two official ASSET test cases (the repository bundles them in sample_data/edits).
 
 Every record is checked like the runner checks it (`edits.decode_edit`); a bad one is listed as failed with
 the reason and the build goes on (or stops, with strict=True, before writing anything).
