@@ -59,6 +59,27 @@ def test_each_edit_done_once_across_ranks(runs):
     assert by_rank[0] and by_rank[1] and not by_rank[0] & by_rank[1]
 
 
+def test_summary_reports_the_schedule(runs):
+    """summary.json beside the manifest: per rank the hole tokens sampled (= the records' sampled tokens), the
+    decode steps, the batch size, rows active per step and efficiency = steps x batch / hole tokens."""
+    for out, bs, ranks in ((runs["two"], 3, {0, 1}), (runs["one"], 2, {0})):
+        summ = json.loads((out / "summary.json").read_text())
+        man = _manifest(out)
+        got = {r["rank"]: r for r in summ["ranks"]}
+        assert set(got) == ranks
+        for rank, r in got.items():
+            mine = [x for x in man.values() if x["status"] == "ok" and x["rank"] == rank]
+            assert r["hole_tokens_sampled"] == sum(x["tokens_sampled"]["target"] for x in mine) > 0
+            assert r["rows"] == S * len(mine) and r["batch_size"] == bs and r["sessions"] == 1
+            assert r["efficiency"] == round(r["decode_steps"] * bs / r["hole_tokens_sampled"], 4) >= 1.0
+            assert 0 < r["mean_rows_active"] <= bs
+            assert abs(r["mean_rows_active"] * r["decode_steps"] - r["hole_tokens_sampled"]) < 0.01 * r["decode_steps"]
+        assert summ["total"]["hole_tokens_sampled"] == sum(r["hole_tokens_sampled"] for r in summ["ranks"])
+        for x in man.values():
+            if x["status"] == "ok":
+                assert x["tokens_sampled"]["target"] == S * x["hole_tokens"] > 0
+
+
 def test_failed_edit_is_recorded(runs):
     rec = _manifest(runs["two"])["zbad"]
     assert rec["status"] == "failed" and rec["error"].startswith("edit 'zbad': image is 200x256")

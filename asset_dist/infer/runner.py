@@ -1,9 +1,10 @@
 """The edit runner: edits -> guide picks (256) -> sampled hole tokens -> decoded, blended images.
 
 One process per device (torchrun, or srun via slurm/edit_batch.sh). Rank r takes every world-th edit of the
-sorted id list (`edits.split_for_rank`), so each edit is done exactly once with no communication. Several
-edits and samples share one sampling call ((edit, sample) rows, `infer.batch_size` of them) even when their
-masks differ; rows of one call must have the same image side.
+sorted id list (`edits.split_for_rank`), so each edit is done exactly once with no communication. The
+(edit, sample) rows of all its edits feed one queue of the continuous sampler (`scheduler.py`), which keeps
+`infer.batch_size` rows sampling, each at its own position, whatever their masks (rows of other image sizes
+wait for their own lane); the runner only feeds the queue and collects finished rows.
 
 Results depend only on the edit, the weights and the config: every random draw comes from a generator keyed
 by (infer.seed, edit id, sample index, phase), tokenizers and the VQGAN decoder run one edit at a time, and
@@ -15,7 +16,10 @@ Outputs under OUT (all written atomically):
     <edit_id>/record.json      status, timings, token counts, error; written last = the edit is done
     logs/rank<r>.jsonl         what each rank did, one line per edit (appended)
     run.json, config.yaml      the settings; a restart with other settings is refused
+    logs/rank<r>.stats.jsonl   the sampling schedule of each session of each rank
     manifest.jsonl             every record in id order, written by whichever rank finds all edits done
+    summary.json               with the manifest: hole tokens, decode steps, batch size, rows active per step and
+                               efficiency (steps x batch / hole tokens) per rank
 A killed run restarted with the same command skips edits that have a record.
 """
 from __future__ import annotations
@@ -38,7 +42,8 @@ from asset_dist.data.views import make_views
 from asset_dist.infer import guides as G
 from asset_dist.infer.blend import composite
 from asset_dist.infer.edits import Edit, EditError, EditFiles, EditSet, decode_edit, png_bytes, split_for_rank
-from asset_dist.infer.sampler import row_generator, sample_cached
+from asset_dist.infer.sampler import row_generator
+from asset_dist.infer.scheduler import ContinuousSampler, Row, ScheduleStats
 from asset_dist.launch.env import EXIT_REQUEUE, DistEnv, dist_env
 from asset_dist.models.tokens import FACTOR, Tokenizers, load_weights
 from asset_dist.models.transformer import AssetTransformer
@@ -219,28 +224,31 @@ class EditRunner:
             if store:
                 G.save_picks(G.picks_path(store, p.edit_id, k), p.picks[k], tokens[j], self.fingerprint(p.digest))
 
-    def sample_batch(self, rows: list[tuple[Prepared, int]]) -> None:
-        """Sample the hole tokens of the rows at full size, decode and blend each: p.images[k]."""
+    @property
+    def sampling_model(self) -> AssetTransformer:
+        """The model that samples the full-size hole: SGA, or in guide-only mode the guide itself."""
+        return self.m.guide if self.m.sga is None else self.m.sga
+
+    def sample_rows(self, p: Prepared) -> list[Row]:
+        """The edit's (edit, sample) rows for the sampler (SGA: its picks must be in p.picks). Row key (p, k)."""
+        ids, cond, hole = (t[0] for t in p.hr)
+        t = p.side // FACTOR
+        phase = "guide" if self.m.sga is None else "sga"
+        return [Row((p, k), ids, cond, hole, row_generator(self.cfg.infer.seed, p.edit_id, k, phase), (t, t),
+                    None if self.m.sga is None else {key: torch.as_tensor(v) for key, v in p.picks[k].items()})
+                for k in range(self.samples)]
+
+    def sampled(self, row: Row, tokens: torch.Tensor) -> None:
+        """A row's sampled tokens [L] (raster): decode (one row: pixels never depend on a batch) and blend."""
+        p, k = row.key
         i = self.cfg.infer
-        ids, cond, hole = self._cat(rows, "hr")
-        if self.m.sga is None:  # guide-only (256 px): the guide's own completion is the result
-            model, guides, phase = self.m.guide, None, "guide"
-        else:
-            self.guide_batch(rows)
-            model, phase = self.m.sga, "sga"
-            guides = G.stack_picks([p.picks[k] for p, k in rows], ids.device)
-        t0 = time.perf_counter()
-        tokens, _ = sample_cached(model, ids, cond, hole, self._gens(rows, phase), guides=guides, top_k=i.top_k,
-                                  temperature=i.temperature)
-        dt = (time.perf_counter() - t0) / len(rows)
-        for j, (p, k) in enumerate(rows):
-            _add(p.timings, "sample", dt)
-            p.tokens["target"] += int(hole[j].sum())
-            t1 = time.perf_counter()
-            out = self.m.tok.decode(tokens[j:j + 1], p.side, p.side)[0]  # one row: pixels never depend on a batch
-            gen = ((out.float().permute(1, 2, 0).cpu().numpy() + 1.0) * 127.5).round().clip(0, 255).astype(np.uint8)
-            p.images[k] = composite(gen, p.edit.image, p.edit.mask, i.blend_levels, i.blend_band)
-            _add(p.timings, "decode_blend", time.perf_counter() - t1)
+        _add(p.timings, "sample", row.seconds)
+        p.tokens["target"] += int(row.n_hole)
+        t1 = time.perf_counter()
+        out = self.m.tok.decode(tokens.view(1, -1).to(self.m.device), p.side, p.side)[0]
+        gen = ((out.float().permute(1, 2, 0).cpu().numpy() + 1.0) * 127.5).round().clip(0, 255).astype(np.uint8)
+        p.images[k] = composite(gen, p.edit.image, p.edit.mask, i.blend_levels, i.blend_band)
+        _add(p.timings, "decode_blend", time.perf_counter() - t1)
 
     def run_rows(self, rows: list[tuple[Prepared, int]], fn: Callable[[list], None]) -> None:
         """fn on batches of same-side rows; a failing batch is retried edit by edit, a failing edit recorded."""
@@ -403,7 +411,8 @@ def run_batch_edits(cfg: Config, edits: str, out: str | Path, *, guides_dir: Opt
             if stopped:
                 return EXIT_REQUEUE
     if write_manifest_if_complete(out, all_ids):
-        _log(f"[rank {env.rank}] all {len(all_ids)} edits done: {out / MANIFEST}")
+        write_summary(out)
+        _log(f"[rank {env.rank}] all {len(all_ids)} edits done: {out / MANIFEST}, {out / SUMMARY}")
     else:
         _log(f"[rank {env.rank}] finished its share; {out / MANIFEST} is written by the last rank to finish")
     if crashed:  # bad inputs are the data's problem (exit 0); an error while computing may be ours: say so
@@ -413,48 +422,150 @@ def run_batch_edits(cfg: Config, edits: str, out: str | Path, *, guides_dir: Opt
     return 0
 
 
+class _Settle:
+    """Writes each edit's outputs and record once all its samples are settled (sampled or failed)."""
+
+    def __init__(self, runner: "EditRunner", out: Path, env: DistEnv, log_path: Path, bar):
+        self.runner, self.out, self.env, self.log_path, self.bar = runner, out, env, log_path, bar
+        self.left: dict[int, int] = {}  # id(Prepared) -> rows not settled yet
+        self.failed = self.crashed = self.written = 0
+
+    def expect(self, p: Prepared, n: int) -> None:
+        self.left[id(p)] = n
+
+    def row(self, p: Prepared) -> None:
+        self.left[id(p)] -= 1
+        if self.left[id(p)] == 0:
+            del self.left[id(p)]
+            self.crashed += p.error is not None
+            self.record(p.edit_id, self.runner.finish(p, self.out, self.env))
+
+    def record(self, eid: str, rec: dict) -> None:
+        atomic_write_json(self.out / eid / RECORD, rec)
+        with open(self.log_path, "a") as f:
+            f.write(json.dumps({"edit": eid, "status": rec["status"], "rank": self.env.rank,
+                                "world_size": self.env.world_size, "time": time.time()}) + "\n")
+        self.written += 1
+        if rec["status"] != "ok":
+            self.failed += 1
+            _log(f"[rank {self.env.rank}] FAILED {rec['error']}")
+        self.bar.update()
+
+
 def _run_pending(cfg: Config, eset, pending: list[str], out: Path, samples: int, guides_dir: Optional[str],
                  device: str, env: DistEnv, stop: "_StopFlag") -> tuple[bool, int]:
-    """The edits of `pending`, chunk by chunk -> (stopped by a signal, edits that failed while computing)."""
+    """The edits of `pending` -> (stopped by a signal, edits that failed while computing).
+
+    Edits are read and prepared a window at a time (tokenizers, guide picks for the window's rows); their
+    (edit, sample) rows feed the continuous sampler's queue, which keeps `infer.batch_size` rows sampling; an
+    edit's images and record are written as soon as its last row is sampled."""
     from tqdm import tqdm
 
     i = cfg.infer
     models = load_models(cfg, pick_device(device, env))
     runner = EditRunner(cfg, models, samples, guides_dir)
-    per_chunk = max(1, -(-i.batch_size // samples))
+    per_window = max(1, -(-i.batch_size // samples))
     log_path = out / "logs" / f"rank{env.rank}.jsonl"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     bar = tqdm(total=len(pending), desc=f"edits rank {env.rank}", unit="edit", disable=None, file=sys.stderr)
-    n_failed = n_crashed = 0
-    for c in range(0, len(pending), per_chunk):
-        if stop.set:
-            _log(f"[rank {env.rank}] stop signal: {len(pending) - c} edit(s) left for the restart")
-            bar.close()
-            return True, n_crashed
-        preps, recs = [], {}
-        for eid in pending[c:c + per_chunk]:
-            for tmp in (out / eid).glob(".*.tmp"):  # left by a killed run: never complete
-                tmp.unlink(missing_ok=True)
+    settle = _Settle(runner, out, env, log_path, bar)
+
+    def rows():
+        for c in range(0, len(pending), per_window):
+            if stop.set:
+                _log(f"[rank {env.rank}] stop signal: {len(pending) - c} edit(s) left for the restart")
+                return
+            preps = []
+            for eid in pending[c:c + per_window]:
+                for tmp in (out / eid).glob(".*.tmp"):  # left by a killed run: never complete
+                    tmp.unlink(missing_ok=True)
+                try:
+                    preps.append(runner.prepare(eset.load(eid)))
+                except EditError as e:
+                    settle.record(eid, failed_record(eid, str(e), env))
+            if models.sga is not None:
+                runner.run_rows([(p, k) for p in preps for k in range(samples)], runner.guide_batch)
+            for p in preps:
+                settle.expect(p, samples)
+                if p.error is not None:  # the guide failed on it
+                    for _ in range(samples):
+                        settle.row(p)
+                    continue
+                yield from runner.sample_rows(p)
+
+    def done(row: Row, tokens: torch.Tensor) -> None:
+        p = row.key[0]
+        if p.error is None:
             try:
-                preps.append(runner.prepare(eset.load(eid)))
-            except EditError as e:
-                recs[eid] = failed_record(eid, str(e), env)
-        runner.run_rows([(p, k) for p in preps for k in range(samples)], runner.sample_batch)
-        n_crashed += sum(p.error is not None for p in preps)
-        recs.update({p.edit_id: runner.finish(p, out, env) for p in preps})
-        for eid in pending[c:c + per_chunk]:
-            rec = recs[eid]
-            atomic_write_json(out / eid / RECORD, rec)
-            with open(log_path, "a") as f:
-                f.write(json.dumps({"edit": eid, "status": rec["status"], "rank": env.rank,
-                                    "world_size": env.world_size, "time": time.time()}) + "\n")
-            if rec["status"] != "ok":
-                n_failed += 1
-                _log(f"[rank {env.rank}] FAILED {rec['error']}")
-            bar.update()
+                runner.sampled(row, tokens)
+            except Exception as e:  # noqa: BLE001 - isolate the edit that fails
+                p.error = f"edit {p.edit_id!r}: {type(e).__name__}: {e}"
+        settle.row(p)
+
+    def failed(row: Row, e: BaseException) -> None:
+        p = row.key[0]
+        p.error = p.error or f"edit {p.edit_id!r}: {type(e).__name__}: {e}"
+        settle.row(p)
+
+    sampler = ContinuousSampler(runner.sampling_model, i.batch_size, top_k=i.top_k, temperature=i.temperature,
+                                lookahead=2 * i.batch_size)
+    stats = sampler.run(rows(), done, failed)
     bar.close()
-    _log(f"[rank {env.rank}] done: {len(pending) - n_failed} ok, {n_failed} failed")
-    return False, n_crashed
+    append_stats(out, env, stats)
+    _log(f"[rank {env.rank}] done: {settle.written - settle.failed} ok, {settle.failed} failed; sampling: "
+         f"{stats.sampled} hole tokens in {stats.steps} steps of {stats.batch_size} rows "
+         f"(efficiency {stats.efficiency:.3f}, 1.0 = every row busy every step)")
+    return stop.set and settle.written < len(pending), settle.crashed
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Run summary
+
+
+STATS = "stats.jsonl"
+SUMMARY = "summary.json"
+
+
+def append_stats(out: Path, env: DistEnv, stats: ScheduleStats) -> None:
+    """One line per session of this rank (a resumed run adds one): OUT/logs/rank<r>.stats.jsonl."""
+    with open(out / "logs" / f"rank{env.rank}.{STATS}", "a") as f:
+        f.write(json.dumps({"rank": env.rank, "world_size": env.world_size, "time": time.time(),
+                            **stats.to_dict()}) + "\n")
+
+
+def write_summary(out: Path) -> dict:
+    """OUT/summary.json: the sampling schedule per rank (summed over its sessions) and in total; efficiency =
+    decode steps x batch size / hole tokens sampled (1.0 = every row of the batch sampled one of its own hole
+    tokens at every step)."""
+    per: dict[int, dict] = {}
+    for path in sorted((out / "logs").glob(f"rank*.{STATS}")):
+        for line in path.read_text().splitlines():
+            try:
+                r = json.loads(line)
+            except ValueError:
+                continue
+            a = per.setdefault(int(r["rank"]), {"rank": int(r["rank"]), "sessions": 0, "batch_size": 0,
+                                                "hole_tokens_sampled": 0, "decode_steps": 0, "rows": 0,
+                                                "row_steps": 0.0, "encode_s": 0.0, "step_s": 0.0})
+            a["sessions"] += 1
+            a["batch_size"] = max(a["batch_size"], int(r["batch_size"]))
+            for k in ("hole_tokens_sampled", "decode_steps", "rows", "encode_s", "step_s"):
+                a[k] += r[k]
+            a["row_steps"] += r["mean_rows_active"] * r["decode_steps"]
+
+    def finish(a: dict) -> dict:
+        steps, tok = a["decode_steps"], a["hole_tokens_sampled"]
+        a["mean_rows_active"] = round(a.pop("row_steps") / steps, 3) if steps else 0.0
+        a["efficiency"] = round(steps * a["batch_size"] / tok, 4) if tok else None
+        a["encode_s"], a["step_s"] = round(a["encode_s"], 2), round(a["step_s"], 2)
+        return a
+
+    ranks = [finish(a) for _, a in sorted(per.items())]
+    total = {k: sum(r[k] for r in ranks) for k in ("hole_tokens_sampled", "decode_steps", "rows")}
+    summary = {"ranks": ranks, "total": total,
+               "note": "efficiency = decode_steps x batch_size / hole_tokens_sampled per rank (1.0 ideal)"}
+    atomic_write_json(out / SUMMARY, summary)
+    return summary
 
 
 def run_precompute(cfg: Config, edits: str, out: str | Path, *, samples: Optional[int] = None,

@@ -69,12 +69,11 @@ def pick_tokens(logits: torch.Tensor, gens: Sequence[torch.Generator], top_k: in
     vals, idx = vals[:, :k], idx[:, :k]
     if temperature <= 0:
         return idx[:, 0].clone()
-    out = torch.empty(len(gens), dtype=torch.long)
-    for i, g in enumerate(gens):
-        u = torch.rand(k, generator=g, dtype=torch.float64)
-        gumbel = -torch.log(-torch.log(u))  # u = 0 gives -inf: never picked
-        out[i] = idx[i, int(torch.argmax(vals[i] / temperature + gumbel))]
-    return out
+    u = torch.empty(len(gens), k, dtype=torch.float64)
+    for i, g in enumerate(gens):  # each row's own stream: k uniforms per token
+        torch.rand(k, generator=g, dtype=torch.float64, out=u[i])
+    gumbel = -torch.log(-torch.log(u))  # u = 0 gives -inf: never picked
+    return idx.gather(1, torch.argmax(vals / temperature + gumbel, -1, keepdim=True))[:, 0]
 
 
 def _schedule(hole_s: torch.Tensor, limit: Optional[int]) -> list[int]:

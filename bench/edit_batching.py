@@ -1,0 +1,214 @@
+#!/usr/bin/env python
+"""Continuous batching vs the union schedule on a random edit set with training-style masks.
+
+The edit set: --edits crops of the bundled sflckr photos and label maps at --res (random 1024 crops, short side
+resized to the crop), each with a hole drawn by the project's training mask sampler (asset_dist/data/masks.py,
+the landscape_sga1024 mask settings: max_ratio 0.45, sampled at 512 and upsampled; crop and mask seeded by
+--seed and the edit index, as `make_edits.py dataset` does), token hole rule "any".
+
+1. Steps per hole token (no model: the schedule does not depend on token values, so the real scheduler runs
+   with a model-free stand-in for the slots): union = today's sampler over consecutive chunks of B rows
+   (every row steps at every position where any row of its chunk has a hole); continuous = the
+   ContinuousSampler, queue order longest-first and arrival (fifo). efficiency = decode steps x B / hole tokens.
+2. Tokens/s side by side at --speed-batch on the first --speed-rows edits, random-weight models (--models
+   tiny and/or paper), random valid SGA picks: union (`sample_cached` per chunk) vs continuous (fused and
+   separate prefill), encoder included, same rows, same generators (the tokens are checked equal).
+   On the CPU rates use process CPU time (1 thread), wall time on CUDA.
+
+Examples:
+  python bench/edit_batching.py                                      # table + tiny tokens/s, CPU
+  python bench/edit_batching.py --models paper --device cuda --dtype bf16 --speed-rows 32
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+from asset_dist.config import load_config  # noqa: E402
+from asset_dist.data.views import crop_views, sample_rng  # noqa: E402
+from asset_dist.infer.sampler import row_generator, sample_cached  # noqa: E402
+from asset_dist.infer.scheduler import ContinuousSampler, Row  # noqa: E402
+from asset_dist.models.tokens import token_hole  # noqa: E402
+from asset_dist.models.transformer import AssetTransformer  # noqa: E402
+from edit import DTYPES, model_config, random_picks  # noqa: E402
+
+SFLCKR = REPO / "sample_data" / "sflckr"
+
+
+def draw_holes(n: int, res: int, seed: int) -> torch.Tensor:
+    """n training-style token holes [n, (res/16)^2] (raster), from the sflckr label maps."""
+    mask_cfg = load_config(REPO / "configs" / "landscape_sga1024.yaml", require=False).data.mask
+    imgs = sorted((SFLCKR / "images").rglob("*.jpg"))
+    holes = []
+    for i in range(n):
+        p = imgs[i % len(imgs)]
+        seg = np.asarray(Image.open(SFLCKR / "segmentations" / p.relative_to(SFLCKR / "images").with_suffix(".png")))
+        v = crop_views(Image.open(p).convert("RGB"), seg, res, 256, mask_cfg, sample_rng(seed, 0, f"{p.stem}/{i}"),
+                       False, short_side=res)
+        holes.append(token_hole(torch.from_numpy(v["mask"]).float()[None, None], "any")[0])
+    return torch.stack(holes)
+
+
+class DrySlots:
+    """Slots stand-in for counting the schedule: no model work, zero logits."""
+
+    def __init__(self, model, n_slots, hw, sparse, device, dtype, guide_k=None):
+        self.lay = model.layout(hw[0] * hw[1], hw, device)
+        self.V = model.vocab_size
+
+    def admit(self, *a, **k) -> None:
+        pass
+
+    def step(self, runs):
+        return torch.zeros(sum(r.want for r in runs), self.V)
+
+
+def schedule_table(holes: torch.Tensor, batches: list[int], orders: list[str]) -> list[dict]:
+    n, L = holes.shape
+    t = int(round(L ** 0.5))
+    model = AssetTransformer(model_config("tiny"))
+    total = int(holes.sum())
+    rows_out = []
+    for B in batches:
+        union = sum(int(holes[i:i + B].any(0).sum()) for i in range(0, n, B))
+        r = {"batch": B, "rows": n, "hole_tokens": total, "ideal_steps": -(-total // B), "union_steps": union,
+             "union_efficiency": round(union * B / total, 3)}
+        for order in orders:
+            rows = [Row(i, torch.zeros(L, dtype=torch.long), torch.zeros(L, dtype=torch.long), holes[i],
+                        row_generator(0, f"e{i}", 0, "dry"), (t, t)) for i in range(n)]
+            st = ContinuousSampler(model, B, order=order, slots_factory=DrySlots).run(rows, lambda r, x: None)
+            r[f"continuous_{order}_steps"] = st.steps
+            r[f"continuous_{order}_efficiency"] = round(st.efficiency, 3)
+        rows_out.append(r)
+    return rows_out
+
+
+def speed(name: str, holes: torch.Tensor, B: int, device, dtype, seed: int = 0) -> list[dict]:
+    torch.manual_seed(0)
+    model = AssetTransformer(model_config(name)).to(device=device, dtype=dtype).eval()
+    cfg = model.cfg
+    n, L = holes.shape
+    t = int(round(L ** 0.5))
+    g = torch.Generator().manual_seed(seed)
+    nb = model.n_blocks
+    guides = {"e_self": random_picks(cfg.encoder_layers, n, cfg.n_heads, nb, cfg.guide_k, False, g),
+              "d_causal": random_picks(cfg.decoder_layers, n, cfg.n_heads, nb, cfg.guide_k, True, g),
+              "d_cross": random_picks(cfg.decoder_layers, n, cfg.n_heads, nb, cfg.guide_k, False, g)}
+    ids = torch.randint(0, cfg.vocab_size, (n, L), generator=g)
+    cond = torch.randint(0, cfg.cond_vocab_size, (n, L), generator=g)
+    gens = lambda: [row_generator(seed, f"bench{i}", 0, "sga") for i in range(n)]  # noqa: E731
+    total = int(holes.sum())
+    out, results = [], {}
+
+    def clock():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter(), time.process_time()
+
+    def record(strategy, t0, extra):
+        t1 = clock()
+        wall, cpu = t1[0] - t0[0], t1[1] - t0[1]
+        sec = cpu if device.type == "cpu" else wall
+        r = {"model": name, "batch": B, "rows": n, "hole_tokens": total, "strategy": strategy,
+             "wall_s": round(wall, 2), "cpu_s": round(cpu, 2), "tokens_per_s": round(total / sec, 2), **extra}
+        out.append(r)
+        print(json.dumps(r), flush=True)
+
+    # union: today's runner, consecutive chunks of B rows
+    gs, tok = gens(), []
+    t0 = clock()
+    steps = 0
+    for i in range(0, n, B):
+        sl = slice(i, i + B)
+        x, st = sample_cached(model, ids[sl].to(device), cond[sl].to(device), holes[sl].to(device), gs[sl],
+                              guides={k: v[:, sl].to(device) for k, v in guides.items()}, hw=(t, t))
+        tok.append(x.cpu())
+        steps += st.steps
+    record("union", t0, {"decode_steps": steps, "efficiency": round(steps * B / total, 3)})
+    results["union"] = torch.cat(tok)
+    for prefill in ("fused", "separate"):
+        gs = gens()
+        got = torch.empty_like(ids)
+        rows = [Row(i, ids[i], cond[i], holes[i], gs[i], (t, t), {k: v[:, i] for k, v in guides.items()})
+                for i in range(n)]
+        t0 = clock()
+        st = ContinuousSampler(model, B, prefill=prefill).run(rows, lambda r, x: got.__setitem__(r.key, x.cpu()))
+        record(f"continuous_{prefill}", t0, {"decode_steps": st.steps, "efficiency": round(st.efficiency, 3),
+                                             "encode_s": round(st.encode_s, 2)})
+        results[prefill] = got
+    same = all(torch.equal(results["union"], v) for v in results.values())
+    for r in out:
+        r["tokens_equal_union"] = same
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__.split("\n", 2)[2],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--edits", type=int, default=120, help="edits drawn (>= 100 for the table)")
+    p.add_argument("--res", type=int, default=1024)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 4, 8, 16, 32])
+    p.add_argument("--orders", nargs="+", default=["longest", "fifo"], choices=["longest", "fifo"])
+    p.add_argument("--models", nargs="*", default=["tiny"], choices=["tiny", "paper"],
+                   help="models for the tokens/s comparison (none: only the table)")
+    p.add_argument("--speed-batch", type=int, default=16)
+    p.add_argument("--speed-rows", type=int, default=48, help="edits in the tokens/s comparison")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--json", help="write the results here")
+    a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    load0 = os.getloadavg()
+    t0 = time.perf_counter()
+    holes = draw_holes(a.edits, a.res, a.seed)
+    sizes = holes.sum(1).float()
+    print(f"{a.edits} edits at {a.res} px: hole tokens mean {sizes.mean():.0f} ({100 * sizes.mean() / holes.shape[1]:.1f}%)"
+          f", min {int(sizes.min())}, max {int(sizes.max())} (drawn in {time.perf_counter() - t0:.1f} s)", flush=True)
+    table = schedule_table(holes, a.batches, a.orders)
+    print("\n| batch | hole tokens | ideal steps | union steps | union steps x B / token | "
+          + " | ".join(f"continuous ({o}) steps | steps x B / token" for o in a.orders) + " |")
+    print("|---|---|---|---|---|" + "---|---|" * len(a.orders))
+    for r in table:
+        print(f"| {r['batch']} | {r['hole_tokens']} | {r['ideal_steps']} | {r['union_steps']} | "
+              f"{r['union_efficiency']} | " + " | ".join(
+                  f"{r[f'continuous_{o}_steps']} | {r[f'continuous_{o}_efficiency']}" for o in a.orders) + " |",
+              flush=True)
+    speeds = []
+    for name in a.models:
+        speeds += speed(name, holes[:a.speed_rows], a.speed_batch, torch.device(a.device), DTYPES[a.dtype])
+    if speeds:
+        print("\n| model | batch | rows | hole tokens | sampler | decode steps | steps x B / token | tokens/s | "
+              "vs union |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        for r in speeds:
+            ref = next(x for x in speeds if x["model"] == r["model"] and x["strategy"] == "union")
+            print(f"| {r['model']} | {r['batch']} | {r['rows']} | {r['hole_tokens']} | {r['strategy']} | "
+                  f"{r['decode_steps']} | {r['efficiency']} | {r['tokens_per_s']} | "
+                  f"{r['tokens_per_s'] / ref['tokens_per_s']:.2f}x |")
+        print(f"tokens equal to the union sampler's: {all(r['tokens_equal_union'] for r in speeds)}")
+    if a.json:
+        Path(a.json).write_text(json.dumps({
+            "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": a.threads,
+                        "device": torch.cuda.get_device_name() if a.device == "cuda" else platform.processor(),
+                        "loadavg_before_after": [load0, os.getloadavg()]},
+            "args": vars(a), "schedule": table, "speed": speeds}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
