@@ -100,6 +100,9 @@ def test_slots_official_semantics_equal_decode_step(leak):
     dec = torch.cat([torch.full((3, 1), m.start_id), m.to_strip(z)], 1)
     g = torch.Generator().manual_seed(1)
     plans = [random_runs(64, g, hi=12) for _ in range(3)]
+    # row 1 picks block 7 from block 6 (leak): its run 53..58 crosses from 6 into 7 (kernel); 11..15 stays in a
+    # block (buffer), 1..10 and 16..35 are known chunks
+    plans[1] = [(0, 1), (1, 10), (11, 5), (16, 20), (36, 9), (45, 8), (53, 6), (59, 6)]
     want = []
     for r in range(3):
         st = m.encode(z[r:r + 1], c[r:r + 1], hole[r:r + 1], {k: v[:, r:r + 1] for k, v in gd.items()})

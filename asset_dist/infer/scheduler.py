@@ -65,6 +65,9 @@ class ScheduleStats:
     lanes: int = 0  # geometry switches (+1)
     encode_s: float = 0.0  # encoder runs for admitted rows
     step_s: float = 0.0  # decode steps (prefill included) and sampling draws
+    step_cpu_s: float = 0.0  # the same in process CPU time (benchmarks on a shared CPU)
+    first_s: float = 0.0  # the first step alone (allocations, warm-up: benchmarks leave it out)
+    first_cpu_s: float = 0.0
 
     @property
     def efficiency(self) -> float:
@@ -76,7 +79,8 @@ class ScheduleStats:
         return self.active / self.steps if self.steps else 0.0
 
     def add(self, o: "ScheduleStats") -> None:
-        for k in ("rows", "sampled", "steps", "active", "prefill_calls", "fed", "lanes", "encode_s", "step_s"):
+        for k in ("rows", "sampled", "steps", "active", "prefill_calls", "fed", "lanes", "encode_s", "step_s",
+                  "step_cpu_s"):
             setattr(self, k, getattr(self, k) + getattr(o, k))
         self.batch_size = max(self.batch_size, o.batch_size)
 
@@ -165,7 +169,8 @@ class ContinuousSampler:
 
     @torch.no_grad()
     def run(self, rows: Iterable[Row], done: Callable[[Row, torch.Tensor], None],
-            failed: Optional[Callable[[Row, BaseException], None]] = None) -> ScheduleStats:
+            failed: Optional[Callable[[Row, BaseException], None]] = None, max_steps: int = 0) -> ScheduleStats:
+        """max_steps > 0: stop after that many decode steps, unfinished rows dropped (benchmarks)."""
         stats = ScheduleStats(batch_size=self.B)
         queue = _Queue(iter(rows), self.order, self.lookahead)
         lane, slots, active = None, None, [None] * self.B
@@ -190,6 +195,8 @@ class ContinuousSampler:
                 self._admit(slots, new, active, stats, done)
                 if any(a is not None for a in active):
                     self._step(slots, active, stats, done)
+                    if max_steps and stats.steps >= max_steps:
+                        return stats
             except Exception as e:  # noqa: BLE001 - isolate the row that fails: rerun each alone
                 if failed is None:
                     raise
@@ -243,7 +250,7 @@ class ContinuousSampler:
         stats.encode_s += time.perf_counter() - t0
 
     def _step(self, slots: Slots, active: list, stats: ScheduleStats, done) -> None:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         live = [(j, a) for j, a in enumerate(active) if a is not None]
         runs = [r for j, a in live for r in a.next_run(j, self.separate)]
         stats.fed += sum(r.ids.numel() for r in runs)
@@ -267,7 +274,10 @@ class ContinuousSampler:
                 finished.append(a)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        dt = time.perf_counter() - t0
+        dt, dc = time.perf_counter() - t0, time.process_time() - c0
+        if stats.steps == 0:
+            stats.first_s, stats.first_cpu_s = dt, dc
+        stats.step_cpu_s += dc
         for _, a in live:
             a.row.seconds += dt / len(live)
         stats.steps += 1

@@ -52,6 +52,7 @@ class Slots:
     def __init__(self, model, n_slots: int, hw: tuple[int, int], sparse: bool, device, dtype: torch.dtype,
                  guide_k: Optional[int] = None):
         self.model, self.B, self.hw, self.sparse = model, n_slots, (int(hw[0]), int(hw[1])), sparse
+        self._dtype, self._device = dtype, device
         L = self.hw[0] * self.hw[1]
         self.lay = model.layout(L, self.hw, device)
         self.L, self.nt, nb = L, self.lay.nt, model.n_blocks
@@ -59,12 +60,13 @@ class Slots:
         H, hd, B = model.n_heads, cfg.d_model // model.n_heads, n_slots
         n = len(model.decoder)
         z = lambda *shape: torch.zeros(*shape, device=device, dtype=dtype)  # noqa: E731
-        self.k = [z(B, H, L + 1, hd) for _ in range(n)]  # zeros: masked keys are read, never NaN
-        self.v = [z(B, H, L + 1, hd) for _ in range(n)]
-        self.mem = [(z(B, H, L, hd), z(B, H, L, hd)) for _ in range(n)]
+        self.k = [self._big(B, H, L + 1, hd) for _ in range(n)]  # zeros: masked keys are read, never NaN
+        self.v = [self._big(B, H, L + 1, hd) for _ in range(n)]
+        self.mem = [(self._big(B, H, L, hd), self._big(B, H, L, hd)) for _ in range(n)]
         self.peg = [None if layer.peg is None else z(B, L, cfg.d_model) for layer in model.decoder]
         self.length = [0] * B  # decoder positions held per slot
         self.block = [-1] * B  # query block the slot's buffers hold (-1: none)
+        self.spill: Optional[list[set]] = None  # official semantics: per slot, blocks whose causal picks hold b+1
         if not sparse:
             return
         K = int(guide_k if guide_k is not None else cfg.guide_k)
@@ -84,6 +86,10 @@ class Slots:
                               torch.zeros(B, H, 1, 1 + S * nt, device=device, dtype=sdt)) for _ in range(n)],
                     "cross": [(z(B, H, S * nt, hd), z(B, H, S * nt, hd),
                                torch.zeros(B, H, 1, S * nt, device=device, dtype=sdt)) for _ in range(n)]}
+
+    def _big(self, *shape: int) -> torch.Tensor:
+        """The per-layer cache and cross-attention tensors (benchmarks override: memory)."""
+        return torch.zeros(*shape, device=self._device, dtype=self._dtype)
 
     # ---------------------------------------------------------------------------------------------- admission
 
@@ -106,6 +112,17 @@ class Slots:
             self.length[j], self.block[j] = 0, -1
         if not self.sparse:
             return
+        if m.cfg.sga_semantics == "official":  # runs from such a block into the next take the kernel
+            from asset_dist.attention.official import official_table
+
+            nb = m.n_blocks
+            nxt = torch.arange(1, nb + 1, device=ids.device).view(nb, 1)
+            hit = torch.zeros(len(slots), nb, dtype=torch.bool, device=ids.device)
+            for g in guides["d_causal"]:  # [m, H, nb, K]
+                hit |= (official_table(g, nb, True) == nxt).any(-1).any(1)
+            self.spill = self.spill or [set() for _ in range(self.B)]
+            for n, j in enumerate(slots):
+                self.spill[j] = set(hit[n].nonzero().view(-1).tolist())
         for key in GUIDE_KEYS:
             g = guides[key]
             if g.shape[-1] != self.K:
@@ -132,7 +149,7 @@ class Slots:
         """Feed each run (at most one per slot; run.start == the slot's length). Returns the logits [R, V] of
         the runs with want=True, in order."""
         m, nt, dev = self.model, self.nt, self.k[0].device
-        plan = _Plan(runs, nt, self.sparse, self.block, self.length, self.L, dev)
+        plan = _Plan(runs, nt, self.sparse, self.block, self.length, self.L, dev, self.spill)
         y = m._embed_decoder(plan.ids.view(1, -1), plan.pos, self.lay)
         tok = (plan.pos - 1).clamp(min=0)
         not_start = (plan.pos > 0).view(1, -1, 1)
@@ -166,6 +183,12 @@ class Slots:
                 own = None if picks is None else picks[j:j + 1, :, b].view(1, -1, 1, 1)
                 buf = AD.BlockKV(b, bk[j:j + 1], bv[j:j + 1], bb[j:j + 1], 1, own)
                 out[:, :, t0:t1] = AD.block_kv_attention(q[:, :, t0:t1], buf, nt=self.nt, first=first, last=last)
+            for j, t0, t1, b, first, last in plan.segs:
+                kg, vg, bias = self._gather(*self.tab["self"][i], K[:, :, 1:], V[:, :, 1:], [j], [b])
+                own = None if picks is None else picks[j:j + 1, :, b].view(1, -1, 1, 1)
+                buf = AD.BlockKV(b, torch.cat([K[j:j + 1, :, :1], kg], 2), torch.cat([V[j:j + 1, :, :1], vg], 2),
+                                 F.pad(bias.to(bb.dtype), (1, 0)), 1, own)
+                out[:, :, t0:t1] = AD.block_kv_attention(q[:, :, t0:t1], buf, self.nt, first=first, last=last)
             guide = self.guides["d_causal"][i]
             for j, t0, t1, qtok in plan.kernel:
                 out[:, :, t0:t1] = self.model.block_fn(q[:, :, t0:t1], qtok, K[j:j + 1, :, 1:], V[j:j + 1, :, 1:],
@@ -200,6 +223,10 @@ class Slots:
             for j, t0, t1, b, _first, _last in plan.gaps:
                 buf = AD.BlockKV(b, bk[j:j + 1], bv[j:j + 1], bb[j:j + 1], 0, None)
                 out[:, :, t0:t1] = AD.block_kv_attention(q[:, :, t0:t1], buf, self.nt)
+            for j, t0, t1, b, _first, _last in plan.segs:
+                kg, vg, bias = self._gather(*self.tab["cross"][i], mk, mv, [j], [b])
+                buf = AD.BlockKV(b, kg, vg, bias.to(bb.dtype), 0, None)
+                out[:, :, t0:t1] = AD.block_kv_attention(q[:, :, t0:t1], buf, self.nt)
             guide = self.guides["d_cross"][i]
             for j, t0, t1, qtok in plan.kernel:
                 out[:, :, t0:t1] = self.model.block_fn(q[:, :, t0:t1], qtok, mk[j:j + 1], mv[j:j + 1],
@@ -214,10 +241,11 @@ class Slots:
 
     # ---------------------------------------------------------------------------------------------- buffers
 
-    def _gather(self, blocks_tab: torch.Tensor, bias_tab: torch.Tensor, src_k, src_v, plan: "_Plan"):
-        """Key/value blocks of query block b_j for the slots j that enter a block: [m, H, S*nt, hd] + bias."""
-        js, bs = plan.gslot, plan.gblock
+    def _gather(self, blocks_tab: torch.Tensor, bias_tab: torch.Tensor, src_k, src_v, js, bs):
+        """Key/value blocks of query block bs[n] for slot js[n]: [m, H, S*nt, hd] and the bias [m, H, 1, S*nt]."""
         nt = self.nt
+        js = torch.as_tensor(js, dtype=torch.long, device=blocks_tab.device)
+        bs = torch.as_tensor(bs, dtype=torch.long, device=blocks_tab.device)
         tb = blocks_tab[js, :, bs]  # [m, H, S]
         idx = (tb.clamp(min=0).unsqueeze(-1) * nt + torch.arange(nt, device=tb.device)).flatten(2)
         kg, vg = AD.gather_rows(src_k, idx, js), AD.gather_rows(src_v, idx, js)
@@ -227,7 +255,7 @@ class Slots:
     def _gather_self(self, i: int, plan: "_Plan") -> None:
         bk, bv, bb = self.buf["self"][i]
         K, V = self.k[i], self.v[i]
-        kg, vg, bias = self._gather(*self.tab["self"][i], K[:, :, 1:], V[:, :, 1:], plan)
+        kg, vg, bias = self._gather(*self.tab["self"][i], K[:, :, 1:], V[:, :, 1:], plan.gslot, plan.gblock)
         js = plan.gslot
         bk[js, :, :1], bv[js, :, :1] = K[js, :, :1], V[js, :, :1]  # [start], seen by every query
         bk[js, :, 1:], bv[js, :, 1:] = kg, vg
@@ -236,7 +264,7 @@ class Slots:
 
     def _gather_cross(self, i: int, plan: "_Plan") -> None:
         bk, bv, bb = self.buf["cross"][i]
-        kg, vg, bias = self._gather(*self.tab["cross"][i], *self.mem[i], plan)
+        kg, vg, bias = self._gather(*self.tab["cross"][i], *self.mem[i], plan.gslot, plan.gblock)
         js = plan.gslot
         bk[js], bv[js], bb[js] = kg, vg, bias.to(bb.dtype)
 
@@ -272,15 +300,17 @@ class _Plan:
 
     Flat token t belongs to run r; groups: `starts` (position 0), `vt` (the last token of each run not taking
     the kernel: one batched call), `gaps` (the other tokens of a run inside one block: buffer, per slot),
-    `kernel` (runs across blocks or covering a block: block kernel, per slot), `dense_gaps` (dense models:
+    `segs` (the part of a run in the block before a boundary it crosses: a buffer gathered for it, per slot),
+    `kernel` (runs of a block or more, or official spills: block kernel, per slot), `dense_gaps` (dense models:
     every token but the last of a run)."""
 
     def __init__(self, runs: Sequence[Run], nt: int, sparse: bool, block: list[int], length: list[int], L: int,
-                 dev: torch.device):
+                 dev: torch.device, spill: Optional[list[set]] = None):
         ids, pos, slot, want = [], [], [], []
         self.starts: list[tuple[int, int]] = []
         self.gaps: list[tuple] = []
         self.kernel: list[tuple] = []
+        self.segs: list[tuple] = []
         self.dense_gaps: list[tuple] = []
         vt, vslot, voff, vblock, vpos = [], [], [], [], []
         bt, bslot, boff = [], [], []
@@ -314,24 +344,30 @@ class _Plan:
             e = s + n  # body: positions p0..e-1, query tokens p0-1..e-2
             if p0 < e:
                 b0, b1 = (p0 - 1) // nt, (e - 2) // nt
-                if b0 != b1 or e - p0 >= nt:  # across blocks or a whole block: the block kernel
+                if e - p0 >= nt or (b0 != b1 and spill is not None and b0 in spill[j]):
+                    # a block or more (a new row's known prefix), or official picks of the next block: kernel
                     self.kernel.append((j, t_body, t + n, torch.arange(p0 - 1, e - 1, device=dev)))
                     self.new_block[j] = -1  # the cache moved on without the buffers
-                else:
-                    if block[j] != b0:
-                        gather[j] = b0
-                    self.new_block[j] = b0
-                    first = p0 - 1 - b0 * nt
-                    last = e - 2 - b0 * nt
-                    if e - p0 > 1:
-                        self.gaps.append((j, t_body, t + n - 1, b0, first, last))
-                    bt.extend(range(t_body, t + n))
-                    bslot.extend([j] * (e - p0))
-                    boff.extend(range(first, last + 1))
-                    vt.append(t + n - 1)
-                    vslot.append(j)
-                    voff.append(last)
-                    vblock.append(b0)
+                    t += n
+                    continue
+                if b0 != b1:  # across one boundary: the part in b0 through a buffer gathered for it alone
+                    split = b1 * nt + 1  # first position whose query lies in b1
+                    self.segs.append((j, t_body, t_body + split - p0, b0, p0 - 1 - b0 * nt, nt - 1))
+                    t_body, p0, b0 = t_body + split - p0, split, b1
+                if block[j] != b0:
+                    gather[j] = b0
+                self.new_block[j] = b0
+                first = p0 - 1 - b0 * nt
+                last = e - 2 - b0 * nt
+                if e - p0 > 1:
+                    self.gaps.append((j, t_body, t + n - 1, b0, first, last))
+                bt.extend(range(t_body, t + n))
+                bslot.extend([j] * (e - p0))
+                boff.extend(range(first, last + 1))
+                vt.append(t + n - 1)
+                vslot.append(j)
+                voff.append(last)
+                vblock.append(b0)
             t += n
         self.ids = torch.cat(ids).to(dev)
         self.pos = torch.tensor(pos, device=dev)
