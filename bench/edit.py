@@ -4,7 +4,7 @@ per token) vs a full forward per token, batch 1 vs batch B, tiny and paper-size 
 
 Strategies (all give the same tokens; tests/test_infer_sampler.py):
   cached       the runner's: KV cache at token granularity; SGA token steps attend through per-block key/value
-               buffers gathered once per block (AssetTransformer.decode_step, asset_dist/attention/decode.py)
+               buffers gathered once per block (models/decoding.py decode_step, asset_dist/attention/decode.py)
   block_rerun  the official strategy: every hole token re-runs its whole block through the decoder
   uncached     a full forward (encoder + decoder) per token: the oracle (tiny only)
 
@@ -43,7 +43,8 @@ sys.path.insert(0, str(REPO))
 
 from asset_dist.config import TransformerConfig, load_config  # noqa: E402
 from asset_dist.infer.sampler import SAMPLERS, row_generator  # noqa: E402
-from asset_dist.models.transformer import AssetTransformer, DecodeCache, EncoderState  # noqa: E402
+from asset_dist.models.decoding import DecodeCache, EncoderState, new_cache  # noqa: E402
+from asset_dist.models.transformer import AssetTransformer  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 EDIT_TOKENS = 2048 * 2  # official landscape edit at 1024 ("any" token rule) x 2 samples
@@ -92,7 +93,7 @@ def prefilled_cache(model: AssetTransformer, B: int, L: int, known: int, device,
     nt = L // model.n_blocks
     end = min(L + 1, (known // nt + 3) * nt + 1)
     tile = torch.randn(1, H, known, hd, device=device, dtype=dtype)
-    cache = model.new_cache()
+    cache = new_cache(model)
     for i in range(len(model.decoder)):
         for store in (cache.k, cache.v):
             x = torch.empty(B, H, L + 1, hd, device=device, dtype=dtype)

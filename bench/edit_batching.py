@@ -279,7 +279,8 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     holes = draw_holes(a.edits, a.res, a.seed)
     sizes = holes.sum(1).float()
-    print(f"{a.edits} edits at {a.res} px: hole tokens mean {sizes.mean():.0f} ({100 * sizes.mean() / holes.shape[1]:.1f}%)"
+    frac = 100 * sizes.mean() / holes.shape[1]
+    print(f"{a.edits} edits at {a.res} px: hole tokens mean {sizes.mean():.0f} ({frac:.1f}%)"
           f", min {int(sizes.min())}, max {int(sizes.max())} (drawn in {time.perf_counter() - t0:.1f} s)", flush=True)
     table = schedule_table(holes, a.batches, a.orders)
     print("\n| batch | hole tokens | ideal steps | union steps | union steps x B / token | "
@@ -310,7 +311,8 @@ def main(argv=None) -> int:
         eff = {"union": row["union_efficiency"], "continuous": row[f"continuous_{a.orders[0]}_efficiency"]}
         for name in a.steady_models:
             steadies += steady(name, holes, a.speed_batch, a.steady, torch.device(a.device), DTYPES[a.dtype], eff)
-        print("\n| model | batch | sampler | steps timed | s/step | steps x B / token (whole set) | tokens/s | vs union |")
+        print("\n| model | batch | sampler | steps timed | s/step | steps x B / token (whole set) | tokens/s "
+              "| vs union |")
         print("|---|---|---|---|---|---|---|---|")
         for r in steadies:
             ref = next(x for x in steadies if x["model"] == r["model"] and x["sampler"] == "union")

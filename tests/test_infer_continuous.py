@@ -10,6 +10,7 @@ import torch
 
 from asset_dist.infer.sampler import SAMPLERS, sample_cached
 from asset_dist.infer.scheduler import ContinuousSampler, Row, sample_continuous
+from asset_dist.models import decoding as D
 from asset_dist.models.decoding import Run, Slots
 from tests.test_infer_sampler import V, NC, H, batch, gens, guides, official_guides, tiny
 
@@ -105,9 +106,9 @@ def test_slots_official_semantics_equal_decode_step(leak):
     plans[1] = [(0, 1), (1, 10), (11, 5), (16, 20), (36, 9), (45, 8), (53, 6), (59, 6)]
     want = []
     for r in range(3):
-        st = m.encode(z[r:r + 1], c[r:r + 1], hole[r:r + 1], {k: v[:, r:r + 1] for k, v in gd.items()})
-        cache = m.new_cache()
-        want.append([m.decode_step(st, cache, dec[r:r + 1, s:s + n], s)[0, -1] for s, n in plans[r]])
+        st = D.encode(m, z[r:r + 1], c[r:r + 1], hole[r:r + 1], {k: v[:, r:r + 1] for k, v in gd.items()})
+        cache = D.new_cache(m)
+        want.append([D.decode_step(m, st, cache, dec[r:r + 1, s:s + n], s)[0, -1] for s, n in plans[r]])
     slots = Slots(m, 3, (8, 8), True, "cpu", torch.float64, guide_k=3)
     slots.admit([0, 1, 2], z, c, hole, gd)
     for k in range(max(map(len, plans))):

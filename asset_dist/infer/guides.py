@@ -1,7 +1,7 @@
 """The guide at 256 px: its own sampled completion of each edit, then the SGA block picks (ASSET_FACTS 5.2, 7.2-7.3).
 
-Per (edit, sample) row: sample the 256 hole tokens with the KV cache (dense attention, continuous batching), run the guide once
-more teacher-forced on that completion to get its attention maps, and pool them into the block picks for
+Per (edit, sample) row: sample the 256 hole tokens with the KV cache (dense attention, continuous batching), run
+the guide once more teacher-forced on that completion to get its attention maps, and pool them into the picks for
 encoder self-, decoder causal- and cross-attention (`guides_from_maps`). The maps pass runs one row at a time,
 so a row's picks never depend on what else was in the batch (top-3 of pooled maps has many near-ties).
 
@@ -92,4 +92,6 @@ def load_picks(path: str | Path, fingerprint: dict) -> Optional[tuple[Guides, to
             tokens = torch.from_numpy(z["tokens"].astype(np.int64))
     except (OSError, ValueError, KeyError):
         return None
+    if any(p.dim() != 4 or p.numel() and (int(p.min()) < -1 or int(p.max()) >= p.shape[-2]) for p in picks.values()):
+        return None  # not picks of this grid (a damaged file): recomputed
     return picks, tokens

@@ -31,7 +31,7 @@ from typing import Any, Callable, Iterable, Iterator, Optional
 import torch
 
 from asset_dist.infer.sampler import pick_tokens
-from asset_dist.models.decoding import Run, Slots
+from asset_dist.models.decoding import Run, Slots, small_gemm
 
 
 @dataclass
@@ -171,6 +171,10 @@ class ContinuousSampler:
     def run(self, rows: Iterable[Row], done: Callable[[Row, torch.Tensor], None],
             failed: Optional[Callable[[Row, BaseException], None]] = None, max_steps: int = 0) -> ScheduleStats:
         """max_steps > 0: stop after that many decode steps, unfinished rows dropped (benchmarks)."""
+        with small_gemm(self.model):
+            return self._run(rows, done, failed, max_steps)
+
+    def _run(self, rows, done, failed, max_steps: int) -> ScheduleStats:
         stats = ScheduleStats(batch_size=self.B)
         queue = _Queue(iter(rows), self.order, self.lookahead)
         lane, slots, active = None, None, [None] * self.B

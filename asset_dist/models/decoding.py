@@ -1,34 +1,311 @@
-"""Continuous-batching decoder state: `Slots` holds B rows (images being sampled), each at its own decoder
-position, in one token geometry; `Slots.step` feeds every row its own run of consecutive decoder positions in
-one call and returns the logits at the end of each run.
+"""Incremental decoding of the ASSET transformer (sampling), apart from the model (models/transformer.py keeps
+forward + loss): the encoder state, the key/value cache, token-granular decode steps, and continuous batching.
 
-A step's runs are flattened into one token list, so the linear layers (the weight reads) are shared by every
-row whatever its position; only attention is per row:
-- the LAST token of each run (the one whose logits are sampled) attends in one batched call over all slots:
-  SGA through each slot's own per-block key/value buffers (`attention.decode`: gathered once when the row's
-  run enters a block, own-block keys written as they are computed), dense through the cache with a per-row
-  causal limit;
-- the other tokens of a run that stays inside one block (known tokens before a hole token) attend through
-  the same buffer, one call per slot; runs that cross a block boundary or cover a whole block (a new row's
-  known prefix) take the model's block kernel (`block_fn`, one call per slot), as `decode_step` does;
-- the decoder's [start] (position 0) attends to itself (self) and to every encoder token (cross).
-Every value equals `AssetTransformer.forward` on the row's tokens up to float rounding
-(tests/test_infer_continuous.py); the union sampler's `decode_step` is the reference.
+Conventions are the model's (strip order, decoder position p >= 1 holds strip token p-1, the output at position p
+predicts strip token p).
 
-A row enters a free slot with `admit` (the encoder runs once for the rows admitted together; their tensors are
-copied into the slot tensors) and leaves by being overwritten: nothing is freed per row.
+- `encode` runs the encoder once per image (the guides' values are checked here, at the boundary: `forward`
+  does not sync with the host to check them); `decode_step` feeds consecutive decoder positions s..s+n-1 of a
+  batch whose rows share positions (the union sampler, `infer/sampler.py`). Runs shorter than a block (token
+  steps) attend through per-block key/value buffers gathered once when the run enters a block
+  (`attention.decode`); longer runs (known chunks, whole-block re-runs) use the block kernel (`block_kernel`).
+  Both equal `AssetTransformer.forward` (tests/test_transformer.py, tests/test_infer_sampler.py).
+- `Slots` holds B rows (images being sampled), each at its own decoder position, in one token geometry;
+  `Slots.step` feeds every row its own run of consecutive positions in one call and returns the logits at the
+  end of each run (continuous batching, `infer/scheduler.py`). A step's runs are flattened into one token
+  list, so the linear layers (the weight reads) are shared by every row whatever its position; only attention
+  is per row:
+  - the LAST token of each run (the one whose logits are sampled) attends in one batched call over all slots:
+    SGA through each slot's own per-block key/value buffers (gathered when the row's run enters a block,
+    own-block keys written as they are computed), dense through the cache with a per-row causal limit;
+  - the other tokens of a run (known tokens before a hole token) attend through the same buffer, one call per
+    slot; the part of a run before a block boundary through a buffer gathered for it; runs of a block or more
+    (a new row's known prefix) take the block kernel, as `decode_step` does;
+  - the decoder's [start] (position 0) attends to itself (self) and to every encoder token (cross).
+  A row enters a free slot with `Slots.admit` (the encoder runs once for the rows admitted together) and leaves
+  by being overwritten. Every value equals `forward` up to float rounding (tests/test_infer_continuous.py).
+- `small_gemm`: CPU decode steps run their 2-64 rows through the linear layers as one batched GEMM against
+  256-row weight slices (switched on by the samplers for their loop; training never sees it).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional, Sequence
+import contextlib
+import functools
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable, Iterator, Optional, Sequence, Union
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from asset_dist.attention import decode as AD
 
-GUIDE_KEYS = ("e_self", "d_causal", "d_cross")
+from asset_dist.models.transformer import GUIDE_KEYS, Core, Guides
+
+if TYPE_CHECKING:
+    from asset_dist.models.transformer import AssetTransformer, Layout
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Kernels chosen per model
+
+
+def block_kernel(m: "AssetTransformer") -> Callable[..., torch.Tensor]:
+    """The SGA kernel for runs of a block or more: union semantics, or the official ones (imported weights)."""
+    if m.cfg.sga_semantics == "official":
+        from asset_dist.attention.official import official_block_attention
+        return official_block_attention
+    return AD.block_attention
+
+
+SLICE = 256
+
+
+def _sliced_linear(lin: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """lin(x); 2-64 rows on the CPU without autograd run as one batched GEMM of the rows against 256-row slices
+    of the weight: MKL's sgemm on the whole weight was measured 20-35% slower for 4-32 rows (BENCHMARKS.md
+    "Editing"; one row is a GEMV either way). Same result up to float rounding (another summation blocking)."""
+    o, i = lin.out_features, lin.in_features
+    rows = x.numel() // i
+    if not (2 <= rows <= 64 and o % SLICE == 0 and o > SLICE and x.device.type == "cpu"
+            and not torch.is_grad_enabled()):
+        return F.linear(x, lin.weight, lin.bias)
+    n = o // SLICE
+    w = lin.weight.view(n, SLICE, i).transpose(1, 2)
+    xs = x.reshape(rows, i).expand(n, rows, i)
+    y = torch.bmm(xs, w) if lin.bias is None else torch.baddbmm(lin.bias.view(n, 1, SLICE), xs, w)
+    return y.transpose(0, 1).reshape(*x.shape[:-1], o)
+
+
+@contextlib.contextmanager
+def small_gemm(m: "AssetTransformer") -> Iterator[None]:
+    """While active, the decoder's linear layers and the LM head take `_sliced_linear` (CPU decode steps)."""
+    mods = [x for x in m.decoder.modules() if isinstance(x, nn.Linear)] + [m.lm_head]
+    patched = [x for x in mods if "forward" not in x.__dict__]  # nested use: patch once
+    for x in patched:
+        x.forward = functools.partial(_sliced_linear, x)
+    try:
+        yield
+    finally:
+        for x in patched:
+            del x.forward
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The union sampler's state: rows at the same positions
+
+
+@dataclass
+class EncoderState:
+    """What `decode_step` needs from the encoder; computed once per image by `encode`."""
+
+    layout: "Layout"
+    enc: torch.Tensor  # [B, L, d] final encoder output, strip order
+    mem: list[tuple[torch.Tensor, torch.Tensor]]  # per decoder layer: cross-attention k, v [B, H, L, hd]
+    peg: list[Optional[torch.Tensor]]  # per decoder layer: PEG term [B, L, d] for decoder positions 1..L, or None
+    guides: Optional[Guides]
+    # SGA token-step tables {"self": [StepTable per decoder layer], "cross": [...]}: built by `encode`, or by the
+    # first `decode_step` for a state built elsewhere
+    tables: Optional[dict[str, list[AD.StepTable]]] = None
+
+
+@dataclass
+class DecodeCache:
+    """Per decoder layer self-attention keys/values at token granularity, decoder positions 0..L, and (SGA) the
+    key/value buffers of the query block token steps are in."""
+
+    k: list[Optional[torch.Tensor]] = field(default_factory=list)  # [B, H, L+1, hd], allocated on first use
+    v: list[Optional[torch.Tensor]] = field(default_factory=list)
+    length: int = 0  # positions 0..length-1 are valid
+    self_kv: list[Optional[AD.BlockKV]] = field(default_factory=list)  # per layer: [start] + the block's keys
+    cross_kv: list[Optional[AD.BlockKV]] = field(default_factory=list)  # per layer: the block's encoder keys
+    owner: Optional[EncoderState] = None  # the state cross_kv was gathered from
+
+
+@torch.no_grad()
+def encode(m: "AssetTransformer", image_ids: torch.Tensor, cond_ids: torch.Tensor, hole: torch.Tensor,
+           guides: Optional[Guides] = None, hw: Optional[tuple[int, int]] = None) -> EncoderState:
+    """Run the encoder once and precompute, per decoder layer, the cross-attention keys/values, PEG term and
+    SGA token-step tables."""
+    lay, image_s, cond_s, hole_s = m._inputs(image_ids, cond_ids, hole, guides, hw)
+    if guides is not None:
+        m.check_guides(guides, image_ids.shape[0])
+    enc = m._encode(image_s, cond_s, hole_s, lay, guides)
+    mem = [layer.cross_attn.project_kv(enc) for layer in m.decoder]
+    state = EncoderState(lay, enc, mem, m._peg_terms(enc, lay), guides)
+    _tables(m, state)
+    return state
+
+def new_cache(m: "AssetTransformer") -> DecodeCache:
+    n = len(m.decoder)
+    return DecodeCache([None] * n, [None] * n, 0, [None] * n, [None] * n, None)
+
+def _tables(m: "AssetTransformer", state: EncoderState) -> Optional[dict[str, list[AD.StepTable]]]:
+    """The state's token-step tables (once per image: not per token and layer)."""
+    if state.guides is not None and state.tables is None:
+        sem = m.cfg.sga_semantics
+        state.tables = {
+            "self": [AD.step_table(g.to(state.enc.device), m.n_blocks, True, sem)
+                     for g in state.guides["d_causal"]],
+            "cross": [AD.step_table(g.to(state.enc.device), m.n_blocks, False, sem)
+                      for g in state.guides["d_cross"]]}
+    return state.tables
+
+def _token_steps(m: "AssetTransformer", state: EncoderState, s: int, n: int) -> bool:
+    """Whether the run s..s+n-1 goes through the per-block buffers (SGA, shorter than a block)."""
+    nt = state.layout.nt
+    if state.guides is None or n >= nt:
+        return False
+    tables = _tables(m, state)
+    b0, b1 = max(s - 1, 0) // nt, (s + n - 2) // nt  # query blocks of the run's tokens
+    return b0 == b1 or not any(t.spill[b0] for t in tables["self"])
+
+@torch.no_grad()
+def decode_step(m: "AssetTransformer", state: EncoderState, cache: DecodeCache, new_token_ids: torch.Tensor,
+                positions: Union[int, Sequence[int], torch.Tensor]) -> torch.Tensor:
+    """Feed tokens at consecutive decoder positions s..s+n-1 (s <= cache.length; feeding s < length rewinds the
+    cache). new_token_ids [B, n]: at position p >= 1 the strip token p-1; at position 0 the id is ignored
+    ([start]). Returns logits [B, n, V]; row i predicts strip token positions[i], equal to forward's
+    logits[:, positions[i]] (same guides). Dense when state.guides is None, else the SGA pattern."""
+    n = new_token_ids.shape[1]
+    if isinstance(positions, int):
+        s = positions
+    else:
+        pos_list = torch.as_tensor(positions).view(-1).tolist()
+        s = int(pos_list[0]) if pos_list else 0
+        if pos_list != list(range(s, s + len(pos_list))) or len(pos_list) != n:
+            raise ValueError(f"positions must be {n} consecutive decoder positions, got {pos_list}")
+    lay = state.layout
+    if n < 1 or s < 0 or s > cache.length or s + n > lay.L + 1:
+        raise ValueError(f"decode_step: positions {s}..{s + n - 1} invalid (cache holds 0..{cache.length - 1}, "
+                         f"sequence 0..{lay.L})")
+    steps = _token_steps(m, state, s, n)
+    _sync_buffers(state, cache, s, steps)
+    pos = torch.arange(s, s + n, device=new_token_ids.device)
+    y = m._embed_decoder(new_token_ids, pos, lay)
+    tok = (pos - 1).clamp(min=0)
+    for i, layer in enumerate(m.decoder):
+        peg = None
+        if state.peg[i] is not None:
+            peg = state.peg[i][:, tok] * (pos > 0).view(1, -1, 1).to(y.dtype)
+        if steps:
+            cores = _token_self_core(m, state, cache, i, s, n), _token_cross_core(m, state, cache, i, s, n)
+        else:
+            cores = _step_self_core(m, state, cache, i, pos), _step_cross_core(m, state, i, pos)
+        y = layer(y, state.mem[i], *cores, peg)
+    cache.length = s + n
+    return m.lm_head(y)
+
+def _sync_buffers(state: EncoderState, cache: DecodeCache, s: int, steps: bool) -> None:
+    """Drop block buffers that this call would leave stale. Self: a buffer of block b holds [start] and every
+    key before the block (positions <= b*nt) as they were when gathered, and its own block as token steps
+    wrote it; rewriting an earlier position, or a block-kernel run (writes only the cache), invalidates it.
+    Cross: only the state's encoder keys."""
+    n = len(cache.k)
+    if len(cache.self_kv) != n:  # a cache built without the buffer lists
+        cache.self_kv, cache.cross_kv = [None] * n, [None] * n
+    if cache.owner is not state:
+        cache.self_kv, cache.cross_kv, cache.owner = [None] * n, [None] * n, state
+    nt = state.layout.nt
+    for i, buf in enumerate(cache.self_kv):
+        if buf is not None and (not steps or s <= buf.block * nt):
+            cache.self_kv[i] = None
+
+def _write_cache(cache: DecodeCache, i: int, k: torch.Tensor, v: torch.Tensor, s: int, L: int
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    if cache.k[i] is None:
+        B, H, _, d = k.shape
+        cache.k[i] = k.new_zeros(B, H, L + 1, d)  # zeros: masked keys are read, never NaN
+        cache.v[i] = v.new_zeros(B, H, L + 1, d)
+    cache.k[i][:, :, s:s + k.shape[2]] = k
+    cache.v[i][:, :, s:s + v.shape[2]] = v
+    return cache.k[i], cache.v[i]
+
+def _segments(s: int, n: int, nt: int) -> list[tuple[int, int, int]]:
+    """(b, r0, r1): rows r0..r1-1 of the run s..s+n-1 (past [start]) hold the queries of query block b."""
+    out, r = [], (1 if s == 0 else 0)
+    while r < n:
+        b = (s + r - 1) // nt
+        end = min(n, (b + 1) * nt + 1 - s)
+        out.append((b, r, end))
+        r = end
+    return out
+
+def _token_self_core(m: "AssetTransformer", state: EncoderState, cache: DecodeCache, i: int, s: int,
+                     n: int) -> Core:
+    nt, L = state.layout.nt, state.layout.L
+    table = state.tables["self"][i]
+    last = s + n - 2  # the run's last query token
+
+    def core(q, k, v):
+        K, V = _write_cache(cache, i, k, v, s, L)
+        outs = [V[:, :, :1]] if s == 0 else []  # [start] attends only to itself
+        for b, r0, r1 in _segments(s, n, nt):
+            buf = cache.self_kv[i]
+            first = s + r0 - 1 - b * nt  # in-block offset of the segment's first query
+            if buf is None or buf.block != b:  # entering block b: gather after this run's cache write
+                buf = AD.gather_block_kv(K[:, :, 1:], V[:, :, 1:], table, b, nt, (K[:, :, :1], V[:, :, :1]))
+                cache.self_kv[i] = buf
+            else:
+                AD.write_own(buf, k[:, :, r0:r1], v[:, :, r0:r1], first)
+            outs.append(AD.block_kv_attention(q[:, :, r0:r1], buf, nt, first, min(last - b * nt, nt - 1)))
+        return torch.cat(outs, 2) if len(outs) > 1 else outs[0]
+    return core
+
+def _token_cross_core(m: "AssetTransformer", state: EncoderState, cache: DecodeCache, i: int, s: int,
+                      n: int) -> Core:
+    nt = state.layout.nt
+    table = state.tables["cross"][i]
+
+    def core(q, k, v):
+        outs = [F.scaled_dot_product_attention(q[:, :, :1], k, v)] if s == 0 else []  # [start]: every token
+        for b, r0, r1 in _segments(s, n, nt):
+            buf = cache.cross_kv[i]
+            if buf is None or buf.block != b:
+                buf = cache.cross_kv[i] = AD.gather_block_kv(k, v, table, b, nt)
+            outs.append(AD.block_kv_attention(q[:, :, r0:r1], buf, nt))
+        return torch.cat(outs, 2) if len(outs) > 1 else outs[0]
+    return core
+
+def _step_self_core(m: "AssetTransformer", state: EncoderState, cache: DecodeCache, i: int,
+                    pos: torch.Tensor) -> Core:
+    """Dense runs, and SGA runs of a block or more (block kernel)."""
+    s, e = int(pos[0]), int(pos[-1]) + 1
+
+    def core(q, k, v):
+        K, V = _write_cache(cache, i, k, v, s, state.layout.L)
+        # positions >= e are stale or empty; the causal mask never reads them
+        if state.guides is None:
+            mask = pos.view(-1, 1) >= torch.arange(e, device=pos.device).view(1, -1)
+            return F.scaled_dot_product_attention(q, K[:, :, :e], V[:, :, :e], attn_mask=mask)
+        guide = state.guides["d_causal"][i]
+        outs = []
+        if s == 0:
+            outs.append(V[:, :, :1])  # [start] attends only to itself
+        if e > 1:
+            j = 1 if s == 0 else 0
+            outs.append(block_kernel(m)(q[:, :, j:], pos[j:] - 1, K[:, :, 1:], V[:, :, 1:], guide,
+                                      state.layout.nt, causal=True, prefix=(K[:, :, :1], V[:, :, :1])))
+        return torch.cat(outs, 2)
+    return core
+
+def _step_cross_core(m: "AssetTransformer", state: EncoderState, i: int, pos: torch.Tensor) -> Core:
+    def core(q, k, v):
+        if state.guides is None:
+            return F.scaled_dot_product_attention(q, k, v)
+        outs = []
+        j = 1 if int(pos[0]) == 0 else 0
+        if j:
+            outs.append(F.scaled_dot_product_attention(q[:, :, :1], k, v))
+        if q.shape[2] > j:
+            outs.append(block_kernel(m)(q[:, :, j:], pos[j:] - 1, k, v, state.guides["d_cross"][i],
+                                      state.layout.nt, causal=False))
+        return torch.cat(outs, 2)
+    return core
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Continuous batching: every row at its own position
 
 
 @dataclass
@@ -40,10 +317,6 @@ class Run:
     start: int
     ids: torch.Tensor  # long [n] on the model's device
     want: bool = True
-
-
-def _score_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 class Slots:
@@ -75,7 +348,7 @@ class Slots:
                                        dtype=torch.long, device=device) for key in GUIDE_KEYS}
         S = AD.step_table(torch.full((1, H, nb, K), -1, dtype=torch.long), nb, True,
                           cfg.sga_semantics).blocks.shape[-1]
-        sdt = _score_dtype(dtype)
+        sdt = AD._score_dtype(dtype)
         self.S = S
         self.tab = {w: [(torch.full((B, H, nb, S), -1, dtype=torch.long, device=device),
                          torch.zeros(B, H, nb, S, dtype=torch.float64, device=device)) for _ in range(n)]
@@ -101,7 +374,7 @@ class Slots:
         if (guides is not None) != self.sparse:
             raise ValueError("Slots: sparse slots need guides for every row, dense slots none")
         m = self.model
-        st = m.encode(ids, cond, hole, guides, self.hw)
+        st = encode(m, ids, cond, hole, guides, self.hw)
         js = torch.as_tensor(list(slots), dtype=torch.long, device=ids.device)
         for i in range(len(m.decoder)):
             self.mem[i][0][js] = st.mem[i][0]
@@ -191,7 +464,7 @@ class Slots:
                 out[:, :, t0:t1] = AD.block_kv_attention(q[:, :, t0:t1], buf, self.nt, first=first, last=last)
             guide = self.guides["d_causal"][i]
             for j, t0, t1, qtok in plan.kernel:
-                out[:, :, t0:t1] = self.model.block_fn(q[:, :, t0:t1], qtok, K[j:j + 1, :, 1:], V[j:j + 1, :, 1:],
+                out[:, :, t0:t1] = block_kernel(self.model)(q[:, :, t0:t1], qtok, K[j:j + 1, :, 1:], V[j:j + 1, :, 1:],
                                                        guide[j:j + 1], self.nt, causal=True,
                                                        prefix=(K[j:j + 1, :, :1], V[j:j + 1, :, :1]))
             if plan.vt.numel():
@@ -229,7 +502,7 @@ class Slots:
                 out[:, :, t0:t1] = AD.block_kv_attention(q[:, :, t0:t1], buf, self.nt)
             guide = self.guides["d_cross"][i]
             for j, t0, t1, qtok in plan.kernel:
-                out[:, :, t0:t1] = self.model.block_fn(q[:, :, t0:t1], qtok, mk[j:j + 1], mv[j:j + 1],
+                out[:, :, t0:t1] = block_kernel(self.model)(q[:, :, t0:t1], qtok, mk[j:j + 1], mv[j:j + 1],
                                                        guide[j:j + 1], self.nt, causal=False)
             if plan.vt.numel():
                 sel, qv = plan.vector_rows(q, self.B)
