@@ -61,7 +61,7 @@ def test_gallery_rows_for_ok_failed_and_missing_edits(tmp_path):
     r = write_gallery(str(es_dir), res, tmp_path / "g", 182, size=64)
     assert (r["rows"], r["ok"], r["failed"]) == (1, 1, [])
     page = (tmp_path / "g" / "gallery.html").read_text()
-    assert f"gallery/{eid}/sample_0.png" in page and "waterother" in page and "sample 1.5 s" in page
+    assert f"gallery/{eid}/sample_0.png" in page and "water-other" in page and "sample 1.5 s" in page
     tile = np.asarray(Image.open(tmp_path / "g" / "gallery" / eid / "sample_0.png"))
     assert tile.shape == (64, 64, 3) and (tile == 7).all()
     sheet = np.asarray(Image.open(tmp_path / "g" / "contact_sheet.png"))

@@ -110,6 +110,13 @@ def test_single_edit_command_matches_batch(runs, tmp_path):
              files["mask"], "--class", "waterother", "--id", "a256", "--out", str(tmp_path / "o"), "--device", "cpu"])
     check(p)
     assert str(tmp_path / "o" / "a256" / "sample_0.png") in p.stdout
+    # progress on stderr (not a terminal here: one line per 10 %, the last at 100 % with the edit done)
+    lines = [x for x in p.stderr.splitlines() if x.startswith("[rank 0] sampling: ")]
+    assert lines and "1/1 edits" in lines[-1] and "(100%)" in lines[-1] and "ETA" in lines[-1], p.stderr[-2000:]
+    assert len(lines) <= 12
+    # the class is recorded in the table's one spelling, whatever alias was typed
+    rec = json.loads((tmp_path / "o" / "a256" / "record.json").read_text())
+    assert rec["class_name"] == "water-other" and rec["class_id"] == 177
     for k in range(S):
         assert (tmp_path / "o" / "a256" / f"sample_{k}.png").read_bytes() == \
             (runs["one"] / "a256" / f"sample_{k}.png").read_bytes()
@@ -117,6 +124,36 @@ def test_single_edit_command_matches_batch(runs, tmp_path):
                files["mask"], "--class", "lake", "--out", str(tmp_path / "o2")])
     check(bad, 1)
     assert "unknown class name 'lake'" in bad.stderr
+
+
+def test_edit_with_an_sga_runs_own_config(runs, tmp_path):
+    """`edit --config RUN/config.yaml` of an SGA run (infer.sga_weights unset) edits with RUN/export/sga.pt;
+    `--set infer.sga_weights=` keeps the guide-only mode."""
+    import shutil
+
+    import yaml
+
+    run = tmp_path / "run"
+    (run / "export").mkdir(parents=True)
+    shutil.copy(runs["cfg"].parent / "sga.pt", run / "export" / "sga.pt")
+    from asset_dist.config import load_config, save_config
+
+    cfg = load_config(runs["cfg"], ["infer.sga_weights=", "infer.samples=1"])
+    assert cfg.train.stage == "sga"
+    save_config(cfg, run / "config.yaml")
+    assert yaml.safe_load((run / "config.yaml").read_text())["infer"]["sga_weights"] == ""
+    es = EditSet(str(runs["tmp"] / "edits"))
+    e = decode_edit(es.load("b256"), 182)
+    files = write_inputs(tmp_path / "in", "b", e.image, e.seg, e.mask * 255)
+    args = ["edit", "--config", str(run / "config.yaml"), "--input", files["image"], "--seg", files["seg"], "--mask",
+            files["mask"], "--class", "snow", "--device", "cpu"]
+    p = cli([*args, "--out", str(tmp_path / "o")])
+    check(p)
+    assert f"the run's own export {run / 'export' / 'sga.pt'}" in p.stderr
+    assert json.loads((tmp_path / "o" / "b" / "record.json").read_text())["mode"] == "sga"
+    p = cli([*args, "--out", str(tmp_path / "o2"), "--set", "infer.sga_weights="])
+    check(p)
+    assert json.loads((tmp_path / "o2" / "b" / "record.json").read_text())["mode"] == "guide-only"
 
 
 def test_guide_only_mode_without_sga(runs, tmp_path):

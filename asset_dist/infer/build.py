@@ -179,7 +179,8 @@ def official(b: Builder, root: Path, which: str, resolution: int = 0) -> None:
             m = m.convert("L").resize((side, side), Image.NEAREST)
             lab = np.asarray(Image.fromarray(lab).resize((side, side), Image.NEAREST))
         return make_record(eid, png_bytes(np.asarray(image.convert("RGB"))), png_bytes(lab),
-                           png_bytes(np.asarray(m.convert("L"))), class_id=b.table.lookup(cls), class_name=cls,
+                           png_bytes(np.asarray(m.convert("L"))), class_id=b.table.lookup(cls),
+                           class_name=b.table.name(b.table.lookup(cls)),
                            num_classes=b.table.num_classes, label_shift=b.table.label_shift,
                            source={"official": which, "root": str(root), "resolution": resolution,
                                    "converted_from_shift": src_shift})

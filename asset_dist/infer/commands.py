@@ -20,7 +20,23 @@ def _common(p: argparse.ArgumentParser, edits_required: bool = True) -> None:
 
 
 def _cfg(args):
-    return load_config(args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides)
+    given = any(o.split("=", 1)[0].strip() == "infer.sga_weights" for o in args.overrides or [])
+    own = "" if given else own_sga_export(cfg, args.config)
+    if own:
+        cfg.infer.sga_weights = own
+        print(f"infer.sga_weights: the run's own export {own}", file=sys.stderr)
+    return cfg
+
+
+def own_sga_export(cfg, config_path) -> str:
+    """An SGA run's config (RUN/config.yaml, train.stage sga) with infer.sga_weights unset edits with that
+    run's own export, RUN/export/sga.pt next to the config. "" when there is none (guide-only, as before) or
+    infer.sga_weights is set (`--set infer.sga_weights=` keeps guide-only)."""
+    if cfg.infer.sga_weights or cfg.train.stage != "sga" or not config_path:
+        return ""
+    export = Path(config_path).resolve().parent / "export" / "sga.pt"
+    return str(export) if export.is_file() else ""
 
 
 def _edits(args, cfg) -> str:

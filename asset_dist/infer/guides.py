@@ -42,11 +42,12 @@ def picks_for_rows(guide: AssetTransformer, tokens: torch.Tensor, cond: torch.Te
 
 @torch.no_grad()
 def run_guide(guide: AssetTransformer, ids: torch.Tensor, cond: torch.Tensor, hole: torch.Tensor,
-              gens: Sequence[torch.Generator], *, top_k: int, temperature: float
+              gens: Sequence[torch.Generator], *, top_k: int, temperature: float, on_step=None
               ) -> tuple[torch.Tensor, Guides, ScheduleStats]:
     """256 tokens of B rows (raster [B, 256]) -> (the guide's sampled completion, picks, stats). Sampled with
     continuous batching: the same tokens as the union schedule in fewer steps."""
-    tokens, stats = sample_continuous(guide, ids, cond, hole, gens, top_k=top_k, temperature=temperature)
+    tokens, stats = sample_continuous(guide, ids, cond, hole, gens, top_k=top_k, temperature=temperature,
+                                      on_step=on_step)
     return tokens, picks_for_rows(guide, tokens, cond, hole), stats
 
 

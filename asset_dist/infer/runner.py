@@ -41,7 +41,9 @@ from asset_dist.config import Config, save_config
 from asset_dist.data.views import make_views
 from asset_dist.infer import guides as G
 from asset_dist.infer.blend import composite
+from asset_dist.infer.classes import table_for_config
 from asset_dist.infer.edits import Edit, EditError, EditFiles, EditSet, decode_edit, png_bytes, split_for_rank
+from asset_dist.infer.progress import Progress
 from asset_dist.infer.sampler import row_generator
 from asset_dist.infer.scheduler import ContinuousSampler, Row, ScheduleStats
 from asset_dist.launch.env import EXIT_REQUEUE, DistEnv, dist_env
@@ -161,6 +163,7 @@ class EditRunner:
     def __init__(self, cfg: Config, models: Models, samples: int, guides_dir: Optional[str] = None):
         self.cfg, self.m, self.samples = cfg, models, samples
         self.guides_dir = guides_dir or None
+        self.classes = table_for_config(cfg)
         t = cfg.model.transformer
         self.side_multiple = FACTOR * int(np.lcm(*[int(g) for g in t.block_grid]))
 
@@ -198,7 +201,7 @@ class EditRunner:
     def _cat(rows, which: str) -> list[torch.Tensor]:
         return [torch.cat([getattr(p, which)[j] for p, _ in rows]) for j in range(3)]
 
-    def guide_batch(self, rows: list[tuple[Prepared, int]], store: Optional[str] = None) -> None:
+    def guide_batch(self, rows: list[tuple[Prepared, int]], store: Optional[str] = None, on_step=None) -> None:
         """Fill p.picks[k] for the rows: from `guides_dir` when valid, else by running the guide (batched).
         store: also save computed picks there (precompute-guides)."""
         need = []
@@ -215,7 +218,7 @@ class EditRunner:
         ids, cond, hole = self._cat(need, "lr")
         i = self.cfg.infer
         tokens, picks, _ = G.run_guide(self.m.guide, ids, cond, hole, self._gens(need, "guide"),
-                                       top_k=i.top_k, temperature=i.temperature)
+                                       top_k=i.top_k, temperature=i.temperature, on_step=on_step)
         dt = (time.perf_counter() - t0) / len(need)
         for j, (p, k) in enumerate(need):
             p.picks[k], p.guide_source[k] = G.row_picks(picks, j), "computed"
@@ -276,6 +279,11 @@ class EditRunner:
 
     # -------------------------------------------------------------------------------------------- outputs
 
+    def class_name(self, edit: Edit) -> str:
+        """The class table's one spelling of the edit's class, whatever alias the edit set stores (e.g. the
+        official "waterother" for "water-other"); "None" (-1) for no class (an edited label map)."""
+        return self.classes.name(edit.class_id)
+
     def finish(self, p: Prepared, out: Path, env: DistEnv) -> dict:
         d = out / p.edit_id
         if p.error is not None:
@@ -290,7 +298,7 @@ class EditRunner:
         p.timings["write"] = time.perf_counter() - t0
         hole = int(p.hr[2].sum())
         return {"edit": p.edit_id, "status": "ok", "error": None, "size": p.side, "class_id": p.edit.class_id,
-                "class_name": p.edit.class_name, "mode": self.m.mode, "samples": self.samples,
+                "class_name": self.class_name(p.edit), "mode": self.m.mode, "samples": self.samples,
                 "hole_tokens": hole, "tokens_sampled": dict(p.tokens),
                 "guides": sorted(set(p.guide_source.values())) or None,
                 "timings_s": {k: round(v, 4) for k, v in p.timings.items()},
@@ -425,8 +433,8 @@ def run_batch_edits(cfg: Config, edits: str, out: str | Path, *, guides_dir: Opt
 class _Settle:
     """Writes each edit's outputs and record once all its samples are settled (sampled or failed)."""
 
-    def __init__(self, runner: "EditRunner", out: Path, env: DistEnv, log_path: Path, bar):
-        self.runner, self.out, self.env, self.log_path, self.bar = runner, out, env, log_path, bar
+    def __init__(self, runner: "EditRunner", out: Path, env: DistEnv, log_path: Path, progress: Progress):
+        self.runner, self.out, self.env, self.log_path, self.progress = runner, out, env, log_path, progress
         self.left: dict[int, int] = {}  # id(Prepared) -> rows not settled yet
         self.failed = self.crashed = self.written = 0
 
@@ -449,7 +457,7 @@ class _Settle:
         if rec["status"] != "ok":
             self.failed += 1
             _log(f"[rank {self.env.rank}] FAILED {rec['error']}")
-        self.bar.update()
+        self.progress.edit_done()
 
 
 def _run_pending(cfg: Config, eset, pending: list[str], out: Path, samples: int, guides_dir: Optional[str],
@@ -459,16 +467,14 @@ def _run_pending(cfg: Config, eset, pending: list[str], out: Path, samples: int,
     Edits are read and prepared a window at a time (tokenizers, guide picks for the window's rows); their
     (edit, sample) rows feed the continuous sampler's queue, which keeps `infer.batch_size` rows sampling; an
     edit's images and record are written as soon as its last row is sampled."""
-    from tqdm import tqdm
-
     i = cfg.infer
     models = load_models(cfg, pick_device(device, env))
     runner = EditRunner(cfg, models, samples, guides_dir)
     per_window = max(1, -(-i.batch_size // samples))
     log_path = out / "logs" / f"rank{env.rank}.jsonl"
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    bar = tqdm(total=len(pending), desc=f"edits rank {env.rank}", unit="edit", disable=None, file=sys.stderr)
-    settle = _Settle(runner, out, env, log_path, bar)
+    progress = Progress(f"[rank {env.rank}] sampling", len(pending))
+    settle = _Settle(runner, out, env, log_path, progress)
 
     def rows():
         for c in range(0, len(pending), per_window):
@@ -488,10 +494,14 @@ def _run_pending(cfg: Config, eset, pending: list[str], out: Path, samples: int,
             for p in preps:
                 settle.expect(p, samples)
                 if p.error is not None:  # the guide failed on it
+                    progress.queued(0, 1)
                     for _ in range(samples):
                         settle.row(p)
                     continue
-                yield from runner.sample_rows(p)
+                rows = runner.sample_rows(p)
+                progress.queued(sum(r.n_hole for r in rows), 1)
+                yield from rows
+            progress.queued(0, len(pending[c:c + per_window]) - len(preps))  # failed to prepare: nothing to sample
 
     def done(row: Row, tokens: torch.Tensor) -> None:
         p = row.key[0]
@@ -507,10 +517,11 @@ def _run_pending(cfg: Config, eset, pending: list[str], out: Path, samples: int,
         p.error = p.error or f"edit {p.edit_id!r}: {type(e).__name__}: {e}"
         settle.row(p)
 
-    sampler = ContinuousSampler(runner.sampling_model, i.batch_size, top_k=i.top_k, temperature=i.temperature,
-                                lookahead=2 * i.batch_size)
-    stats = sampler.run(rows(), done, failed)
-    bar.close()
+    batch = min(i.batch_size, len(pending) * samples)  # slots hold whole caches: no more than there are rows
+    sampler = ContinuousSampler(runner.sampling_model, batch, top_k=i.top_k, temperature=i.temperature,
+                                lookahead=2 * batch)
+    stats = sampler.run(rows(), done, failed, on_step=progress.sampled)
+    progress.close()
     append_stats(out, env, stats)
     _log(f"[rank {env.rank}] done: {settle.written - settle.failed} ok, {settle.failed} failed; sampling: "
          f"{stats.sampled} hole tokens in {stats.steps} steps of {stats.batch_size} rows "
@@ -571,8 +582,6 @@ def write_summary(out: Path) -> dict:
 def run_precompute(cfg: Config, edits: str, out: str | Path, *, samples: Optional[int] = None,
                    device: str = "auto", env: Optional[DistEnv] = None) -> int:
     """precompute-guides: picks for every (edit, sample) of this rank's share; existing valid files are kept."""
-    from tqdm import tqdm
-
     check_infer_config(cfg)
     env = env or dist_env()
     samples = samples or cfg.infer.samples
@@ -583,7 +592,7 @@ def run_precompute(cfg: Config, edits: str, out: str | Path, *, samples: Optiona
     runner = EditRunner(cfg, models, samples, guides_dir=str(out))
     per_chunk = max(1, -(-cfg.infer.batch_size // samples))
     n_failed = n_kept = 0
-    bar = tqdm(total=len(mine), desc=f"guides rank {env.rank}", unit="edit", disable=None, file=sys.stderr)
+    progress = Progress(f"[rank {env.rank}] guides", len(mine))
     for c in range(0, len(mine), per_chunk):
         preps = []
         for eid in mine[c:c + per_chunk]:
@@ -598,8 +607,9 @@ def run_precompute(cfg: Config, edits: str, out: str | Path, *, samples: Optiona
                 n_failed += 1
                 atomic_write_json(out / eid / "failed.json", failed_record(eid, str(e), env))
                 _log(f"[rank {env.rank}] FAILED {e}")
+        progress.queued(sum(int(p.lr[2].sum()) * samples for p in preps), len(mine[c:c + per_chunk]))
         runner.run_rows([(p, k) for p in preps for k in range(samples)],
-                        lambda rows: runner.guide_batch(rows, store=str(out)))
+                        lambda rows: runner.guide_batch(rows, store=str(out), on_step=progress.sampled))
         for p in preps:
             if p.error is not None:
                 n_failed += 1
@@ -607,8 +617,8 @@ def run_precompute(cfg: Config, edits: str, out: str | Path, *, samples: Optiona
                 _log(f"[rank {env.rank}] FAILED {p.error}")
             else:
                 (out / p.edit_id / "failed.json").unlink(missing_ok=True)
-        bar.update(len(mine[c:c + per_chunk]))
-    bar.close()
+        progress.edit_done(len(mine[c:c + per_chunk]))
+    progress.close()
     _log(f"[rank {env.rank}/{env.world_size}] guides: {len(mine)} edit(s), {n_kept} already complete, "
          f"{n_failed} failed -> {out}")
     return 0

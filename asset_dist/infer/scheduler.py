@@ -164,13 +164,17 @@ class ContinuousSampler:
         self.top_k, self.temperature = top_k, temperature
         self.separate, self.order, self.lookahead = prefill == "separate", order, lookahead
         self.slots_factory = slots_factory  # benchmarks count the schedule with a model-free stand-in
+        self.on_step: Optional[Callable[[int], None]] = None
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
 
     @torch.no_grad()
     def run(self, rows: Iterable[Row], done: Callable[[Row, torch.Tensor], None],
-            failed: Optional[Callable[[Row, BaseException], None]] = None, max_steps: int = 0) -> ScheduleStats:
-        """max_steps > 0: stop after that many decode steps, unfinished rows dropped (benchmarks)."""
+            failed: Optional[Callable[[Row, BaseException], None]] = None, max_steps: int = 0,
+            on_step: Optional[Callable[[int], None]] = None) -> ScheduleStats:
+        """max_steps > 0: stop after that many decode steps, unfinished rows dropped (benchmarks). on_step(n):
+        after each step, n = hole tokens it sampled (progress)."""
+        self.on_step = on_step
         with small_gemm(self.model):
             return self._run(rows, done, failed, max_steps)
 
@@ -288,6 +292,8 @@ class ContinuousSampler:
         stats.active += len(live)
         stats.sampled += len(live)
         stats.step_s += dt
+        if self.on_step is not None:
+            self.on_step(len(live))
         for a in finished:  # outside the clock: the caller's work (decode, blend, write)
             stats.rows += 1
             done(a.row, a.zs[lay.inv])
@@ -311,5 +317,7 @@ def sample_continuous(model, ids: torch.Tensor, cond: torch.Tensor, hole: torch.
     def done(row: Row, tokens: torch.Tensor) -> None:
         out[row.key] = tokens.to(out.device)
 
-    stats = ContinuousSampler(model, batch_size or B, top_k=top_k, temperature=temperature, **kw).run(rows, done)
+    on_step = kw.pop("on_step", None)
+    stats = ContinuousSampler(model, batch_size or B, top_k=top_k, temperature=temperature, **kw).run(
+        rows, done, on_step=on_step)
     return out, stats
