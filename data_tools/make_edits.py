@@ -26,8 +26,10 @@ a model config (model.seg.in_channels, data.label_shift) and its infer.class_nam
 Label maps given to `files` are taken as already in the model's convention (like the official ones); pass
 --label-shift 1 for raw COCO-Stuff maps. `dataset` sources are raw: the convention's shift is applied.
 
-Bad edits (non-square or odd-sized images, masks that cannot be aligned, empty or full masks, unknown class
-names, label ids outside the model's classes, unreadable files) are reported with the edit's id and listed
+Photos of any size and aspect are kept as they are (the editor places each edit on the model's token grid:
+asset_dist/infer/canvas.py). Bad edits (images under 16 px, label maps or masks of another aspect ratio, empty
+or full masks, unknown class names, label ids outside the model's classes, unreadable files) are reported with
+the edit's id and listed
 under "failed" in the manifest; the others are written. --strict: any bad edit fails the run (exit 1).
 """
 from __future__ import annotations
@@ -107,11 +109,10 @@ def main(argv: list[str] | None = None) -> int:
         if cfg is not None:
             n, shift = cfg.model.seg.in_channels, cfg.data.label_shift
             names, extra = a.class_names or cfg.infer.class_names, cfg.infer.classes
-            side = 16 * _lcm(cfg.model.transformer.block_grid)
             hole_rule = cfg.train.token_hole
         else:
-            (n, shift), names, extra, side, hole_rule = CONVENTIONS[conv], a.class_names, {}, 256, "any"
-        b = Builder(class_table(n, shift, names, extra), side, hole_rule, log)
+            (n, shift), names, extra, hole_rule = CONVENTIONS[conv], a.class_names, {}, "any"
+        b = Builder(class_table(n, shift, names, extra), hole_rule, log)
         if a.source == "files":
             if a.list:
                 from_list(b, Path(a.list), a.label_shift)
@@ -141,12 +142,6 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     log(f"wrote {m['total_samples']} edit(s), {m['failed_count']} failed -> {Path(a.out) / 'manifest.json'}")
     return 0
-
-
-def _lcm(grid) -> int:
-    import math
-
-    return math.lcm(*[int(g) for g in grid])
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ def test_official_edits_at_512_in_the_landscape_convention(tmp_path):
         es = EditSet(str(out))
         files = es.load(es.ids[0])
         e = decode_edit(files, 182)
-        assert (e.side, e.class_id, files.meta["label_shift"]) == (512, cid, 0)
+        assert (e.width, e.class_id, files.meta["label_shift"]) == (512, cid, 0)
         raw = np.asarray(Image.open(EDITS / f"{which}_seg.png"))
         if which == "landscape":  # same convention: the 512 label map as it is, the class painted in
             assert np.array_equal(e.seg, np.where(e.mask > 0, cid, raw))

@@ -82,7 +82,8 @@ def test_summary_reports_the_schedule(runs):
 
 def test_failed_edit_is_recorded(runs):
     rec = _manifest(runs["two"])["zbad"]
-    assert rec["status"] == "failed" and rec["error"].startswith("edit 'zbad': image is 200x256")
+    assert rec["status"] == "failed" and rec["error"].startswith("edit 'zbad': mask is 256x256; it cannot be "
+                                                                 "aligned with the 200x256 image")
     assert "FAILED edit 'zbad'" in runs["p2"].stderr
     assert not (runs["two"] / "zbad" / "sample_0.png").exists()
 
@@ -157,7 +158,8 @@ def test_edit_with_an_sga_runs_own_config(runs, tmp_path):
 
 
 def test_guide_only_mode_without_sga(runs, tmp_path):
-    """No SGA export: the guide samples 256 px edits itself; larger edits fail with a message naming the fix."""
+    """No SGA export: the guide samples every edit itself on a canvas of at most 256 x 256 px: e512's small hole
+    on a 256 px window of native pixels around it, blended back into the 512 px photo."""
     from asset_dist.config import load_config
     from asset_dist.infer.runner import run_batch_edits
     from asset_dist.launch.env import DistEnv
@@ -165,8 +167,15 @@ def test_guide_only_mode_without_sga(runs, tmp_path):
     cfg = load_config(runs["cfg"], ["infer.samples=1", "infer.sga_weights="])
     assert run_batch_edits(cfg, str(runs["tmp"] / "edits"), tmp_path / "o", device="cpu", env=DistEnv()) == 0
     recs = {r["edit"]: r for r in map(json.loads, (tmp_path / "o" / "manifest.jsonl").read_text().splitlines())}
-    assert all(recs[e]["status"] == "ok" and recs[e]["mode"] == "guide-only" for e in runs["ok"] if e != "e512")
-    assert recs["e512"]["status"] == "failed" and "set infer.sga_weights" in recs["e512"]["error"]
+    assert all(recs[e]["status"] == "ok" and recs[e]["mode"] == "guide-only" for e in runs["ok"])
+    c = recs["e512"]["canvas"]
+    assert c["working"] == [256, 256] and c["scale"] == 1.0 and c["window"][2:] == [256, 256]
+    x0, y0 = c["window"][:2]
+    assert 0 <= x0 <= 256 and 0 <= y0 <= 256 and y0 <= 300 and y0 + 256 >= 348  # inside, around the hole
+    e = decode_edit(EditSet(str(runs["tmp"] / "edits")).load("e512"), 182)
+    out = np.asarray(Image.open(tmp_path / "o" / "e512" / "sample_0.png"))
+    keep = dilate(e.mask, 8)
+    assert out.shape == (512, 512, 3) and np.array_equal(out[~keep], e.image[~keep])
 
 
 def test_an_error_while_computing_fails_only_that_edit(runs, tmp_path, monkeypatch):
@@ -176,14 +185,16 @@ def test_an_error_while_computing_fails_only_that_edit(runs, tmp_path, monkeypat
     from asset_dist.infer import runner as R
     from asset_dist.launch.env import DistEnv
 
-    real = R.composite
+    from asset_dist.infer import canvas
+
+    real = canvas.composite
 
     def flaky(generated, original, mask, levels, band):
         if original.shape[0] == 256 and mask[140, 140] and not mask[60, 60]:  # only d256's hole is there
             raise RuntimeError("simulated failure")
         return real(generated, original, mask, levels, band)
 
-    monkeypatch.setattr(R, "composite", flaky)
+    monkeypatch.setattr(canvas, "composite", flaky)
     cfg = load_config(runs["cfg"], ["infer.samples=1", "infer.batch_size=8"])
     rc = R.run_batch_edits(cfg, str(runs["tmp"] / "edits"), tmp_path / "o", device="cpu", env=DistEnv())
     assert rc == 1

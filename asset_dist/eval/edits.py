@@ -98,7 +98,7 @@ class EditInputs:
         if edit_id not in self.eset.refs:
             raise EvalError(f"edit {edit_id!r} is in the manifest but not in the edit inputs (wrong --edits?)")
         files = self.eset.load(edit_id)
-        return decode_edit(files, int(files.meta.get("num_classes", 256)), side_multiple=1)
+        return decode_edit(files, int(files.meta.get("num_classes", 256)))
 
 
 # ----------------------------------------------------------------------------------------------------------

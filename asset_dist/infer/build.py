@@ -55,9 +55,8 @@ def _read(eid: str, what: str, path: Path) -> bytes:
 class Builder:
     """Collects checked records; `add` never raises for a bad edit, it lists it as failed."""
 
-    def __init__(self, table: ClassTable, side_multiple: int = 256, token_hole: str = "any",
-                 log: Callable[[str], None] = print):
-        self.table, self.side_multiple, self.token_hole, self.log = table, side_multiple, token_hole, log
+    def __init__(self, table: ClassTable, token_hole: str = "any", log: Callable[[str], None] = print):
+        self.table, self.token_hole, self.log = table, token_hole, log
         self.records: list[EditFiles] = []
         self.failed: list[dict] = []
         self._ids: set[str] = set()
@@ -67,7 +66,7 @@ class Builder:
             if eid in self._ids:
                 raise EditError(f"edit {eid!r}: duplicate edit id")
             rec = make()
-            decode_edit(rec, self.table.num_classes, self.side_multiple, self.token_hole, self.table.label_shift)
+            decode_edit(rec, self.table.num_classes, self.token_hole, self.table.label_shift)
         except (EditError, ValueError) as e:
             msg = str(e) if str(e).startswith("edit ") else f"edit {eid!r}: {e}"
             self.failed.append({"edit": eid, "error": msg})

@@ -92,12 +92,14 @@ def batch_main(args) -> int:
 
 
 def add_edit_args(p: argparse.ArgumentParser) -> None:
-    p.description = ("One edit from files (the official test script's job), guide included: writes "
-                     "OUT/<id>/sample_<k>.png and a preview.")
+    p.description = ("One edit from files (the official test script's job), guide included, on a photo of any "
+                     "size: writes OUT/<id>/sample_<k>.png (the photo's size; pixels beyond infer.blend_band of the "
+                     "mask unchanged) and a preview.")
     _common(p, edits_required=False)
-    p.add_argument("--input", required=True, help="square RGB image (side a multiple of 256, e.g. 512 or 1024)")
-    p.add_argument("--seg", required=True, help="8-bit label map in the model's convention (square, any size)")
-    p.add_argument("--mask", required=True, help="grayscale mask, white = regenerate (square)")
+    p.add_argument("--input", required=True, help="RGB photo of any size and aspect; the output has its size")
+    p.add_argument("--seg", required=True, help="8-bit label map in the model's convention (the photo's size or "
+                                                "aspect; nearest-resized)")
+    p.add_argument("--mask", required=True, help="grayscale mask, white = regenerate (the photo's size or aspect)")
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--class", dest="class_name", help="class painted into the mask (name, id, or None)")
     g.add_argument("--new-seg", help="edited label map instead of --class")

@@ -32,9 +32,15 @@ class Row:
 
 
 def thumb(a: np.ndarray, size: int) -> np.ndarray:
-    """Square thumbnail: area filter when shrinking, nearest when growing (label maps stay crisp)."""
-    im = Image.fromarray(np.ascontiguousarray(a))
-    return np.asarray(im.convert("RGB").resize((size, size), Image.BOX if im.width >= size else Image.NEAREST))
+    """size x size thumbnail, the image's aspect kept (centred on white): area filter when shrinking, nearest
+    when growing (label maps stay crisp)."""
+    im = Image.fromarray(np.ascontiguousarray(a)).convert("RGB")
+    f = size / max(im.width, im.height)
+    w, h = max(1, round(im.width * f)), max(1, round(im.height * f))
+    small = im.resize((w, h), Image.BOX if f <= 1 else Image.NEAREST)
+    out = Image.new("RGB", (size, size), (255, 255, 255))
+    out.paste(small, ((size - w) // 2, (size - h) // 2))
+    return np.asarray(out)
 
 
 def build_row(edits: EditSet, eid: str, results: Path, num_classes: int, size: int) -> Row:
@@ -43,13 +49,14 @@ def build_row(edits: EditSet, eid: str, results: Path, num_classes: int, size: i
     try:
         files = edits.load(eid)
         e = decode_edit(files, num_classes)
-        before = read_labels(eid, "label map", files.seg, e.side, num_classes)
+        before = read_labels(eid, "label map", files.seg, e.height, e.width, num_classes)
     except (EditError, ValueError, OSError) as err:
         row.error = (rec or {}).get("error") or str(err)
         return row
     row.tiles = {"input": thumb(e.image, size), "labels before": thumb(PALETTE[before], size),
                  "labels after": thumb(PALETTE[e.seg], size), "mask": thumb(e.mask * np.uint8(255), size)}
-    target = e.class_name or ("edited label map" if e.class_id < 0 else str(e.class_id))
+    target = (rec or {}).get("class_name") or e.class_name or ("edited label map" if e.class_id < 0 else
+                                                                  str(e.class_id))
     if rec is None:
         row.error, row.info = "not edited yet (run edit-batch on this set)", f"class: {target}"
         return row
@@ -60,7 +67,8 @@ def build_row(edits: EditSet, eid: str, results: Path, num_classes: int, size: i
         if name.startswith("sample_"):
             row.tiles[Path(name).stem.replace("_", " ")] = thumb(np.asarray(Image.open(results / eid / name)), size)
     t = rec.get("timings_s", {})
-    row.info = (f"class: {target}; {rec['size']} px, {rec['hole_tokens']} hole tokens, {rec['samples']} samples; "
+    size = f"{rec['width']}x{rec['height']}" if "width" in rec else f"{rec['size']}"
+    row.info = (f"class: {target}; {size} px, {rec['hole_tokens']} hole tokens, {rec['samples']} samples; "
                 + ", ".join(f"{k} {v:.1f} s" for k, v in t.items()))
     return row
 

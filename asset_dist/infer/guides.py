@@ -24,17 +24,17 @@ from asset_dist.models.transformer import GUIDE_KEYS, AssetTransformer, Guides, 
 from asset_dist.infer.scheduler import ScheduleStats, sample_continuous
 from asset_dist.utils import atomic_write
 
-GUIDE_SIDE = 256
 
 
 @torch.no_grad()
-def picks_for_rows(guide: AssetTransformer, tokens: torch.Tensor, cond: torch.Tensor, hole: torch.Tensor
-                   ) -> Guides:
-    """Teacher-forced dense pass per row on completed 256 tokens [B, 256] -> picks {key: [n, B, H, nb, K]}."""
+def picks_for_rows(guide: AssetTransformer, tokens: torch.Tensor, cond: torch.Tensor, hole: torch.Tensor,
+                   hw: Optional[tuple[int, int]] = None) -> Guides:
+    """Teacher-forced dense pass per row on the completed guide view [B, Lg] (token grid hw, default square)
+    -> picks {key: [n, B, H, nb, K]}."""
     t = guide.cfg
     rows = []
     for i in range(tokens.shape[0]):
-        _, maps = guide(tokens[i:i + 1], cond[i:i + 1], hole[i:i + 1], return_attn=True)
+        _, maps = guide(tokens[i:i + 1], cond[i:i + 1], hole[i:i + 1], return_attn=True, hw=hw)
         maps = {k: v if v.dtype == torch.float64 else v.float() for k, v in maps.items()}
         rows.append(guides_from_maps(maps, t.block_grid, k=t.guide_k, causal_mode=t.causal_picks))
     return {k: torch.cat([r[k] for r in rows], 1) for k in GUIDE_KEYS}
@@ -42,13 +42,14 @@ def picks_for_rows(guide: AssetTransformer, tokens: torch.Tensor, cond: torch.Te
 
 @torch.no_grad()
 def run_guide(guide: AssetTransformer, ids: torch.Tensor, cond: torch.Tensor, hole: torch.Tensor,
-              gens: Sequence[torch.Generator], *, top_k: int, temperature: float, on_step=None
-              ) -> tuple[torch.Tensor, Guides, ScheduleStats]:
-    """256 tokens of B rows (raster [B, 256]) -> (the guide's sampled completion, picks, stats). Sampled with
-    continuous batching: the same tokens as the union schedule in fewer steps."""
+              gens: Sequence[torch.Generator], *, top_k: int, temperature: float, on_step=None,
+              hw: Optional[tuple[int, int]] = None) -> tuple[torch.Tensor, Guides, ScheduleStats]:
+    """The guide's view of B rows (raster [B, Lg], token grid hw: 16 x 16 for a square edit) -> (the guide's
+    sampled completion, picks, stats). Sampled with continuous batching: the union schedule's tokens in fewer
+    steps."""
     tokens, stats = sample_continuous(guide, ids, cond, hole, gens, top_k=top_k, temperature=temperature,
-                                      on_step=on_step)
-    return tokens, picks_for_rows(guide, tokens, cond, hole), stats
+                                      on_step=on_step, hw=hw)
+    return tokens, picks_for_rows(guide, tokens, cond, hole, hw), stats
 
 
 def row_picks(picks: Guides, i: int) -> Guides:

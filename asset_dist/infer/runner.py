@@ -38,16 +38,16 @@ import torch
 from PIL import Image
 
 from asset_dist.config import Config, save_config
-from asset_dist.data.views import make_views
+from asset_dist.data.views import image_to_unit
+from asset_dist.infer import canvas as C
 from asset_dist.infer import guides as G
-from asset_dist.infer.blend import composite
 from asset_dist.infer.classes import table_for_config
 from asset_dist.infer.edits import Edit, EditError, EditFiles, EditSet, decode_edit, png_bytes, split_for_rank
 from asset_dist.infer.progress import Progress
 from asset_dist.infer.sampler import row_generator
 from asset_dist.infer.scheduler import ContinuousSampler, Row, ScheduleStats
 from asset_dist.launch.env import EXIT_REQUEUE, DistEnv, dist_env
-from asset_dist.models.tokens import FACTOR, Tokenizers, load_weights
+from asset_dist.models.tokens import Tokenizers, load_weights
 from asset_dist.models.transformer import AssetTransformer
 from asset_dist.utils import atomic_write_bytes, atomic_write_json, atomic_write_text
 
@@ -76,6 +76,13 @@ def weight_paths(cfg: Config) -> dict[str, str]:
     i, t = cfg.infer, cfg.train
     return {"vqgan": i.vqgan_weights or t.vqgan_weights, "seg": i.seg_weights or t.seg_weights,
             "guide": i.guide_weights or t.guide_weights, "sga": i.sga_weights}
+
+
+def canvas_resolution(cfg: Config) -> int:
+    """R of `canvas.plan`: infer.resolution, else the SGA model's training resolution; guide-only: 256."""
+    if not weight_paths(cfg)["sga"]:
+        return C.GUIDE
+    return cfg.infer.resolution or cfg.data.resolution
 
 
 def pick_device(arg: str, env: DistEnv) -> torch.device:
@@ -135,8 +142,9 @@ class Prepared:
     files: EditFiles
     edit: Edit
     digest: str
-    lr: tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # 256 ids, cond, hole [1, 256]
-    hr: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # full-size ids, cond, hole [1, L]
+    canvas: C.Canvas  # where the edit is sampled (a window of the photo at the model's scale)
+    lr: tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # the guide's view: ids, cond, hole [1, Lg]
+    hr: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # the working canvas: ids, cond, hole [1, L]
     timings: dict[str, float] = field(default_factory=dict)
     picks: dict[int, dict] = field(default_factory=dict)  # sample -> {key: [n, H, nb, K]}
     images: dict[int, np.ndarray] = field(default_factory=dict)
@@ -149,8 +157,9 @@ class Prepared:
         return self.edit.edit_id
 
     @property
-    def side(self) -> int:
-        return self.edit.side
+    def geometry(self) -> tuple:
+        """Rows of the same geometry can share a sampling call."""
+        return self.canvas.hw, self.canvas.guide_hw
 
 
 def _add(d: dict, key: str, value: float) -> None:
@@ -164,8 +173,7 @@ class EditRunner:
         self.cfg, self.m, self.samples = cfg, models, samples
         self.guides_dir = guides_dir or None
         self.classes = table_for_config(cfg)
-        t = cfg.model.transformer
-        self.side_multiple = FACTOR * int(np.lcm(*[int(g) for g in t.block_grid]))
+        self.resolution = canvas_resolution(cfg)
 
     # -------------------------------------------------------------------------------------------- prepare
 
@@ -173,22 +181,29 @@ class EditRunner:
         i = self.cfg.infer
         return {"guide": self.m.guide_digest, "edit": digest, "seed": i.seed, "top_k": i.top_k,
                 "temperature": i.temperature, "precision": i.precision, "token_hole": self.cfg.train.token_hole,
-                "guide_k": self.cfg.model.transformer.guide_k, "causal_picks": self.cfg.model.transformer.causal_picks}
+                "guide_k": self.cfg.model.transformer.guide_k, "causal_picks": self.cfg.model.transformer.causal_picks,
+                "resolution": self.resolution, "blend_band": i.blend_band}  # these two place the canvas
 
     def prepare(self, files: EditFiles, need_hr: bool = True) -> Prepared:
-        """Decode, check and tokenize one edit (one at a time: tokens never depend on a batch)."""
+        """Decode and check one edit, place it on its canvas and tokenize the working image and the guide's view
+        (one edit at a time: tokens never depend on a batch)."""
         t0 = time.perf_counter()
-        edit = decode_edit(files, self.cfg.model.seg.in_channels, self.side_multiple, self.cfg.train.token_hole,
+        edit = decode_edit(files, self.cfg.model.seg.in_channels, self.cfg.train.token_hole,
                            self.cfg.data.label_shift)
-        if need_hr and self.m.sga is None and edit.side != G.GUIDE_SIDE:
-            raise EditError(f"edit {edit.edit_id!r}: image is {edit.side} px, but without SGA weights the guide "
-                            f"samples only {G.GUIDE_SIDE} px edits: set infer.sga_weights to an SGA export")
-        v = make_views(Image.fromarray(edit.image), edit.seg, edit.side, G.GUIDE_SIDE, None,
-                       np.random.default_rng(0), False, short_side=edit.side, mask=edit.mask)
+        canvas = C.plan(edit.edit_id, edit.mask, self.resolution, self.cfg.infer.blend_band)
+        v = C.working_views(canvas, edit.image, edit.seg, edit.mask)
         dev = self.m.device
-        tok = lambda s: self.m.tok(v["image" + s][None].to(dev), v["seg" + s][None].to(dev),  # noqa: E731
-                                   v["mask" + s][None].to(dev))
-        p = Prepared(files, edit, files.digest(), tok("_lr"), tok("") if need_hr else None)
+
+        def tok(s: str):
+            image = image_to_unit(torch.tensor(v["image" + s]).permute(2, 0, 1)[None].to(dev))
+            seg = torch.tensor(v["seg" + s], dtype=torch.long)[None].to(dev)
+            mask = torch.tensor(v["mask" + s], dtype=torch.float32)[None, None].to(dev)
+            return self.m.tok(image, seg, mask)
+        p = Prepared(files, edit, files.digest(), canvas, tok("_lr"), tok("") if need_hr else None)
+        if need_hr and not bool(p.hr[2].any()):
+            raise EditError(f"edit {edit.edit_id!r}: the mask yields no hole token on the {canvas.W}x{canvas.H} "
+                            f"working canvas under the '{self.cfg.train.token_hole}' token-hole rule; enlarge it "
+                            "or use train.token_hole=any")
         p.timings["prepare"] = time.perf_counter() - t0
         return p
 
@@ -218,7 +233,8 @@ class EditRunner:
         ids, cond, hole = self._cat(need, "lr")
         i = self.cfg.infer
         tokens, picks, _ = G.run_guide(self.m.guide, ids, cond, hole, self._gens(need, "guide"),
-                                       top_k=i.top_k, temperature=i.temperature, on_step=on_step)
+                                       top_k=i.top_k, temperature=i.temperature, on_step=on_step,
+                                       hw=need[0][0].canvas.guide_hw)
         dt = (time.perf_counter() - t0) / len(need)
         for j, (p, k) in enumerate(need):
             p.picks[k], p.guide_source[k] = G.row_picks(picks, j), "computed"
@@ -235,9 +251,8 @@ class EditRunner:
     def sample_rows(self, p: Prepared) -> list[Row]:
         """The edit's (edit, sample) rows for the sampler (SGA: its picks must be in p.picks). Row key (p, k)."""
         ids, cond, hole = (t[0] for t in p.hr)
-        t = p.side // FACTOR
         phase = "guide" if self.m.sga is None else "sga"
-        return [Row((p, k), ids, cond, hole, row_generator(self.cfg.infer.seed, p.edit_id, k, phase), (t, t),
+        return [Row((p, k), ids, cond, hole, row_generator(self.cfg.infer.seed, p.edit_id, k, phase), p.canvas.hw,
                     None if self.m.sga is None else {key: torch.as_tensor(v) for key, v in p.picks[k].items()})
                 for k in range(self.samples)]
 
@@ -248,16 +263,17 @@ class EditRunner:
         _add(p.timings, "sample", row.seconds)
         p.tokens["target"] += int(row.n_hole)
         t1 = time.perf_counter()
-        out = self.m.tok.decode(tokens.view(1, -1).to(self.m.device), p.side, p.side)[0]
+        c = p.canvas
+        out = self.m.tok.decode(tokens.view(1, -1).to(self.m.device), c.H, c.W)[0]
         gen = ((out.float().permute(1, 2, 0).cpu().numpy() + 1.0) * 127.5).round().clip(0, 255).astype(np.uint8)
-        p.images[k] = composite(gen, p.edit.image, p.edit.mask, i.blend_levels, i.blend_band)
+        p.images[k] = C.paste(c, gen, p.edit.image, p.edit.mask, i.blend_levels, i.blend_band)
         _add(p.timings, "decode_blend", time.perf_counter() - t1)
 
     def run_rows(self, rows: list[tuple[Prepared, int]], fn: Callable[[list], None]) -> None:
-        """fn on batches of same-side rows; a failing batch is retried edit by edit, a failing edit recorded."""
-        by_side: dict[int, list] = {}
+        """fn on batches of same-geometry rows; a failing batch is retried edit by edit, a failing edit recorded."""
+        by_side: dict[tuple, list] = {}
         for r in rows:
-            by_side.setdefault(r[0].side, []).append(r)
+            by_side.setdefault(r[0].geometry, []).append(r)
         bs = self.cfg.infer.batch_size
         for rs in by_side.values():
             for b in range(0, len(rs), bs):
@@ -297,7 +313,9 @@ class EditRunner:
                                                                 self.cfg.infer.preview_size)))
         p.timings["write"] = time.perf_counter() - t0
         hole = int(p.hr[2].sum())
-        return {"edit": p.edit_id, "status": "ok", "error": None, "size": p.side, "class_id": p.edit.class_id,
+        e = p.edit
+        return {"edit": p.edit_id, "status": "ok", "error": None, "size": max(e.width, e.height), "width": e.width,
+                "height": e.height, "canvas": p.canvas.to_dict(), "class_id": p.edit.class_id,
                 "class_name": self.class_name(p.edit), "mode": self.m.mode, "samples": self.samples,
                 "hole_tokens": hole, "tokens_sampled": dict(p.tokens),
                 "guides": sorted(set(p.guide_source.values())) or None,
@@ -313,11 +331,13 @@ PALETTE = np.random.default_rng(12345).integers(40, 256, (256, 3)).astype(np.uin
 
 
 def preview(edit: Edit, samples: list[np.ndarray], size: int) -> np.ndarray:
-    """input | input with the hole tinted | edited label map (fixed palette) | samples, each size x size."""
+    """input | input with the hole tinted | edited label map (fixed palette) | samples, each `size` px tall
+    (the photo's aspect kept)."""
     m = edit.mask.astype(bool)[..., None]
     tint = np.where(m, (0.5 * edit.image + 0.5 * np.array([255, 0, 0])).astype(np.uint8), edit.image)
     tiles = [edit.image, tint, PALETTE[edit.seg]] + list(samples)
-    small = [np.array(Image.fromarray(t).resize((size, size), Image.BOX if t.shape[0] >= size else Image.NEAREST))
+    w = max(1, round(size * edit.width / edit.height))
+    small = [np.array(Image.fromarray(t).resize((w, size), Image.BOX if t.shape[0] >= size else Image.NEAREST))
              for t in tiles]
     return np.concatenate(small, 1)
 
