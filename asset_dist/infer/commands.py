@@ -69,14 +69,20 @@ def precompute_main(args) -> int:
 
 
 def add_batch_args(p: argparse.ArgumentParser) -> None:
-    p.description = ("Edit every record of an edit set: one process per GPU (torchrun or srun via "
-                     "slurm/edit_batch.sh), each edit done once. Writes OUT/<edit_id>/sample_<k>.png, a preview and "
-                     "OUT/manifest.jsonl. Restart the same command to finish a killed run.")
+    p.description = ("Edit every record of an edit set (photos of any size): one process per GPU (torchrun or srun "
+                     "via slurm/edit_batch.sh), each edit done once, the edits' rows sampled with continuous "
+                     "batching. Writes OUT/<edit_id>/sample_<k>.png and a preview (or WebDataset shards: "
+                     "--out-format shards), OUT/manifest.jsonl and OUT/summary.json. Restart the same command to "
+                     "finish a killed run.")
     _common(p)
     p.add_argument("--guides", default=None, help="precomputed block picks (precompute-guides --out); missing or "
                                                   "stale ones are computed on the fly. Default infer.guides")
     p.add_argument("--out", default=None, help="output folder (default paths.run_dir)")
     p.add_argument("--retry-failed", action="store_true", help="redo edits recorded as failed")
+    p.add_argument("--out-format", choices=("files", "shards"), default="files",
+                   help="files: OUT/<edit_id>/sample_<k>.png ... (default); shards: WebDataset tars of --shard-size "
+                        "edits per rank under OUT/shards/ (for large runs; gallery and evaluate read both)")
+    p.add_argument("--shard-size", type=int, default=100, help="edits per tar with --out-format shards")
 
 
 def batch_main(args) -> int:
@@ -85,7 +91,8 @@ def batch_main(args) -> int:
     cfg = _cfg(args)
     out = args.out or cfg.paths.run_dir
     return run_batch_edits(cfg, _edits(args, cfg), out, guides_dir=args.guides or cfg.infer.guides or None,
-                           samples=args.samples, device=args.device, retry_failed=args.retry_failed)
+                           samples=args.samples, device=args.device, retry_failed=args.retry_failed,
+                           out_format=args.out_format, shard_size=args.shard_size)
 
 
 # ------------------------------------------------------------------------------------------- edit

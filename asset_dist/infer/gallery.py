@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import html
+import io
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -17,7 +18,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from asset_dist.infer.edits import EditError, EditSet, read_labels, decode_edit, png_bytes
-from asset_dist.infer.runner import PALETTE, read_record
+from asset_dist.infer.results import open_results
+from asset_dist.infer.runner import PALETTE
 from asset_dist.utils import atomic_write_bytes, atomic_write_text
 
 FIXED = ("input", "labels before", "labels after", "mask")
@@ -43,9 +45,10 @@ def thumb(a: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(out)
 
 
-def build_row(edits: EditSet, eid: str, results: Path, num_classes: int, size: int) -> Row:
+def build_row(edits: EditSet, eid: str, results, num_classes: int, size: int) -> Row:
+    """results: the edit-batch output's store (`results.open_results`: per-file folders or shards)."""
     row = Row(eid)
-    rec = read_record(results, eid)
+    rec = results.read_record(eid)
     try:
         files = edits.load(eid)
         e = decode_edit(files, num_classes)
@@ -65,7 +68,8 @@ def build_row(edits: EditSet, eid: str, results: Path, num_classes: int, size: i
         return row
     for name in rec["outputs"]:
         if name.startswith("sample_"):
-            row.tiles[Path(name).stem.replace("_", " ")] = thumb(np.asarray(Image.open(results / eid / name)), size)
+            data = results.read_file(eid, name)
+            row.tiles[Path(name).stem.replace("_", " ")] = thumb(np.asarray(Image.open(io.BytesIO(data))), size)
     t = rec.get("timings_s", {})
     size = f"{rec['width']}x{rec['height']}" if "width" in rec else f"{rec['size']}"
     row.info = (f"class: {target}; {size} px, {rec['hole_tokens']} hole tokens, {rec['samples']} samples; "
@@ -97,7 +101,8 @@ def write_gallery(edits_spec: str, results: Path, out: Path, num_classes: int, s
                   title: str = "asset_dist edits") -> dict:
     """Build the page and the sheet; returns {"rows", "ok", "failed", "html", "sheet"}."""
     edits = EditSet(edits_spec)
-    rows = [build_row(edits, eid, results, num_classes, size) for eid in edits.ids]
+    store = open_results(results)
+    rows = [build_row(edits, eid, store, num_classes, size) for eid in edits.ids]
     n_samples = max([sum(k.startswith("sample") for k in r.tiles) for r in rows] + [0])
     columns = list(FIXED) + [f"sample {k}" for k in range(n_samples)]
     tiles_dir = out / "gallery"

@@ -44,15 +44,15 @@ from asset_dist.infer import guides as G
 from asset_dist.infer.classes import table_for_config
 from asset_dist.infer.edits import Edit, EditError, EditFiles, EditSet, decode_edit, png_bytes, split_for_rank
 from asset_dist.infer.progress import Progress
+from asset_dist.infer.results import FORMATS, open_results
 from asset_dist.infer.sampler import row_generator
 from asset_dist.infer.scheduler import ContinuousSampler, Row, ScheduleStats
 from asset_dist.launch.env import EXIT_REQUEUE, DistEnv, dist_env
 from asset_dist.models.tokens import Tokenizers, load_weights
 from asset_dist.models.transformer import AssetTransformer
-from asset_dist.utils import atomic_write_bytes, atomic_write_json, atomic_write_text
+from asset_dist.utils import atomic_write_json, atomic_write_text
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
-RECORD = "record.json"
 MANIFEST = "manifest.jsonl"
 
 
@@ -300,27 +300,24 @@ class EditRunner:
         official "waterother" for "water-other"); "None" (-1) for no class (an edited label map)."""
         return self.classes.name(edit.class_id)
 
-    def finish(self, p: Prepared, out: Path, env: DistEnv) -> dict:
-        d = out / p.edit_id
+    def outputs(self, p: Prepared, env: DistEnv) -> tuple[dict[str, bytes], dict]:
+        """The edit's files (sample PNGs, preview; none when it failed) and its record."""
         if p.error is not None:
-            return failed_record(p.edit_id, p.error, env)
+            return {}, failed_record(p.edit_id, p.error, env)
         t0 = time.perf_counter()
-        names = []
-        for k in range(self.samples):
-            names.append(f"sample_{k}.png")
-            atomic_write_bytes(d / names[-1], png_bytes(p.images[k]))
-        atomic_write_bytes(d / "preview.png", png_bytes(preview(p.edit, [p.images[k] for k in range(self.samples)],
-                                                                self.cfg.infer.preview_size)))
-        p.timings["write"] = time.perf_counter() - t0
+        files = {f"sample_{k}.png": png_bytes(p.images[k]) for k in range(self.samples)}
+        files["preview.png"] = png_bytes(preview(p.edit, [p.images[k] for k in range(self.samples)],
+                                                 self.cfg.infer.preview_size))
+        p.timings["encode_png"] = time.perf_counter() - t0
         hole = int(p.hr[2].sum())
         e = p.edit
-        return {"edit": p.edit_id, "status": "ok", "error": None, "size": max(e.width, e.height), "width": e.width,
-                "height": e.height, "canvas": p.canvas.to_dict(), "class_id": p.edit.class_id,
-                "class_name": self.class_name(p.edit), "mode": self.m.mode, "samples": self.samples,
-                "hole_tokens": hole, "tokens_sampled": dict(p.tokens),
-                "guides": sorted(set(p.guide_source.values())) or None,
-                "timings_s": {k: round(v, 4) for k, v in p.timings.items()},
-                "outputs": names + ["preview.png"], "rank": env.rank, "world_size": env.world_size}
+        return files, {"edit": p.edit_id, "status": "ok", "error": None, "size": max(e.width, e.height),
+                       "width": e.width, "height": e.height, "canvas": p.canvas.to_dict(), "class_id": e.class_id,
+                       "class_name": self.class_name(e), "mode": self.m.mode, "samples": self.samples,
+                       "hole_tokens": hole, "tokens_sampled": dict(p.tokens),
+                       "guides": sorted(set(p.guide_source.values())) or None,
+                       "timings_s": {k: round(v, 4) for k, v in p.timings.items()},
+                       "outputs": list(files), "rank": env.rank, "world_size": env.world_size, "time": time.time()}
 
 
 def failed_record(edit_id: str, error: str, env: DistEnv) -> dict:
@@ -347,22 +344,22 @@ def preview(edit: Edit, samples: list[np.ndarray], size: int) -> np.ndarray:
 
 
 def read_record(out: Path, edit_id: str) -> Optional[dict]:
-    try:
-        rec = json.loads((out / edit_id / RECORD).read_text())
-        return rec if isinstance(rec, dict) and rec.get("status") in ("ok", "failed") else None
-    except (OSError, ValueError):
-        return None
+    """The record of one edit of an edit-batch output (either layout)."""
+    return open_results(out).read_record(edit_id)
 
 
-def write_manifest_if_complete(out: Path, all_ids: list[str]) -> bool:
-    """Every edit has a record -> OUT/manifest.jsonl (atomic; several ranks may write the same content)."""
+def write_manifest_if_complete(out: Path, all_ids: list[str], store=None) -> bool:
+    """Every edit has a record -> OUT/manifest.jsonl (atomic; several ranks may write the same content), and for
+    shards OUT/shards.json."""
+    store = store or open_results(out)
     recs = []
     for eid in sorted(all_ids):
-        rec = read_record(out, eid)
+        rec = store.read_record(eid)
         if rec is None:
             return False
         recs.append(rec)
     atomic_write_text(out / MANIFEST, "".join(json.dumps(r, sort_keys=True) + "\n" for r in recs))
+    store.finish()
     return True
 
 
@@ -407,9 +404,11 @@ def _log(msg: str) -> None:
 
 def run_batch_edits(cfg: Config, edits: str, out: str | Path, *, guides_dir: Optional[str] = None,
                     samples: Optional[int] = None, device: str = "auto", retry_failed: bool = False,
-                    redo: bool = False, env: Optional[DistEnv] = None, edit_set=None) -> int:
+                    redo: bool = False, env: Optional[DistEnv] = None, edit_set=None, out_format: str = "files",
+                    shard_size: int = 100) -> int:
     """edit-batch: this rank's share of the edits; returns 0, or EXIT_REQUEUE when stopped by a signal.
-    edit_set: anything with `.ids` and `.load(id)` instead of shards; redo: ignore existing records."""
+    edit_set: anything with `.ids` and `.load(id)` instead of shards; redo: ignore existing records;
+    out_format: "files" (OUT/<id>/...) or "shards" (tars of shard_size edits per rank: results.py)."""
     check_infer_config(cfg)
     env = env or dist_env()
     samples = samples or cfg.infer.samples
@@ -417,17 +416,23 @@ def run_batch_edits(cfg: Config, edits: str, out: str | Path, *, guides_dir: Opt
     eset = edit_set if edit_set is not None else EditSet(edits)
     all_ids = eset.ids
     mine = split_for_rank(all_ids, env.rank, env.world_size)
+    if out_format not in FORMATS:
+        raise ValueError(f"--out-format must be one of {', '.join(FORMATS)} (got {out_format!r})")
     out.mkdir(parents=True, exist_ok=True)
     paths = weight_paths(cfg)
     i = cfg.infer
-    _check_run_settings(out, {"samples": samples, "seed": i.seed, "top_k": i.top_k, "temperature": i.temperature,
-                              "precision": i.precision, "blend_levels": i.blend_levels, "blend_band": i.blend_band,
-                              "token_hole": cfg.train.token_hole, "weights": paths}, env)
+    settings = {"samples": samples, "seed": i.seed, "top_k": i.top_k, "temperature": i.temperature,
+                "precision": i.precision, "blend_levels": i.blend_levels, "blend_band": i.blend_band,
+                "token_hole": cfg.train.token_hole, "weights": paths, "resolution": canvas_resolution(cfg)}
+    if out_format != "files":  # absent for the default: outputs of earlier versions stay resumable
+        settings["out_format"] = out_format
+    _check_run_settings(out, settings, env)
+    store = open_results(out, out_format, env.rank, shard_size)
     if env.is_main:
         save_config(cfg, out / "config.yaml")
     pending = []
     for eid in mine:
-        rec = read_record(out, eid)
+        rec = store.read_record(eid)
         if redo or rec is None or (retry_failed and rec["status"] == "failed"):
             pending.append(eid)
     _log(f"[rank {env.rank}/{env.world_size}] {len(mine)} edit(s) of {len(all_ids)}, {len(mine) - len(pending)} "
@@ -435,10 +440,10 @@ def run_batch_edits(cfg: Config, edits: str, out: str | Path, *, guides_dir: Opt
     crashed = 0
     if pending:
         with _StopFlag() as stop:
-            stopped, crashed = _run_pending(cfg, eset, pending, out, samples, guides_dir, device, env, stop)
+            stopped, crashed = _run_pending(cfg, eset, pending, out, samples, guides_dir, device, env, stop, store)
             if stopped:
                 return EXIT_REQUEUE
-    if write_manifest_if_complete(out, all_ids):
+    if write_manifest_if_complete(out, all_ids, open_results(out, out_format, env.rank, shard_size)):
         write_summary(out)
         _log(f"[rank {env.rank}] all {len(all_ids)} edits done: {out / MANIFEST}, {out / SUMMARY}")
     else:
@@ -451,11 +456,13 @@ def run_batch_edits(cfg: Config, edits: str, out: str | Path, *, guides_dir: Opt
 
 
 class _Settle:
-    """Writes each edit's outputs and record once all its samples are settled (sampled or failed)."""
+    """Hands each edit's outputs and record to the store once all its samples are settled (sampled or failed);
+    logs every edit the store has written (shards: when its tar is complete)."""
 
-    def __init__(self, runner: "EditRunner", out: Path, env: DistEnv, log_path: Path, progress: Progress):
-        self.runner, self.out, self.env, self.log_path, self.progress = runner, out, env, log_path, progress
+    def __init__(self, runner: "EditRunner", store, env: DistEnv, log_path: Path, progress: Progress):
+        self.runner, self.store, self.env, self.log_path, self.progress = runner, store, env, log_path, progress
         self.left: dict[int, int] = {}  # id(Prepared) -> rows not settled yet
+        self.status: dict[str, str] = {}
         self.failed = self.crashed = self.written = 0
 
     def expect(self, p: Prepared, n: int) -> None:
@@ -466,22 +473,29 @@ class _Settle:
         if self.left[id(p)] == 0:
             del self.left[id(p)]
             self.crashed += p.error is not None
-            self.record(p.edit_id, self.runner.finish(p, self.out, self.env))
+            self.record(p.edit_id, *self.runner.outputs(p, self.env)[::-1])
 
-    def record(self, eid: str, rec: dict) -> None:
-        atomic_write_json(self.out / eid / RECORD, rec)
-        with open(self.log_path, "a") as f:
-            f.write(json.dumps({"edit": eid, "status": rec["status"], "rank": self.env.rank,
-                                "world_size": self.env.world_size, "time": time.time()}) + "\n")
-        self.written += 1
+    def record(self, eid: str, rec: dict, files: Optional[dict] = None) -> None:
+        self.status[eid] = rec["status"]
         if rec["status"] != "ok":
             self.failed += 1
             _log(f"[rank {self.env.rank}] FAILED {rec['error']}")
+        self.log(self.store.put(eid, files or {}, rec))
         self.progress.edit_done()
+
+    def log(self, ids: list[str]) -> None:
+        with open(self.log_path, "a") as f:
+            for eid in ids:
+                f.write(json.dumps({"edit": eid, "status": self.status.pop(eid), "rank": self.env.rank,
+                                    "world_size": self.env.world_size, "time": time.time()}) + "\n")
+        self.written += len(ids)
+
+    def close(self) -> None:
+        self.log(self.store.flush())
 
 
 def _run_pending(cfg: Config, eset, pending: list[str], out: Path, samples: int, guides_dir: Optional[str],
-                 device: str, env: DistEnv, stop: "_StopFlag") -> tuple[bool, int]:
+                 device: str, env: DistEnv, stop: "_StopFlag", store) -> tuple[bool, int]:
     """The edits of `pending` -> (stopped by a signal, edits that failed while computing).
 
     Edits are read and prepared a window at a time (tokenizers, guide picks for the window's rows); their
@@ -494,7 +508,7 @@ def _run_pending(cfg: Config, eset, pending: list[str], out: Path, samples: int,
     log_path = out / "logs" / f"rank{env.rank}.jsonl"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     progress = Progress(f"[rank {env.rank}] sampling", len(pending))
-    settle = _Settle(runner, out, env, log_path, progress)
+    settle = _Settle(runner, store, env, log_path, progress)
 
     def rows():
         for c in range(0, len(pending), per_window):
@@ -503,8 +517,7 @@ def _run_pending(cfg: Config, eset, pending: list[str], out: Path, samples: int,
                 return
             preps = []
             for eid in pending[c:c + per_window]:
-                for tmp in (out / eid).glob(".*.tmp"):  # left by a killed run: never complete
-                    tmp.unlink(missing_ok=True)
+                store.begin(eid)
                 try:
                     preps.append(runner.prepare(eset.load(eid)))
                 except EditError as e:
@@ -540,7 +553,10 @@ def _run_pending(cfg: Config, eset, pending: list[str], out: Path, samples: int,
     batch = min(i.batch_size, len(pending) * samples)  # slots hold whole caches: no more than there are rows
     sampler = ContinuousSampler(runner.sampling_model, batch, top_k=i.top_k, temperature=i.temperature,
                                 lookahead=2 * batch)
-    stats = sampler.run(rows(), done, failed, on_step=progress.sampled)
+    try:
+        stats = sampler.run(rows(), done, failed, on_step=progress.sampled)
+    finally:
+        settle.close()  # the rank's last, partial tar (shards)
     progress.close()
     append_stats(out, env, stats)
     _log(f"[rank {env.rank}] done: {settle.written - settle.failed} ok, {settle.failed} failed; sampling: "
