@@ -201,3 +201,20 @@ def test_2048_through_the_model():
     a, _ = sample_cached(m, z, cond, hole, gens(), guides=guides, top_k=5, hw=(128, 128))
     b, st = sample_continuous(m, z, cond, hole, gens(), guides=guides, top_k=5, hw=(128, 128))
     assert torch.equal(a, b) and st.sampled == int(hole.sum()) and (a[hole] != z[hole]).any()
+
+
+def test_composite_blends_only_around_the_band():
+    """composite blends a crop around the band (margin beyond the pyramid's reach, aligned to its sampling grid):
+    the same bytes as blending the whole image, for any shape, hole position, level count and band."""
+    from asset_dist.infer import blend as B
+
+    rng = np.random.default_rng(0)
+    for _ in range(25):
+        H, W = int(rng.integers(40, 600)), int(rng.integers(40, 600))
+        g, o = (rng.integers(0, 256, (H, W, 3), dtype=np.uint8) for _ in range(2))
+        m = np.zeros((H, W), np.uint8)
+        y0, x0 = int(rng.integers(0, H)), int(rng.integers(0, W))
+        m[y0:y0 + int(rng.integers(1, H)), x0:x0 + int(rng.integers(1, W))] = 1
+        for levels, band in ((5, 16), (3, 0), (6, 8)):
+            whole = np.where(B.dilate(m, band)[..., None], B.laplacian_blend(g, o, m, levels), o).astype(np.uint8)
+            assert np.array_equal(B.composite(g, o, m, levels, band), whole)
