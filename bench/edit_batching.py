@@ -194,7 +194,8 @@ def schedule_table(holes: torch.Tensor, batches: list[int], orders: list[str]) -
     return rows_out
 
 
-def speed(name: str, holes: torch.Tensor, B: int, device, dtype, seed: int = 0) -> list[dict]:
+def speed(name: str, holes: torch.Tensor, B: int, device, dtype, seed: int = 0,
+          prefills=("fused", "separate")) -> list[dict]:
     torch.manual_seed(0)
     model = AssetTransformer(model_config(name)).to(device=device, dtype=dtype).eval()
     cfg = model.cfg
@@ -237,7 +238,7 @@ def speed(name: str, holes: torch.Tensor, B: int, device, dtype, seed: int = 0) 
         steps += st.steps
     record("union", t0, {"decode_steps": steps, "efficiency": round(steps * B / total, 3)})
     results["union"] = torch.cat(tok)
-    for prefill in ("fused", "separate"):
+    for prefill in prefills:
         gs = gens()
         got = torch.empty_like(ids)
         rows = [Row(i, ids[i], cond[i], holes[i], gs[i], (t, t), {k: v[:, i] for k, v in guides.items()})
@@ -265,6 +266,8 @@ def main(argv=None) -> int:
                    help="models for the tokens/s comparison (none: only the table)")
     p.add_argument("--speed-batch", type=int, default=16)
     p.add_argument("--speed-rows", type=int, default=48, help="edits in the tokens/s comparison")
+    p.add_argument("--prefills", nargs="+", default=["fused", "separate"], choices=["fused", "separate"],
+                   help="continuous-batching prefill modes in the tokens/s comparison")
     p.add_argument("--speed-res", type=int, default=0, help="resolution of the tokens/s comparison (0: --res; "
                                                             "its own edit set, same seed)")
     p.add_argument("--steady", type=int, default=0, help="steady-state steps timed per sampler (3.; 0: skip)")
@@ -294,7 +297,8 @@ def main(argv=None) -> int:
     speeds = []
     sholes = holes if a.speed_res in (0, a.res) else draw_holes(a.speed_rows, a.speed_res, a.seed)
     for name in a.models:
-        speeds += speed(name, sholes[:a.speed_rows], a.speed_batch, torch.device(a.device), DTYPES[a.dtype])
+        speeds += speed(name, sholes[:a.speed_rows], a.speed_batch, torch.device(a.device), DTYPES[a.dtype],
+                        prefills=a.prefills)
     if speeds:
         print("\n| model | res | batch | rows | hole tokens | sampler | decode steps | steps x B / token | tokens/s | "
               "vs union |")
