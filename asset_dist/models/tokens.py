@@ -42,7 +42,7 @@ def aligned_pixel_mask(hole: torch.Tensor, h: int, w: int) -> torch.Tensor:
 
 def load_weights(module: nn.Module, path: str, stage: str | tuple[str, ...]) -> dict:
     """Load an asset_dist export into `module`, strictly; `stage` names the stage(s) it may come from."""
-    from asset_dist.train.export import read_export
+    from asset_dist.artifacts import read_export
 
     stages = (stage,) if isinstance(stage, str) else stage
     if not path:

@@ -43,7 +43,7 @@ from asset_dist.models.transformer import AssetTransformer
 from asset_dist.models.vqgan import VQModel
 from asset_dist.official.checkpoint import OfficialFile, read_official_file, under
 from asset_dist.official.sizes import OfficialParams, infer_transformer_config, infer_vq_config, read_official_config
-from asset_dist.train.export import file_digest, write_export
+from asset_dist.artifacts import file_digest, write_export
 from asset_dist.utils import atomic_write_text
 
 STAGES = ("vqgan", "seg", "guide", "sga")
