@@ -373,18 +373,15 @@ class ShardLoader:
 
 
 def check_sources(cfg: DataConfig) -> None:
-    """Before any heavy work: the training (and given val) shards exist, are allowed (data.allow_pipe) and have
-    their manifest's sizes. Raises InputError / DataError naming the source or shard."""
+    """Before any heavy work: the training shards exist, are allowed (data.allow_pipe) and have their manifest's
+    sizes. Raises InputError / DataError naming the source or shard."""
     validate(cfg, "data", "data")
-    for key in ("train_shards", "val_shards"):
-        spec = getattr(cfg, key)
-        if spec or key == "train_shards":
-            try:
-                shards = resolve_shards(spec, "val" if key == "val_shards" else "train", allow_pipe=cfg.allow_pipe)
-            except ValueError as e:
-                raise DataError(f"data.{key}: {e}") from None
-            for shard in shards:
-                verify_shard(shard, sha256=False)
+    try:
+        shards = resolve_shards(cfg.train_shards, "train", allow_pipe=cfg.allow_pipe)
+    except ValueError as e:
+        raise DataError(f"data.train_shards: {e}") from None
+    for shard in shards:
+        verify_shard(shard, sha256=False)
 
 
 def build_loader(cfg: DataConfig, split: str, rank: int, world_size: int, epoch: int = 0,

@@ -58,15 +58,17 @@ def build_row(edits: EditSet, eid: str, results: Path, num_classes: int, size: i
     if rec["status"] != "ok":
         row.error, row.info = rec.get("error") or "failed", f"class: {target}"
         return row
+    problems = []
     for name in rec.get("outputs") or []:
         if str(name).startswith("sample_"):
             try:  # names come from the record (data): plain file names inside the edit's folder only
                 path = inside(results, check_id(eid), check_file_name(name, "output"))
                 tile = thumb(np.asarray(Image.open(path)), size)
             except (ValueError, OSError) as err:
-                row.error = f"{name}: {err}"
+                problems.append(str(err))
                 continue
             row.tiles[Path(name).stem.replace("_", " ")] = tile
+    row.error = "; ".join(problems) or None
     t = rec.get("timings_s") if isinstance(rec.get("timings_s"), dict) else {}
     row.info = (f"class: {target}; {rec.get('size')} px, {rec.get('hole_tokens')} hole tokens, "
                 f"{rec.get('samples')} samples; "
