@@ -208,7 +208,7 @@ class DataConfig:
     seed: int = 23  # shuffling, crops and masks (with the epoch and sample key)
     # shard sources starting with `pipe:` run a shell command (webdataset): refused unless this is true
     allow_pipe: bool = False
-    # check each shard against its manifest: size at start-up, sha256 the first time a process reads it
+    # check training and edit shards against their manifest: size at start-up, sha256 when a process first reads one
     verify: bool = True
     mask: MaskConfig = field(default_factory=MaskConfig)
 

@@ -59,8 +59,9 @@ def add_batch_args(p: argparse.ArgumentParser) -> None:
                      "slurm/edit_batch.sh), each edit done once. Writes OUT/<edit_id>/sample_<k>.png, a preview and "
                      "OUT/manifest.jsonl. Restart the same command to finish a killed run.")
     _common(p)
-    p.add_argument("--guides", default=None, type=path_arg, help="precomputed block picks (precompute-guides --out); missing or "
-                                                  "stale ones are computed on the fly. Default infer.guides")
+    p.add_argument("--guides", default=None, type=path_arg,
+                   help="precomputed block picks (precompute-guides --out); missing or stale ones are computed "
+                        "on the fly. Default infer.guides")
     p.add_argument("--out", default=None, type=path_arg, help="output folder (default paths.run_dir)")
     p.add_argument("--retry-failed", action="store_true", help="redo edits recorded as failed")
 

@@ -365,7 +365,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seg", metavar="CKPT", help="seg VQ: standalone (landscape_VQ_seg_model.ckpt) or cond_stage_model.*")
     p.add_argument("--guide", metavar="CKPT", help="guiding-transformer checkpoint (e.g. landscape_guiding.ckpt)")
     p.add_argument("--sga", metavar="CKPT", help="SGA checkpoint (e.g. landscape_1024.ckpt, coco_512.ckpt)")
-    p.add_argument("--out", required=True, metavar="DIR", type=path_arg, help="output folder for the exports and config.yaml")
+    p.add_argument("--out", required=True, metavar="DIR", type=path_arg,
+                   help="output folder for the exports and config.yaml")
     p.add_argument("--official-config", metavar="FILE",
                    help="official model config (YAML of the release, e.g. landscape_1024.yaml, or JSON): head count, "
                         "block grid, resolutions; without it they are the paper's (64-dim heads, 16x4 blocks)")
