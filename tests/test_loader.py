@@ -325,3 +325,14 @@ def test_pipe_sources_need_the_config_switch(tmp_path):
         build_loader(_cfg(f"pipe:touch {marker}"), "train", 0, 1)
     assert not marker.exists()
     assert resolve_shards(f"pipe:cat {tmp_path}/x.tar", "train", allow_pipe=True)[0].url.startswith("pipe:")
+
+
+def test_workers_report_the_shards_they_verified(sflckr_shards):
+    """A worker hashes a shard once; the key reaches the main process with the next batch, so the next epoch's
+    workers (forked from it) do not hash the shard again."""
+    from asset_dist.data import shards as S
+
+    S._VERIFIED.clear()
+    loader = build_loader(_cfg(sflckr_shards, num_workers=2), "train", 0, 1)
+    assert len(list(loader)) > 0
+    assert {k[0] for k in S._VERIFIED} == {s.url for s in loader.shards}

@@ -33,7 +33,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import tarfile_samples
 
 from asset_dist.config import DataConfig, validate
-from asset_dist.data.shards import DataError, Part, Shard, reader_parts, resolve_shards, verify_shard
+from asset_dist.data.shards import (DataError, Part, Shard, reader_parts, remember_verified, resolve_shards,
+                                   verify_shard)
 from asset_dist.data.buffers import BufferPool, MainSlots, WorkerSlots, batch_nbytes, batch_views, convert_into
 from asset_dist.data.views import copy_plane, fill_views, sample_rng, unit_, warm_up
 
@@ -107,12 +108,15 @@ class _Corruption:
                                f"(corrupt per shard: {worst})")
 
 
-def _read_parts(parts: list[Part], corruption: _Corruption, verify: bool) -> Iterator[dict]:
+def _read_parts(parts: list[Part], corruption: _Corruption, verify: bool, verified: list) -> Iterator[dict]:
     """Raw samples (undecoded bytes) of the reader's parts, in order, via webdataset's tar iterator. verify: check
-    each shard's sha256 against its manifest the first time this process reads it (DataError if it differs)."""
+    each shard's sha256 against its manifest the first time this process reads it (DataError if it differs);
+    the keys of shards checked here go to `verified` (sent to the main process with the next batch)."""
     for part in parts:
         url, got = part.shard.url, 0
-        verify_shard(part.shard, sha256=verify)
+        key = verify_shard(part.shard, sha256=verify)
+        if key is not None:
+            verified.append(key)
         try:
             for i, sample in enumerate(tarfile_samples([{"url": url}])):
                 if i % part.stride == part.offset:
@@ -182,7 +186,8 @@ class _ReaderStream(IterableDataset):
         parts = self.parts(w)
         known = [p.samples for p in parts]
         corruption = _Corruption(cfg.max_corrupt_fraction, None if None in known else sum(known))
-        raw = _read_parts(parts, corruption, cfg.verify)
+        verified: list = []
+        raw = _read_parts(parts, corruption, cfg.verify, verified)
         if self.train and cfg.shuffle_buffer > 1:
             seed = [cfg.seed % 2**63, self.epoch, self.rank, self.world_size, w, self.num_workers]
             raw = _shuffled(raw, cfg.shuffle_buffer, np.random.default_rng(seed))
@@ -213,20 +218,23 @@ class _ReaderStream(IterableDataset):
             keys.append(key)
             n += 1
             if n == cap:
-                msg = _message(batch, n, keys, w, pos, stats)
+                msg = _message(batch, n, keys, w, pos, stats, verified)
                 n, keys, stats, batch, rows, out = 0, [], Counter(), None, None, None  # drop our views of it
                 yield msg
                 del msg
         corruption.check(final=True)
         if n and not cfg.drop_last:
-            yield _message(batch, n, keys, w, pos, stats)
+            yield _message(batch, n, keys, w, pos, stats, verified)
 
 
 def _message(batch: tuple[int, torch.Tensor, bool], n: int, keys: list[str], w: int, pos: int,
-             stats: Counter) -> dict:
-    """What a reader sends per batch; a slot's buffer only the first time (then the main process has it)."""
+             stats: Counter, verified: list) -> dict:
+    """What a reader sends per batch; a slot's buffer only the first time (then the main process has it), and
+    the shards it verified since the last batch (so that the next epoch's workers do not hash them again)."""
     slot, buf, first = batch
-    msg = {"_slot": slot, "_n": n, "key": keys, "_worker": w, "_pos": pos, "_stats": dict(stats)}
+    msg = {"_slot": slot, "_n": n, "key": keys, "_worker": w, "_pos": pos, "_stats": dict(stats),
+           "_verified": list(verified)}
+    verified.clear()
     if first:
         msg["_buf"] = buf
     return msg
@@ -310,6 +318,7 @@ class ShardLoader:
             if "_error" in packed:
                 raise DataError(packed["_error"])
             w, pos, stats = packed["_worker"], packed["_pos"], packed["_stats"]
+            remember_verified(packed["_verified"])
             if workers == 0:  # a fresh buffer per batch, owned by the caller
                 key, buf, lend = None, packed["_buf"], False
             else:

@@ -106,15 +106,22 @@ def resolve_shards(spec: str, split: str, allow_pipe: bool = False) -> list[Shar
     return [dataclasses.replace(known[str(Path(u))], url=u) if str(Path(u)) in known else Shard(u) for u in urls]
 
 
-_VERIFIED: dict[tuple, bool] = {}  # (path, size, mtime) whose sha256 matched, in this process
+_VERIFIED: set[tuple] = set()  # (path, size, mtime) whose sha256 matched, in this process
 
 
-def verify_shard(shard: Shard, sha256: bool = True) -> None:
+def remember_verified(keys) -> None:
+    """Keys verify_shard returned in another process (a loader worker): this process, and the workers it forks
+    later, need not hash those files again."""
+    _VERIFIED.update(tuple(k) for k in keys)
+
+
+def verify_shard(shard: Shard, sha256: bool = True) -> Optional[tuple]:
     """Refuse (DataError naming it) a shard that is not the file its manifest describes: the size always, the
     sha256 once per process and file version when asked (so a shard replaced by another valid tar is caught).
-    Shards without manifest information (plain tar patterns) are not checked."""
+    Shards without manifest information (plain tar patterns) are not checked. Returns the key of a file whose
+    sha256 was checked just now (for remember_verified), else None."""
     if shard.nbytes is None or "://" in shard.url or shard.url.startswith("pipe:"):
-        return
+        return None
     try:
         st = os.stat(shard.url)
     except OSError as e:
@@ -124,7 +131,7 @@ def verify_shard(shard: Shard, sha256: bool = True) -> None:
         raise DataError(f"{shard.url}: {st.st_size} bytes, its manifest says {shard.nbytes}: {hint}")
     key = (shard.url, st.st_size, st.st_mtime_ns)
     if not sha256 or not shard.sha256 or key in _VERIFIED:
-        return
+        return None
     h = hashlib.sha256()
     with open(shard.url, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -132,7 +139,8 @@ def verify_shard(shard: Shard, sha256: bool = True) -> None:
     if h.hexdigest() != shard.sha256:
         raise DataError(f"{shard.url}: sha256 {h.hexdigest()[:16]}... differs from its manifest's "
                         f"{shard.sha256[:16]}...: {hint}")
-    _VERIFIED[key] = True
+    _VERIFIED.add(key)
+    return key
 
 
 def reader_parts(shards: list[Shard], *, seed: int, epoch: int, shuffle: bool, rank: int, world_size: int,
