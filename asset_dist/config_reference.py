@@ -14,7 +14,7 @@ from asset_dist import config as C
 HEADER = """# Config reference
 
 Generated from `asset_dist/config.py` by `python -m asset_dist.config_reference > docs/CONFIG.md` (a test keeps
-it current). Defaults are the paper's (ASSET_FACTS.md); `configs/*.yaml` set what differs per stage and dataset,
+it current). Defaults are the paper's (docs/ASSET_NOTES.md); `configs/*.yaml` set what differs per stage and dataset,
 `base: other.yaml` inherits a file, `--set a.b.c=value` overrides on any command. `???` = required.
 """
 
@@ -25,6 +25,8 @@ def field_comments(cls: type) -> dict[str, str]:
     above: list[str] = []
     for line in inspect.getsource(cls).splitlines()[1:]:
         s = line.strip()
+        if s.startswith(("def ", "@")):
+            break  # the fields come first; methods (validation) follow
         if s.startswith("#"):
             above.append(s.lstrip("# ").strip())
             continue

@@ -93,7 +93,7 @@ def e2e(cases: list[tuple], R: int) -> dict[str, dict]:
     from asset_dist.infer.classes import ClassTable
     from asset_dist.infer.edits import MemoryEdits, make_record
     from asset_dist.infer.runner import run_batch_edits
-    from asset_dist.launch.env import DistEnv
+    from asset_dist.distenv import DistEnv
     from tests.test_infer_common import make_exports, png
 
     torch.set_num_threads(1)

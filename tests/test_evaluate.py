@@ -22,7 +22,7 @@ from asset_dist.cli import main as cli_main
 from asset_dist.config import load_config, to_dict
 from asset_dist.eval import metrics as M
 from asset_dist.eval.common import rank_share
-from asset_dist.launch.env import DistEnv
+from asset_dist.distenv import DistEnv
 from tests.train_utils import REPO, make_tiny_parents, train_env
 
 torch.set_num_threads(1)
@@ -48,7 +48,7 @@ def sga_exports(out: Path, shards: Path, grid: list[int]) -> Path:
     from asset_dist.models.seg_vq import SegVQModel
     from asset_dist.models.transformer import AssetTransformer
     from asset_dist.models.vqgan import VQModel
-    from asset_dist.train.export import write_export
+    from asset_dist.artifacts import write_export
 
     out.mkdir(parents=True, exist_ok=True)
     path = out / "sga.yaml"
@@ -403,8 +403,12 @@ def test_fid_command_with_a_local_extractor(tmp_path, capsys):
                              for im in ims]) for name, ims in sets.items()}
     want = M.frechet_distance(feats["real"].mean(0), np.cov(feats["real"], rowvar=False),
                               feats["fake"].mean(0), np.cov(feats["fake"], rowvar=False))
+    capsys.readouterr()
     assert run_cli("fid", "--real", tmp_path / "real", "--fake", tmp_path / "fake", "--extractor",
-                   tmp_path / "feat.pt", "--out", tmp_path / "o") == 0
+                   tmp_path / "feat.pt", "--out", tmp_path / "o") == 2  # a program: only when trusted
+    assert "--trust-extractor" in capsys.readouterr().err and not (tmp_path / "o").exists()
+    assert run_cli("fid", "--real", tmp_path / "real", "--fake", tmp_path / "fake", "--extractor",
+                   tmp_path / "feat.pt", "--trust-extractor", "--out", tmp_path / "o") == 0
     got = json.loads((tmp_path / "o" / "eval_fid.json").read_text())
     assert got["n_real"] == got["n_fake"] == 8 and got["feature_dim"] == 6
     assert math.isclose(got["fid"], want, rel_tol=1e-6) and want > 1

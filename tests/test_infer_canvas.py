@@ -157,7 +157,7 @@ def photos(tmp_path_factory):
 def test_any_photo_is_edited_at_its_own_size(photos):
     from asset_dist.config import load_config
     from asset_dist.infer.runner import run_batch_edits
-    from asset_dist.launch.env import DistEnv
+    from asset_dist.distenv import DistEnv
 
     tmp, cfg_path, specs = photos
     cfg = load_config(cfg_path, ["infer.samples=1", "infer.batch_size=4"])

@@ -51,6 +51,7 @@ def test_two_ranks_equal_one_rank_other_batch(runs):
 
 
 def test_each_edit_done_once_across_ranks(runs):
+    assert not (runs["two"] / ".asset_dist.lock").exists()  # the job's lock is released once every rank is done
     logs = [json.loads(line) for r in (0, 1)
             for line in (runs["two"] / "logs" / f"rank{r}.jsonl").read_text().splitlines()]
     done = [entry["edit"] for entry in logs]
@@ -162,7 +163,7 @@ def test_guide_only_mode_without_sga(runs, tmp_path):
     on a 256 px window of native pixels around it, blended back into the 512 px photo."""
     from asset_dist.config import load_config
     from asset_dist.infer.runner import run_batch_edits
-    from asset_dist.launch.env import DistEnv
+    from asset_dist.distenv import DistEnv
 
     cfg = load_config(runs["cfg"], ["infer.samples=1", "infer.sga_weights="])
     assert run_batch_edits(cfg, str(runs["tmp"] / "edits"), tmp_path / "o", device="cpu", env=DistEnv()) == 0
@@ -183,7 +184,7 @@ def test_an_error_while_computing_fails_only_that_edit(runs, tmp_path, monkeypat
     failed, the others finish; the exit status says something went wrong (1), unlike bad input (0)."""
     from asset_dist.config import load_config
     from asset_dist.infer import runner as R
-    from asset_dist.launch.env import DistEnv
+    from asset_dist.distenv import DistEnv
 
     from asset_dist.infer import canvas
 

@@ -1,4 +1,5 @@
-"""The guide at 256 px: its own sampled completion of each edit, then the SGA block picks (ASSET_FACTS 5.2, 7.2-7.3).
+"""The guide at 256 px: its own sampled completion of each edit, then the SGA block picks
+(docs/ASSET_NOTES.md §5.2, §7.2-7.3).
 
 Per (edit, sample) row: sample the 256 hole tokens with the KV cache (dense attention, continuous batching), run
 the guide once more teacher-forced on that completion to get its attention maps, and pool them into the picks for
@@ -22,7 +23,7 @@ import torch
 
 from asset_dist.models.transformer import GUIDE_KEYS, AssetTransformer, Guides, guides_from_maps
 from asset_dist.infer.scheduler import ScheduleStats, sample_continuous
-from asset_dist.utils import atomic_write
+from asset_dist.utils import atomic_write, check_id, inside
 
 
 
@@ -62,7 +63,8 @@ def stack_picks(rows: Sequence[Guides], device=None) -> Guides:
 
 
 def picks_path(root: str | Path, edit_id: str, sample: int) -> Path:
-    return Path(root) / edit_id / f"guide_{sample}.npz"
+    """ROOT/<edit_id>/guide_<k>.npz; an unsafe id or a path leaving ROOT is refused (UnsafeName)."""
+    return inside(root, check_id(edit_id), f"guide_{int(sample)}.npz")
 
 
 def save_picks(path: str | Path, picks: Guides, tokens: torch.Tensor, fingerprint: dict) -> None:

@@ -21,7 +21,7 @@ import tarfile
 from pathlib import Path
 from typing import Optional
 
-from asset_dist.utils import atomic_write_bytes, atomic_write_json
+from asset_dist.utils import atomic_write_bytes, atomic_write_json, check_file_name, check_id, inside
 
 RECORD = "record.json"
 SHARDS = "shards"
@@ -42,25 +42,30 @@ class FileStore:
     def __init__(self, out: Path):
         self.out = Path(out)
 
+    def path(self, edit_id: str, name: Optional[str] = None) -> Path:
+        """OUT/<edit_id>[/name], refused (UnsafeName) unless both are plain names and it lies inside OUT."""
+        parts = [check_id(edit_id)] + ([check_file_name(name, "output")] if name is not None else [])
+        return inside(self.out, *parts)
+
     def read_record(self, edit_id: str) -> Optional[dict]:
         try:
-            rec = json.loads((self.out / edit_id / RECORD).read_text())
+            rec = json.loads(self.path(edit_id, RECORD).read_text())
             return rec if _good(rec) else None
         except (OSError, ValueError):
             return None
 
     def read_file(self, edit_id: str, name: str) -> bytes:
-        return (self.out / edit_id / name).read_bytes()
+        return self.path(edit_id, name).read_bytes()
 
     def begin(self, edit_id: str) -> None:
-        for tmp in (self.out / edit_id).glob(".*.tmp"):  # left by a killed run: never complete
+        for tmp in self.path(edit_id).glob(".*.tmp"):  # left by a killed run: never complete
             tmp.unlink(missing_ok=True)
 
     def put(self, edit_id: str, files: dict[str, bytes], record: dict) -> list[str]:
         """Write the edit now; returns the edit ids written (for logs)."""
         for name, data in files.items():
-            atomic_write_bytes(self.out / edit_id / name, data)
-        atomic_write_json(self.out / edit_id / RECORD, record)
+            atomic_write_bytes(self.path(edit_id, name), data)
+        atomic_write_json(self.path(edit_id, RECORD), record)
         return [edit_id]
 
     def flush(self) -> list[str]:
@@ -101,6 +106,7 @@ class ShardStore:
         return got[1] if got else None
 
     def read_file(self, edit_id: str, name: str) -> bytes:
+        check_file_name(name, "output")
         got = self.index().get(edit_id)
         if got is None or name not in got[2]:
             raise FileNotFoundError(f"{edit_id}.{name} is in no shard under {self.dir}")

@@ -25,7 +25,6 @@ A killed run restarted with the same command skips edits that have a record.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import sys
 import time
@@ -37,7 +36,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from asset_dist.config import Config, save_config
+from asset_dist.config import Config, save_config, validate
 from asset_dist.data.views import image_to_unit
 from asset_dist.infer import canvas as C
 from asset_dist.infer import guides as G
@@ -47,28 +46,14 @@ from asset_dist.infer.progress import Progress
 from asset_dist.infer.results import FORMATS, open_results
 from asset_dist.infer.sampler import row_generator
 from asset_dist.infer.scheduler import ContinuousSampler, Row, ScheduleStats
-from asset_dist.launch.env import EXIT_REQUEUE, DistEnv, dist_env
+from asset_dist.distenv import EXIT_REQUEUE, DistEnv, dist_env, pick_device
 from asset_dist.models.tokens import Tokenizers, load_weights
 from asset_dist.models.transformer import AssetTransformer
-from asset_dist.utils import atomic_write_json, atomic_write_text
+from asset_dist.runlock import job_lock
+from asset_dist.utils import InputError, atomic_write_json, atomic_write_text, check_id, inside, writable_dir
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
 MANIFEST = "manifest.jsonl"
-
-
-def check_infer_config(cfg: Config) -> None:
-    i = cfg.infer
-    problems = []
-    if i.precision not in DTYPES:
-        problems.append(f"infer.precision must be one of {', '.join(DTYPES)} (got {i.precision!r})")
-    for key, lo in (("samples", 1), ("batch_size", 1), ("blend_levels", 1), ("top_k", 0), ("blend_band", 0),
-                    ("preview_size", 16)):
-        if getattr(i, key) < lo:
-            problems.append(f"infer.{key} must be >= {lo} (got {getattr(i, key)})")
-    if i.temperature < 0:
-        problems.append(f"infer.temperature must be >= 0 (got {i.temperature})")
-    if problems:
-        raise ValueError("; ".join(problems))
 
 
 def weight_paths(cfg: Config) -> dict[str, str]:
@@ -85,21 +70,6 @@ def canvas_resolution(cfg: Config) -> int:
     return cfg.infer.resolution or cfg.data.resolution
 
 
-def pick_device(arg: str, env: DistEnv) -> torch.device:
-    if arg == "cpu" or (arg == "auto" and not torch.cuda.is_available()):
-        # one process per task: use the task's cores, not every core of the node (OpenMP oversubscription
-        # makes several ranks on one node crawl); torchrun sets OMP_NUM_THREADS=1 itself
-        cpus = os.environ.get("OMP_NUM_THREADS") or os.environ.get("SLURM_CPUS_PER_TASK")
-        if cpus and cpus.isdigit() and int(cpus) > 0:
-            torch.set_num_threads(int(cpus))
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA device visible")
-    dev = torch.device("cuda", env.local_rank % torch.cuda.device_count())
-    torch.cuda.set_device(dev)
-    return dev
-
-
 @dataclass
 class Models:
     tok: Tokenizers
@@ -114,7 +84,7 @@ class Models:
 
 
 def load_models(cfg: Config, device: torch.device, need_sga: bool = True) -> Models:
-    from asset_dist.train.export import file_digest
+    from asset_dist.artifacts import file_digest
 
     paths = weight_paths(cfg)
     for key in ("vqgan", "seg", "guide"):
@@ -408,16 +378,42 @@ def run_batch_edits(cfg: Config, edits: str, out: str | Path, *, guides_dir: Opt
                     shard_size: int = 100) -> int:
     """edit-batch: this rank's share of the edits; returns 0, or EXIT_REQUEUE when stopped by a signal.
     edit_set: anything with `.ids` and `.load(id)` instead of shards; redo: ignore existing records;
-    out_format: "files" (OUT/<id>/...) or "shards" (tars of shard_size edits per rank: results.py)."""
-    check_infer_config(cfg)
-    env = env or dist_env()
-    samples = samples or cfg.infer.samples
-    out = Path(out)
-    eset = edit_set if edit_set is not None else EditSet(edits)
+    out_format: "files" (OUT/<id>/...) or "shards" (tars of shard_size edits per rank: results.py).
+    Checks come first (config, --samples, a writable output folder, the weight files), then the output folder's
+    lock for the whole job (another run writing there is refused with LockHeld), then the work."""
+    if out_format not in FORMATS:
+        raise InputError(f"--out-format must be one of {', '.join(FORMATS)} (got {out_format!r})")
+    if shard_size < 1:
+        raise InputError(f"--shard-size must be >= 1 (got {shard_size})")
+    env, samples, out = start_run(cfg, out, samples, env, "edit-batch --out")
+    with job_lock(out, "edit-batch", env):
+        return _batch_edits(cfg, edits, out, guides_dir, samples, device, retry_failed, redo, env, edit_set,
+                            out_format, shard_size)
+
+
+def start_run(cfg: Config, out: str | Path, samples: Optional[int], env: Optional[DistEnv], what: str,
+              need_sga: bool = True) -> tuple[DistEnv, int, Path]:
+    """The checks every editing command makes before any heavy work -> (env, samples, output folder)."""
+    validate(cfg, "config")
+    if samples is not None and samples < 1:
+        raise InputError(f"samples must be >= 1 (got {samples})")
+    for key, path in weight_paths(cfg).items():
+        if path and (key != "sga" or need_sga) and not Path(path).is_file():
+            raise InputError(f"{key} weights {path}: no such file (infer.{key}_weights"
+                             + (")" if key == "sga" else f" or train.{key}_weights)"))
+    return env or dist_env(), samples or cfg.infer.samples, writable_dir(out, what)
+
+
+def edit_dir(out: Path, edit_id: str) -> Path:
+    """OUT/<edit_id>, refused (UnsafeName) unless the id is safe and the folder lies inside OUT."""
+    return inside(out, check_id(edit_id))
+
+
+def _batch_edits(cfg: Config, edits: str, out: Path, guides_dir: Optional[str], samples: int, device: str,
+                 retry_failed: bool, redo: bool, env: DistEnv, edit_set, out_format: str, shard_size: int) -> int:
+    eset = edit_set if edit_set is not None else EditSet(edits, verify=cfg.data.verify)
     all_ids = eset.ids
     mine = split_for_rank(all_ids, env.rank, env.world_size)
-    if out_format not in FORMATS:
-        raise ValueError(f"--out-format must be one of {', '.join(FORMATS)} (got {out_format!r})")
     out.mkdir(parents=True, exist_ok=True)
     paths = weight_paths(cfg)
     i = cfg.infer
@@ -502,7 +498,7 @@ def _run_pending(cfg: Config, eset, pending: list[str], out: Path, samples: int,
     (edit, sample) rows feed the continuous sampler's queue, which keeps `infer.batch_size` rows sampling; an
     edit's images and record are written as soon as its last row is sampled."""
     i = cfg.infer
-    models = load_models(cfg, pick_device(device, env))
+    models = load_models(cfg, pick_device(env, device))
     runner = EditRunner(cfg, models, samples, guides_dir)
     per_window = max(1, -(-i.batch_size // samples))
     log_path = out / "logs" / f"rank{env.rank}.jsonl"
@@ -522,6 +518,9 @@ def _run_pending(cfg: Config, eset, pending: list[str], out: Path, samples: int,
                     preps.append(runner.prepare(eset.load(eid)))
                 except EditError as e:
                     settle.record(eid, failed_record(eid, str(e), env))
+                except Exception as e:  # noqa: BLE001 - one edit never stops the batch; counted as a crash
+                    settle.crashed += 1
+                    settle.record(eid, failed_record(eid, f"edit {eid!r}: {type(e).__name__}: {e}", env))
             if models.sga is not None:
                 runner.run_rows([(p, k) for p in preps for k in range(samples)], runner.guide_batch)
             for p in preps:
@@ -618,13 +617,15 @@ def write_summary(out: Path) -> dict:
 def run_precompute(cfg: Config, edits: str, out: str | Path, *, samples: Optional[int] = None,
                    device: str = "auto", env: Optional[DistEnv] = None) -> int:
     """precompute-guides: picks for every (edit, sample) of this rank's share; existing valid files are kept."""
-    check_infer_config(cfg)
-    env = env or dist_env()
-    samples = samples or cfg.infer.samples
-    out = Path(out)
-    eset = EditSet(edits)
+    env, samples, out = start_run(cfg, out, samples, env, "precompute-guides --out", need_sga=False)
+    with job_lock(out, "precompute-guides", env):
+        return _precompute(cfg, edits, out, samples, device, env)
+
+
+def _precompute(cfg: Config, edits: str, out: Path, samples: int, device: str, env: DistEnv) -> int:
+    eset = EditSet(edits, verify=cfg.data.verify)
     mine = split_for_rank(eset.ids, env.rank, env.world_size)
-    models = load_models(cfg, pick_device(device, env), need_sga=False)
+    models = load_models(cfg, pick_device(env, device), need_sga=False)
     runner = EditRunner(cfg, models, samples, guides_dir=str(out))
     per_chunk = max(1, -(-cfg.infer.batch_size // samples))
     n_failed = n_kept = 0
@@ -639,20 +640,21 @@ def run_precompute(cfg: Config, edits: str, out: str | Path, *, samples: Optiona
                     n_kept += 1  # resumable: this edit is complete already (cheap check, before tokenizing)
                     continue
                 preps.append(runner.prepare(files, need_hr=False))
-            except EditError as e:
+            except Exception as e:  # noqa: BLE001 - a bad edit (EditError) or any other error: that edit fails
+                msg = str(e) if isinstance(e, EditError) else f"edit {eid!r}: {type(e).__name__}: {e}"
                 n_failed += 1
-                atomic_write_json(out / eid / "failed.json", failed_record(eid, str(e), env))
-                _log(f"[rank {env.rank}] FAILED {e}")
+                atomic_write_json(edit_dir(out, eid) / "failed.json", failed_record(eid, msg, env))
+                _log(f"[rank {env.rank}] FAILED {msg}")
         progress.queued(sum(int(p.lr[2].sum()) * samples for p in preps), len(mine[c:c + per_chunk]))
         runner.run_rows([(p, k) for p in preps for k in range(samples)],
                         lambda rows: runner.guide_batch(rows, store=str(out), on_step=progress.sampled))
         for p in preps:
             if p.error is not None:
                 n_failed += 1
-                atomic_write_json(out / p.edit_id / "failed.json", failed_record(p.edit_id, p.error, env))
+                atomic_write_json(edit_dir(out, p.edit_id) / "failed.json", failed_record(p.edit_id, p.error, env))
                 _log(f"[rank {env.rank}] FAILED {p.error}")
             else:
-                (out / p.edit_id / "failed.json").unlink(missing_ok=True)
+                (edit_dir(out, p.edit_id) / "failed.json").unlink(missing_ok=True)
         progress.edit_done(len(mine[c:c + per_chunk]))
     progress.close()
     _log(f"[rank {env.rank}/{env.world_size}] guides: {len(mine)} edit(s), {n_kept} already complete, "

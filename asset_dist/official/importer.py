@@ -35,7 +35,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 import yaml
 
-from asset_dist.config import Config, apply_overrides, config_from_dict, load_config, to_dict
+from asset_dist.config import Config, apply_overrides, config_from_dict, load_config, path_arg, to_dict
 from asset_dist.models.official import IGNORED_NAMES, IGNORED_PREFIXES, official_vq_state_dict
 from asset_dist.models.official_transformer import convert_official_state_dict
 from asset_dist.models.seg_vq import SegVQModel
@@ -43,7 +43,7 @@ from asset_dist.models.transformer import AssetTransformer
 from asset_dist.models.vqgan import VQModel
 from asset_dist.official.checkpoint import OfficialFile, read_official_file, under
 from asset_dist.official.sizes import OfficialParams, infer_transformer_config, infer_vq_config, read_official_config
-from asset_dist.train.export import file_digest, write_export
+from asset_dist.artifacts import file_digest, write_export
 from asset_dist.utils import atomic_write_text
 
 STAGES = ("vqgan", "seg", "guide", "sga")
@@ -257,7 +257,7 @@ def build_config(parts: dict[str, Part], out_files: dict[str, Path], params: Off
     cfg.train.token_hole = "nearest"
     if params.d_size:  # the official SGA config's [high resolution, guide resolution]
         cfg.data.resolution, cfg.data.guide_resolution = int(params.d_size[0]), int(params.d_size[1])
-    if not base and cfg.data.label_shift:  # COCO: short side 296 per 256 before the crop (ASSET_FACTS.md 6.1)
+    if not base and cfg.data.label_shift:  # COCO: short side 296 per 256 before the crop (docs/ASSET_NOTES.md §6.1)
         cfg.data.resize_short_side = cfg.data.resolution * 296 // 256
     if cfg.data.train_shards == "???":
         cfg.data.train_shards = ""  # set it to fine-tune; editing does not read it
@@ -365,7 +365,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seg", metavar="CKPT", help="seg VQ: standalone (landscape_VQ_seg_model.ckpt) or cond_stage_model.*")
     p.add_argument("--guide", metavar="CKPT", help="guiding-transformer checkpoint (e.g. landscape_guiding.ckpt)")
     p.add_argument("--sga", metavar="CKPT", help="SGA checkpoint (e.g. landscape_1024.ckpt, coco_512.ckpt)")
-    p.add_argument("--out", required=True, metavar="DIR", help="output folder for the exports and config.yaml")
+    p.add_argument("--out", required=True, metavar="DIR", type=path_arg,
+                   help="output folder for the exports and config.yaml")
     p.add_argument("--official-config", metavar="FILE",
                    help="official model config (YAML of the release, e.g. landscape_1024.yaml, or JSON): head count, "
                         "block grid, resolutions; without it they are the paper's (64-dim heads, 16x4 blocks)")

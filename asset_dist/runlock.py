@@ -1,0 +1,232 @@
+"""One writer per output folder: a lock file that names its holder, with stale-lock detection.
+
+Two trainings into one run folder, or two `edit-batch` runs into one output folder, would compute and
+write the same files; the second is refused with a named error instead. Works across nodes of a cluster
+(the lock is a file on the shared filesystem, created with O_EXCL), so it cannot rely on flock/fcntl (NFS
+and parallel filesystems implement them unevenly). The holder is recorded as host, pid and SLURM job id;
+a lock is stale, and is taken over, when
+  - its holder ran on this host and that pid is gone,
+  - it was written by an earlier run of the same SLURM job (a requeue; the old tasks are dead by then),
+  - or its heartbeat (the file's mtime, touched every `heartbeat_s` by a daemon thread) is older than
+    `stale_after_s` (a holder on another node that died or froze).
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import os
+import socket
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Iterator, Optional
+
+LOCK_NAME = ".asset_dist.lock"
+
+
+class LockHeld(RuntimeError):
+    """Another live run holds the folder; the message names it and says what to do."""
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _holder() -> dict:
+    return {"host": socket.gethostname(), "pid": os.getpid(), "slurm_job_id": os.environ.get("SLURM_JOB_ID", ""),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "token": uuid.uuid4().hex}
+
+
+class RunLock:
+    """`with RunLock(folder, "edit-batch"):` holds `folder/.asset_dist.lock` for the block (or acquire/release)."""
+
+    def __init__(self, folder: str | os.PathLike, what: str, *, heartbeat_s: float = 30.0,
+                 stale_after_s: float = 300.0):
+        self.folder = Path(folder)
+        self.path = self.folder / LOCK_NAME
+        self.what = what
+        self.heartbeat_s = heartbeat_s
+        self.stale_after_s = stale_after_s
+        self.me: Optional[dict] = None
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+
+    # ---- inspection -------------------------------------------------------------------------------------
+    def read(self) -> Optional[dict]:
+        try:
+            return json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):
+            return {}  # half-written by a holder that died between create and write: judged by its age
+
+    def stale_reason(self, rec: dict) -> Optional[str]:
+        """Why the lock described by `rec` no longer protects anything (None: it is live)."""
+        try:
+            age = time.time() - self.path.stat().st_mtime
+        except FileNotFoundError:
+            return "gone"
+        host, pid, job = rec.get("host"), rec.get("pid"), rec.get("slurm_job_id")
+        here = host == socket.gethostname() and isinstance(pid, int)
+        if here and not _pid_alive(pid):
+            return f"its process {pid} on {host} is gone"
+        if job and job == os.environ.get("SLURM_JOB_ID", "") and not here:
+            # one process per job takes the lock (rank 0): the same job id from another host is a requeue
+            return f"an earlier run of this SLURM job ({job}) on {host} wrote it"
+        if age > self.stale_after_s:
+            return f"no heartbeat for {age:.0f} s"
+        return None
+
+    # ---- acquire / release ------------------------------------------------------------------------------
+    def acquire(self) -> "RunLock":
+        self.folder.mkdir(parents=True, exist_ok=True)
+        me = _holder() | {"what": self.what}
+        for _ in range(5):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+            except FileExistsError:
+                rec = self.read()
+                if rec is None:
+                    continue  # released meanwhile
+                why = self.stale_reason(rec)
+                if why is None:
+                    raise LockHeld(
+                        f"{self.folder} is in use by {rec.get('what', 'another run')} (host {rec.get('host')}, pid "
+                        f"{rec.get('pid')}, SLURM job {rec.get('slurm_job_id') or '-'}, since {rec.get('started')}). "
+                        f"Wait for it or stop it; if it is really gone, delete {self.path}")
+                # move the stale file aside under a unique name: of several racing takers exactly one wins
+                aside = self.path.with_name(f"{LOCK_NAME}.stale.{uuid.uuid4().hex}")
+                try:
+                    os.rename(self.path, aside)
+                    os.unlink(aside)
+                except FileNotFoundError:
+                    pass
+                continue
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+                f.flush()
+                os.fsync(f.fileno())
+            self.me = me
+            self._thread = threading.Thread(target=self._beat, name="asset-dist-lock", daemon=True)
+            self._thread.start()
+            return self
+        raise LockHeld(f"{self.path}: could not take the lock (other runs keep racing for it)")
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.heartbeat_s):
+            try:
+                if (self.read() or {}).get("token") != self.me["token"]:
+                    return  # taken over (we were judged stale): never touch another holder's file
+                os.utime(self.path)
+            except OSError:
+                pass
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        if self.me is not None and (self.read() or {}).get("token") == self.me["token"]:
+            try:
+                self.path.unlink()
+            except FileNotFoundError:
+                pass
+        self.me = None
+
+    def __enter__(self) -> "RunLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# A lock for a whole job (torchrun / srun: several processes write into one folder)
+
+HANDSHAKE_TIMEOUT_S = 600.0  # every rank must reach the lock within this of the others
+JOB_WAIT = datetime.timedelta(days=30)  # rank 0 keeps the lock until the slowest rank is done
+
+
+@contextlib.contextmanager
+def job_lock(folder: str | os.PathLike, what: str, env=None) -> Iterator[Optional[RunLock]]:
+    """Hold `folder`'s lock for every process of this job (rank and world size from asset_dist.distenv).
+
+    One process: a plain RunLock. Several: rank 0 alone takes it (one holder per job, so the stale-lock rules
+    hold), every rank learns the outcome over a small gloo group and, if the folder is held by another run, all
+    of them raise LockHeld with the holder's description; at the end rank 0 waits for every rank before it
+    releases, so a second run can never start while a slow rank still writes. Yields rank 0's RunLock (None on
+    the other ranks). A mode in which extra workers join a running job on purpose would replace the rank-0 take
+    (`_take`) by a check that a live holder of the same kind owns the folder."""
+    from asset_dist.distenv import dist_env
+
+    env = env or dist_env()
+    if env.world_size <= 1:
+        with RunLock(folder, what) as lock:
+            yield lock
+        return
+    group = _Handshake(env)
+    lock, err = (_take(folder, what) if env.rank == 0 else (None, None))
+    err = group.broadcast(err)
+    if err is not None:
+        group.close()
+        raise LockHeld(err)
+    try:
+        yield lock
+    finally:
+        group.wait_for_all()
+        if lock is not None:
+            lock.release()
+        group.close()
+
+
+def _take(folder: str | os.PathLike, what: str) -> tuple[Optional[RunLock], Optional[str]]:
+    """(the lock, None) or (None, why not) - never raises, so every rank hears the answer."""
+    try:
+        return RunLock(folder, what).acquire(), None
+    except LockHeld as e:
+        return None, str(e)
+    except OSError as e:
+        return None, f"{folder}: cannot take the output-folder lock ({e.strerror or e})"
+
+
+class _Handshake:
+    """A gloo group for the lock's two collectives (the outcome, the final wait); our own when none exists."""
+
+    def __init__(self, env) -> None:
+        import torch.distributed as dist
+
+        from asset_dist.distenv import init_process_group
+
+        self.dist = dist
+        self.owned = not dist.is_initialized()
+        if self.owned:
+            init_process_group(env, "cpu", timeout_s=HANDSHAKE_TIMEOUT_S)
+            self.group = None  # the default group, gloo
+        else:
+            self.group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=HANDSHAKE_TIMEOUT_S))
+
+    def broadcast(self, err: Optional[str]) -> Optional[str]:
+        box = [err]
+        self.dist.broadcast_object_list(box, src=0, group=self.group)
+        return box[0]
+
+    def wait_for_all(self) -> None:
+        try:
+            self.dist.monitored_barrier(group=self.group, timeout=JOB_WAIT, wait_all_ranks=True)
+        except Exception as e:  # noqa: BLE001 - a rank that died: nothing left to wait for
+            print(f"lock: not every rank finished cleanly ({type(e).__name__}: {str(e).splitlines()[0]}); "
+                  "releasing the output folder", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.owned and self.dist.is_initialized():
+            self.dist.destroy_process_group()
+        elif self.group is not None:
+            self.dist.destroy_process_group(self.group)
