@@ -12,7 +12,7 @@ from asset_dist.infer.sampler import SAMPLERS, sample_cached
 from asset_dist.infer.scheduler import ContinuousSampler, Row, sample_continuous
 from asset_dist.models import decoding as D
 from asset_dist.models.decoding import Run, Slots
-from tests.test_infer_sampler import V, NC, H, batch, gens, guides, official_guides, tiny
+from tests.test_infer_sampler import NC, H, V, batch, gens, official_guides, tiny
 
 torch.set_num_threads(1)
 
