@@ -119,8 +119,13 @@ class _Queue:
     seq: Iterator[int] = field(default_factory=itertools.count)
     done: bool = False
 
-    def fill(self) -> None:
-        while not self.done and (self.lookahead <= 0 or self.n < self.lookahead):
+    def fill(self, lane=None) -> None:
+        """Read rows up to the look-ahead; for `lane` (the one being served) up to 4x that while it has none, so
+        rows of other image sizes in between do not drain the batch early."""
+        while not self.done:
+            short = self.lookahead > 0 and self.n >= self.lookahead
+            if short and (lane is None or self.heaps.get(lane) or self.n >= 4 * self.lookahead):
+                return
             row = next(self.source, None)
             if row is None:
                 self.done = True
@@ -130,7 +135,7 @@ class _Queue:
             self.n += 1
 
     def pop(self, lane) -> Optional[Row]:
-        self.fill()
+        self.fill(lane)
         h = self.heaps.get(lane)
         if not h:
             return None
