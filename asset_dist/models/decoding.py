@@ -462,11 +462,10 @@ class Slots:
                 buf = AD.BlockKV(b, torch.cat([K[j:j + 1, :, :1], kg], 2), torch.cat([V[j:j + 1, :, :1], vg], 2),
                                  F.pad(bias.to(bb.dtype), (1, 0)), 1, own)
                 out[:, :, t0:t1] = AD.block_kv_attention(q[:, :, t0:t1], buf, self.nt, first=first, last=last)
-            guide = self.guides["d_causal"][i]
+            guide, kernel = self.guides["d_causal"][i], block_kernel(self.model)
             for j, t0, t1, qtok in plan.kernel:
-                out[:, :, t0:t1] = block_kernel(self.model)(q[:, :, t0:t1], qtok, K[j:j + 1, :, 1:], V[j:j + 1, :, 1:],
-                                                       guide[j:j + 1], self.nt, causal=True,
-                                                       prefix=(K[j:j + 1, :, :1], V[j:j + 1, :, :1]))
+                out[:, :, t0:t1] = kernel(q[:, :, t0:t1], qtok, K[j:j + 1, :, 1:], V[j:j + 1, :, 1:], guide[j:j + 1],
+                                          self.nt, causal=True, prefix=(K[j:j + 1, :, :1], V[j:j + 1, :, :1]))
             if plan.vt.numel():
                 sel, qv = plan.vector_rows(q, self.B)
                 own = None
@@ -500,10 +499,10 @@ class Slots:
                 kg, vg, bias = self._gather(*self.tab["cross"][i], mk, mv, [j], [b])
                 buf = AD.BlockKV(b, kg, vg, bias.to(bb.dtype), 0, None)
                 out[:, :, t0:t1] = AD.block_kv_attention(q[:, :, t0:t1], buf, self.nt)
-            guide = self.guides["d_cross"][i]
+            guide, kernel = self.guides["d_cross"][i], block_kernel(self.model)
             for j, t0, t1, qtok in plan.kernel:
-                out[:, :, t0:t1] = block_kernel(self.model)(q[:, :, t0:t1], qtok, mk[j:j + 1], mv[j:j + 1],
-                                                       guide[j:j + 1], self.nt, causal=False)
+                out[:, :, t0:t1] = kernel(q[:, :, t0:t1], qtok, mk[j:j + 1], mv[j:j + 1], guide[j:j + 1], self.nt,
+                                          causal=False)
             if plan.vt.numel():
                 sel, qv = plan.vector_rows(q, self.B)
                 buf = AD.BlockKV(-1, bk, bv, bb, 0, None) if sel is None else \
