@@ -642,19 +642,15 @@ class _Plan:
                 vblock.append(b0)
             t += n
         self.ids = torch.cat(ids).to(dev)
-        self.pos = torch.tensor(pos, device=dev)
-        self.slot = torch.tensor(slot, device=dev)
-        self.want = torch.tensor(want, dtype=torch.long, device=dev)
-        self.vt = torch.tensor(vt, dtype=torch.long, device=dev)
         self._vslot, self._voff, self._vblock, self._vpos = vslot, voff, vblock, vpos
-        self.bt = torch.tensor(bt, dtype=torch.long, device=dev)
-        self.bslot = torch.tensor(bslot, dtype=torch.long, device=dev)
-        self.boff = torch.tensor(boff, dtype=torch.long, device=dev)
         self.gather = bool(gather)
-        self.gslot = torch.tensor(list(gather), dtype=torch.long, device=dev)
-        self.gblock = torch.tensor(list(gather.values()), dtype=torch.long, device=dev)
+        # every index list of the step in one host -> device copy
+        parts = [pos, slot, want, vt, bt, bslot, boff, list(gather), list(gather.values()), vslot]
+        flat = torch.tensor([x for part in parts for x in part], dtype=torch.long).to(dev)
+        (self.pos, self.slot, self.want, self.vt, self.bt, self.bslot, self.boff, self.gslot, self.gblock,
+         self._vslots) = flat.split([len(part) for part in parts])
         self._dev = dev
-        self._cache: dict = {}
+        self._rows: dict = {}
 
     # The last tokens of the runs attend in one call: over all B slots (queries of slots without such a token
     # are zeros, their outputs dropped: cheaper than copying the others' buffers) when at least half the slots
@@ -677,22 +673,28 @@ class _Plan:
         return res[:, :, 0].transpose(0, 1)
 
     def _slots(self) -> torch.Tensor:
-        if "slots" not in self._cache:
-            self._cache["slots"] = torch.tensor(self._vslot, dtype=torch.long, device=self._dev)
-        return self._cache["slots"]
+        return self._vslots
 
-    def _per_row(self, values: list[int], B: int, sel, fill: int) -> torch.Tensor:
-        if sel is not None:
-            return torch.tensor(values, dtype=torch.long, device=self._dev)
-        out = torch.full((B,), fill, dtype=torch.long, device=self._dev)
-        out[self._slots()] = torch.tensor(values, dtype=torch.long, device=self._dev)
-        return out
+    def _per_row(self, B: int, sel) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(offset in block, position, query block) of each vector-group row: per slot (B, 0 for slots not
+        taking part) or, sel given, per taking-part slot. Made once per step, used by every layer."""
+        key = sel is not None
+        if key not in self._rows:
+            m = len(self._vslot)  # dense steps have positions only, sparse ones offsets and blocks only
+            t = torch.tensor([v or [0] * m for v in (self._voff, self._vpos, self._vblock)], dtype=torch.long)
+            t = t.to(self._dev)
+            if sel is None:
+                full = torch.zeros(3, B, dtype=torch.long, device=self._dev)
+                full[:, self._slots()] = t
+                t = full
+            self._rows[key] = t
+        return self._rows[key]
 
     def voff_rows(self, B: int, sel) -> torch.Tensor:
-        return self._per_row(self._voff, B, sel, 0)
+        return self._per_row(B, sel)[0]
 
     def vpos_rows(self, B: int, sel) -> torch.Tensor:
-        return self._per_row(self._vpos, B, sel, 0)
+        return self._per_row(B, sel)[1]
 
     def vblock_all(self, B: int) -> torch.Tensor:
-        return self._per_row(self._vblock, B, None, 0)
+        return self._per_row(B, None)[2]
