@@ -49,19 +49,21 @@ def random_runs(L, g, lo=1, hi=20):
     return out
 
 
-@pytest.mark.parametrize("sparse", [False, True])
-def test_slots_equal_forward(sparse):
+@pytest.mark.parametrize("sparse,grid,side", [(False, (4, 2), 8), (True, (4, 2), 8), (True, (2, 2), 16)])
+def test_slots_equal_forward(sparse, grid, side):
     """3 slots, 5 rows admitted as slots free up; every step each row feeds a run of random length (1 token,
-    chunks inside a block, chunks across blocks, whole blocks, [start]); the logits at each run's end equal
-    forward's. Rows finish at different times and the next row takes the slot."""
-    m = tiny()
-    z, c, hole, gd = rows_of(5)
+    chunks inside a block, chunks across blocks, whole blocks, [start]; with 64-token blocks also runs longer
+    than the batched call's padding); the logits at each run's end equal forward's. Rows finish at different
+    times and the next row takes the slot."""
+    m = tiny(grid=grid)
+    L, nb = side * side, grid[0] * grid[1]
+    z, c, hole, gd = rows_of(5, L=L, nb=nb)
     gd = gd if sparse else None
-    full = m(z, c, hole, guides=gd)
-    dec = torch.cat([torch.full((5, 1), m.start_id), m.to_strip(z)], 1)
+    full = m(z, c, hole, guides=gd, hw=(side, side))
+    dec = torch.cat([torch.full((5, 1), m.start_id), m.to_strip(z, (side, side))], 1)
     g = torch.Generator().manual_seed(0)
-    plans = {r: random_runs(64, g, hi=(4 if r % 2 else 20)) for r in range(5)}
-    slots = Slots(m, 3, (8, 8), sparse, "cpu", torch.float64, guide_k=2)
+    plans = {r: random_runs(L, g, hi=(4 if r % 2 else (20 if L == 64 else 50))) for r in range(5)}
+    slots = Slots(m, 3, (side, side), sparse, "cpu", torch.float64, guide_k=2)
     queue, active, checked, step_no = list(range(5)), {}, 0, 0
     while queue or active:
         new = [(j, queue.pop(0)) for j in range(3) if j not in active and queue]
@@ -81,13 +83,15 @@ def test_slots_equal_forward(sparse):
         if not runs:
             continue
         for (j, r, p), row in zip(meta, slots.step(runs)):
-            if p < 64:  # position 64 predicts nothing
+            if p < L:  # position L predicts nothing
                 torch.testing.assert_close(row, full[r, p], rtol=0, atol=1e-12)
                 checked += 1
             active[j][1] += 1
             if active[j][1] == len(plans[r]):
                 del active[j]
     assert checked == sum(len(p) for p in plans.values()) - 5
+    if side == 16:  # runs of 17+ tokens inside one block took the per-slot path
+        assert any(n > 16 and (s - 1) // 64 == (s + n - 3) // 64 for p in plans.values() for s, n in p if s > 0)
 
 
 @pytest.mark.parametrize("leak", [False, True])

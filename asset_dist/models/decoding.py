@@ -475,8 +475,8 @@ class Slots:
                 buf = AD.BlockKV(-1, bk, bv, bb, 1, own)
                 if sel is not None:
                     buf = AD.BlockKV(-1, bk[sel], bv[sel], bb[sel], 1, None if own is None else own[sel])
-                offs = plan.voff_rows(self.B, sel)
-                res = AD.block_kv_attention(qv, buf, self.nt, first=offs, last=offs)
+                res = AD.block_kv_attention(qv, buf, self.nt, first=plan.vfirst_rows(self.B, sel),
+                                            last=plan.vlast_rows(self.B, sel))
                 out[0, :, plan.vt] = plan.vector_out(res, sel)
             return out
         return core
@@ -570,11 +570,14 @@ class Slots:
 class _Plan:
     """How the tokens of one step attend (computed once per step, used by every layer).
 
-    Flat token t belongs to run r; groups: `starts` (position 0), `vt` (the last token of each run not taking
-    the kernel: one batched call), `gaps` (the other tokens of a run inside one block: buffer, per slot),
-    `segs` (the part of a run in the block before a boundary it crosses: a buffer gathered for it, per slot),
-    `kernel` (runs of a block or more, or official spills: block kernel, per slot), `dense_gaps` (dense models:
-    every token but the last of a run)."""
+    Flat token t belongs to run r; groups: `starts` (position 0); the batched call (`vt`): SGA, a run's tokens
+    inside one block, up to PAD of them (a row of queries padded to the step's longest; attention over a buffer
+    is memory-bound, so a few more queries cost little), dense, each run's last token; `gaps` (the other tokens
+    of a longer run: buffer, per slot); `segs` (the part of a run in the block before a boundary it crosses: a
+    buffer gathered for it, per slot); `kernel` (runs of a block or more, or official spills: block kernel, per
+    slot); `dense_gaps` (dense models: every token but the last of a run)."""
+
+    PAD = 16
 
     def __init__(self, runs: Sequence[Run], nt: int, sparse: bool, block: list[int], length: list[int], L: int,
                  dev: torch.device, spill: Optional[list[set]] = None):
@@ -584,7 +587,8 @@ class _Plan:
         self.kernel: list[tuple] = []
         self.segs: list[tuple] = []
         self.dense_gaps: list[tuple] = []
-        vt, vslot, voff, vblock, vpos = [], [], [], [], []
+        vrows: list[list[int]] = []  # per row of the batched call: its tokens
+        vslot, voff, vlast, vblock, vpos = [], [], [], [], []
         bt, bslot, boff = [], [], []
         gather: dict[int, int] = {}
         self.new_block: dict[int, int] = {}
@@ -604,7 +608,7 @@ class _Plan:
             if not sparse:
                 if n > 1:
                     self.dense_gaps.append((j, t, t + n - 1, s))
-                vt.append(t + n - 1)
+                vrows.append([t + n - 1])
                 vslot.append(j)
                 vpos.append(s + n - 1)
                 t += n
@@ -631,70 +635,84 @@ class _Plan:
                 self.new_block[j] = b0
                 first = p0 - 1 - b0 * nt
                 last = e - 2 - b0 * nt
-                if e - p0 > 1:
-                    self.gaps.append((j, t_body, t + n - 1, b0, first, last))
                 bt.extend(range(t_body, t + n))
                 bslot.extend([j] * (e - p0))
                 boff.extend(range(first, last + 1))
-                vt.append(t + n - 1)
+                if e - p0 > self.PAD:  # a long known run: its own call; the last token joins the batched one
+                    self.gaps.append((j, t_body, t + n - 1, b0, first, last))
+                    t_body, first = t + n - 1, last
+                vrows.append(list(range(t_body, t + n)))
                 vslot.append(j)
-                voff.append(last)
+                voff.append(first)
+                vlast.append(last)
                 vblock.append(b0)
             t += n
         self.ids = torch.cat(ids).to(dev)
-        self._vslot, self._voff, self._vblock, self._vpos = vslot, voff, vblock, vpos
+        self._vslot, self._voff, self._vlast, self._vblock, self._vpos = vslot, voff, vlast, vblock, vpos
+        self.M = max((len(r) for r in vrows), default=1)  # queries per row of the batched call
+        vt = [x for r in vrows for x in r]
+        vidx = [x for r in vrows for x in r + [r[-1]] * (self.M - len(r))]  # padded with the row's last token
+        vsel = [i * self.M + q for i, r in enumerate(vrows) for q in range(len(r))]  # the real ones, in vt order
         self.gather = bool(gather)
         # every index list of the step in one host -> device copy
-        parts = [pos, slot, want, vt, bt, bslot, boff, list(gather), list(gather.values()), vslot]
+        parts = [pos, slot, want, vt, bt, bslot, boff, list(gather), list(gather.values()), vslot, vidx, vsel]
         flat = torch.tensor([x for part in parts for x in part], dtype=torch.long).to(dev)
         (self.pos, self.slot, self.want, self.vt, self.bt, self.bslot, self.boff, self.gslot, self.gblock,
-         self._vslots) = flat.split([len(part) for part in parts])
+         self._vslots, self._vidx, self._vsel) = flat.split([len(part) for part in parts])
         self._dev = dev
         self._rows: dict = {}
 
-    # The last tokens of the runs attend in one call: over all B slots (queries of slots without such a token
-    # are zeros, their outputs dropped: cheaper than copying the others' buffers) when at least half the slots
-    # take part, else over the taking part slots only (index_select). sel: None (all B) or those slots.
+    # The batched call runs over all B slots (rows of slots without queries are zeros, their outputs dropped:
+    # cheaper than copying the others' buffers) when at least half the slots take part, else over the taking
+    # part slots only (index_select). sel: None (all B) or those slots.
     def vector_rows(self, q: torch.Tensor, B: int) -> tuple[Optional[torch.Tensor], torch.Tensor]:
-        qt = q[0, :, self.vt].transpose(0, 1).unsqueeze(2)  # [m, H, 1, hd]
+        """q [1, H, T, hd] -> the batched call's queries [B or m, H, M, hd]."""
+        H, hd = q.shape[1], q.shape[3]
+        m = len(self._vslot)
+        qt = q[0, :, self._vidx].view(H, m, self.M, hd).transpose(0, 1)  # [m, H, M, hd]
         self._identity = self._vslot == list(range(B))
         if self._identity:  # every slot, in slot order: nothing to scatter
             return None, qt
-        if 2 * len(self._vslot) >= B:
-            full = q.new_zeros(B, *qt.shape[1:])
+        if 2 * m >= B:
+            full = q.new_zeros(B, H, self.M, hd)
             full[self._slots()] = qt
             return None, full
         return self._slots(), qt
 
     def vector_out(self, res: torch.Tensor, sel: Optional[torch.Tensor]) -> torch.Tensor:
-        """vector_rows' result [B or m, H, 1, hd] -> [H, m, hd] in vt order."""
+        """vector_rows' result [B or m, H, M, hd] -> [H, len(vt), hd] in vt order (padding dropped)."""
         if sel is None and not self._identity:
             res = res[self._slots()]
-        return res[:, :, 0].transpose(0, 1)
+        H, hd = res.shape[1], res.shape[3]
+        return res.transpose(1, 2).reshape(-1, H, hd)[self._vsel].transpose(0, 1)
 
     def _slots(self) -> torch.Tensor:
         return self._vslots
 
-    def _per_row(self, B: int, sel) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(offset in block, position, query block) of each vector-group row: per slot (B, 0 for slots not
-        taking part) or, sel given, per taking-part slot. Made once per step, used by every layer."""
+    def _per_row(self, B: int, sel) -> torch.Tensor:
+        """[first offset, last offset, last position, query block] of each row of the batched call: per slot
+        (B, zeros for slots not taking part) or, sel given, per taking-part slot. Once per step, for every
+        layer."""
         key = sel is not None
         if key not in self._rows:
             m = len(self._vslot)  # dense steps have positions only, sparse ones offsets and blocks only
-            t = torch.tensor([v or [0] * m for v in (self._voff, self._vpos, self._vblock)], dtype=torch.long)
-            t = t.to(self._dev)
+            vals = (self._voff, self._vlast, self._vpos, self._vblock)
+            t = torch.tensor([v or [0] * m for v in vals], dtype=torch.long).to(self._dev)
             if sel is None:
-                full = torch.zeros(3, B, dtype=torch.long, device=self._dev)
+                full = torch.zeros(4, B, dtype=torch.long, device=self._dev)
                 full[:, self._slots()] = t
                 t = full
             self._rows[key] = t
         return self._rows[key]
 
-    def voff_rows(self, B: int, sel) -> torch.Tensor:
+    def vfirst_rows(self, B: int, sel) -> torch.Tensor:
         return self._per_row(B, sel)[0]
 
-    def vpos_rows(self, B: int, sel) -> torch.Tensor:
+    def vlast_rows(self, B: int, sel) -> torch.Tensor:
         return self._per_row(B, sel)[1]
 
+    def vpos_rows(self, B: int, sel) -> torch.Tensor:
+        return self._per_row(B, sel)[2]
+
     def vblock_all(self, B: int) -> torch.Tensor:
-        return self._per_row(B, None)[2]
+        return self._per_row(B, None)[3]
