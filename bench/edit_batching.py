@@ -90,7 +90,7 @@ class SteadySlots(Slots):
 
     _shared: dict = {}
 
-    def _big(self, *shape):
+    def _big(self, *shape):  # fresh pages read as zeros, but reused allocator memory may hold anything: see step
         if shape[2] == self.L:  # cross-attention keys/values: shared by the layers
             key = (shape, self._device)
             if key not in self._shared:
@@ -102,9 +102,10 @@ class SteadySlots(Slots):
         L = hw[0] * hw[1]
         self.L = L
         super().__init__(model, n_slots, hw, sparse, device, dtype, guide_k)
-        for t in self.k + self.v:  # only [start] must be finite: every other key read is written first ...
+        for t in self.k + self.v:  # [start]; the rest: zeroed where a row goes (admit, step)
             t[:, :, :1] = 0
         self._first = [0] * n_slots
+        self._zeroed = [set() for _ in range(n_slots)]
 
     def admit(self, slots, ids, cond, hole, guides=None):
         js = torch.as_tensor(list(slots), device=ids.device)
@@ -117,13 +118,22 @@ class SteadySlots(Slots):
                 self.tab[w][i][0][js], self.tab[w][i][1][js] = t.blocks, t.bias
         for n, j in enumerate(slots):
             first = int(hole[n, self.lay.perm].nonzero()[0])
-            for t in self.k + self.v:  # ... or lies in the prefix, which a real run would have written
+            for t in self.k + self.v:  # the prefix, which a real run would have written
                 t[j, :, 1:first + 1] = 0
             self.length[j], self.block[j], self._first[j] = first, -1, first
+            self._zeroed[j] = set()
 
     def step(self, runs):
         runs = [r if r.start >= self.length[r.slot] else
                 Run(r.slot, self.length[r.slot], r.ids[self.length[r.slot] - r.start:], r.want) for r in runs]
+        nt = self.nt
+        for r in runs:  # masked keys are read too (0 x value): the blocks a run reaches must hold finite values
+            for b in range(max(r.start - 1, 0) // nt, (r.start + r.ids.numel() - 2) // nt + 1):
+                if b not in self._zeroed[r.slot]:
+                    self._zeroed[r.slot].add(b)
+                    lo = max(b * nt + 1, self._first[r.slot] + 1)
+                    for t in self.k + self.v:
+                        t[r.slot, :, lo:(b + 1) * nt + 1] = 0
         return super().step(runs)
 
 
