@@ -126,6 +126,9 @@ class SteadySlots(Slots):
     def step(self, runs):
         runs = [r if r.start >= self.length[r.slot] else
                 Run(r.slot, self.length[r.slot], r.ids[self.length[r.slot] - r.start:], r.want) for r in runs]
+        runs = [r for r in runs if r.ids.numel()]  # a separate prefill that lies in the cached prefix
+        if not runs:
+            return torch.zeros(0, self.model.vocab_size)
         nt = self.nt
         for r in runs:  # masked keys are read too (0 x value): the blocks a run reaches must hold finite values
             for b in range(max(r.start - 1, 0) // nt, (r.start + r.ids.numel() - 2) // nt + 1):
@@ -137,7 +140,8 @@ class SteadySlots(Slots):
         return super().step(runs)
 
 
-def steady(name: str, holes: torch.Tensor, B: int, steps: int, device, dtype, eff: dict, seed: int = 0) -> list[dict]:
+def steady(name: str, holes: torch.Tensor, B: int, steps: int, device, dtype, eff: dict, seed: int = 0,
+           prefills=("fused",)) -> list[dict]:
     """Seconds per decode step in the steady state: union vs continuous (see the module doc, 3.)."""
     torch.manual_seed(0)
     model = AssetTransformer(model_config(name)).to(device=device, dtype=dtype).eval()
@@ -168,18 +172,19 @@ def steady(name: str, holes: torch.Tensor, B: int, steps: int, device, dtype, ef
                 "efficiency": eff["union"], "tokens_per_s": round(B / (eff["union"] * sec), 2)})
     print(json.dumps(out[-1]), flush=True)
     del st
-    rows = [Row(i, ids[i], cond[i], holes[i], row_generator(seed, f"bench{i}", 0, "sga"), (t, t),
-                {k: v[:, i] for k, v in guides.items()}) for i in range(n)]
-    SteadySlots._shared.clear()
-    st = ContinuousSampler(model, B, top_k=100, slots_factory=SteadySlots).run(rows, lambda r, x: None,
-                                                                               max_steps=steps + 1)
-    wall, cpu = st.step_s - st.first_s, st.step_cpu_s - st.first_cpu_s
-    sec = (cpu if device.type == "cpu" else wall) / (st.steps - 1)
-    out.append({"model": name, "batch": B, "sampler": "continuous", "steps_timed": st.steps - 1,
-                "s_per_step": round(sec, 4), "wall_s_per_step": round(wall / (st.steps - 1), 4),
-                "mean_rows_active": round(st.mean_active, 2), "efficiency": eff["continuous"],
-                "tokens_per_s": round(B / (eff["continuous"] * sec), 2)})
-    print(json.dumps(out[-1]), flush=True)
+    for prefill in prefills:
+        rows = [Row(i, ids[i], cond[i], holes[i], row_generator(seed, f"bench{i}", 0, "sga"), (t, t),
+                    {k: v[:, i] for k, v in guides.items()}) for i in range(n)]
+        SteadySlots._shared.clear()
+        st = ContinuousSampler(model, B, top_k=100, prefill=prefill, slots_factory=SteadySlots).run(
+            rows, lambda r, x: None, max_steps=steps + 1)
+        wall, cpu = st.step_s - st.first_s, st.step_cpu_s - st.first_cpu_s
+        sec = (cpu if device.type == "cpu" else wall) / (st.steps - 1)
+        out.append({"model": name, "batch": B, "sampler": f"continuous_{prefill}", "steps_timed": st.steps - 1,
+                    "s_per_step": round(sec, 4), "wall_s_per_step": round(wall / (st.steps - 1), 4),
+                    "mean_rows_active": round(st.mean_active, 2), "efficiency": eff["continuous"],
+                    "tokens_per_s": round(B / (eff["continuous"] * sec), 2)})
+        print(json.dumps(out[-1]), flush=True)
     SteadySlots._shared.clear()
     return out
 
@@ -324,7 +329,8 @@ def main(argv=None) -> int:
         row = next(r for r in table if r["batch"] == a.speed_batch)
         eff = {"union": row["union_efficiency"], "continuous": row[f"continuous_{a.orders[0]}_efficiency"]}
         for name in a.steady_models:
-            steadies += steady(name, holes, a.speed_batch, a.steady, torch.device(a.device), DTYPES[a.dtype], eff)
+            steadies += steady(name, holes, a.speed_batch, a.steady, torch.device(a.device), DTYPES[a.dtype], eff,
+                               prefills=a.prefills)
         print("\n| model | batch | sampler | steps timed | s/step | steps x B / token (whole set) | tokens/s "
               "| vs union |")
         print("|---|---|---|---|---|---|---|---|")
