@@ -6,8 +6,8 @@ run of decoder positions, from where it stopped to its next hole token (known to
 as its own prefill chunk), and samples that token; a row whose last hole token is sampled leaves, and a row
 from the queue takes its slot before the next step. So every step samples one hole token per active row:
 efficiency = steps x batch_size / hole tokens sampled is 1.0 while the queue lasts (the union schedule of
-`sampler.sample_cached` steps every row at every position where ANY row has a hole: 3.3 at batch 16 on
-training-style masks at 1024, BENCHMARKS.md "Editing").
+`sampler.sample_cached` steps every row at every position where ANY row has a hole: 3.7 at batch 16 on
+training-style masks at 1024, against 1.02 here; BENCHMARKS.md "Continuous batching").
 
 Tokens equal the union sampler's and the uncached oracle's (each row draws from its own generator, k uniforms
 per hole token in strip order, whatever else is in the batch; tests/test_infer_continuous.py). With official
@@ -17,8 +17,8 @@ longer depend on the other rows of a batch at all.
 Rows of different token geometries (image sizes) or kinds (dense / SGA) never share a step: the queue is
 served one geometry ("lane") at a time. `order="longest"` admits the row with the most hole tokens first among
 the rows read ahead (`lookahead`), so the batch drains on short rows at the end of a run.
-`prefill="separate"` feeds known-token runs in their own call before the decode step (for measurement:
-"fused", the default, was faster; BENCHMARKS.md).
+`prefill="separate"` feeds known-token runs in their own call before the decode step; measured equal to the
+default "fused" at paper size on a CPU, which keeps one call per step (fewer kernel launches on a GPU).
 """
 from __future__ import annotations
 
