@@ -84,7 +84,7 @@ def measure(name, size, box, R, i) -> tuple[dict, tuple]:
     return r, (img, seg, mask)
 
 
-def e2e(cases: list[tuple], R: int) -> dict[str, dict]:
+def e2e(cases: list[tuple], R: int) -> dict[str, dict]:  # cases: (name, data, R of the case)
     """Whole edits through the runner: tiny random-weight exports with light tokenizers (no res blocks)."""
     import torch
 
@@ -98,10 +98,11 @@ def e2e(cases: list[tuple], R: int) -> dict[str, dict]:
 
     torch.set_num_threads(1)
     tmp = Path(tempfile.mkdtemp(prefix="bench_canvas_"))
-    cfg = load_config(make_exports(tmp / "w"), [f"infer.resolution={R}", "infer.samples=1", "infer.blend_band=16"])
+    cfg_path = make_exports(tmp / "w")
     table = ClassTable(182)
     out = {}
-    for k, (name, (img, seg, mask)) in enumerate(cases):
+    for k, (name, (img, seg, mask), r_case) in enumerate(cases):
+        cfg = load_config(cfg_path, [f"infer.resolution={r_case}", "infer.samples=1", "infer.blend_band=16"])
         rec = make_record(f"c{k}", png(img), png(seg), png(mask * 255), class_id=table.lookup("tree"),
                           class_name="tree", num_classes=182, label_shift=0)
         t0 = time.perf_counter()
@@ -129,7 +130,7 @@ def main(argv=None) -> int:
         R = 2048 if name.startswith("2048") else a.resolution
         r, data = measure(name, size, box, R, i)
         rows.append(r)
-        inputs.append((name, data))
+        inputs.append((name, data, R))
     ends = e2e(inputs, a.resolution) if a.e2e else {}
     head = ["case", "photo", "hole_px", "R", "window", "working", "tokens", "guide", "scale", "detail_psnr_db",
             "context", "pad", "canvas_s", "outside_identical"]
