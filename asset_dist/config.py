@@ -142,6 +142,8 @@ class LossConfig:
 @dataclass
 class TrainConfig:
     stage: str = MISSING  # vqgan | seg | guide | sga
+    # deepspeed: DeepSpeed engines, ZeRO 0-3 (the deepspeed section); fsdp2: torch fully_shard + distributed checkpoint
+    backend: str = "deepspeed"
     max_steps: int = 1000  # optimizer steps of the run (not micro-steps)
     lr: float = 7.2e-5  # peak learning rate
     optimizer: str = "adam"  # adam | adamw
@@ -157,6 +159,9 @@ class TrainConfig:
     seed: int = 23  # model init and dropout
     ckpt_every: int = 500  # steps between checkpoints (also at the end and on signals)
     keep_last: int = 3  # checkpoints kept (older ones are deleted after a newer one is complete)
+    # steps between the checks all ranks agree on (non-finite loss, stop signal), also made at log / checkpoint
+    # steps: a signal is acted on within this many steps; 1 checks every step (a host sync per step)
+    sync_every: int = 10
     loss: LossConfig = field(default_factory=LossConfig)
     # parents: exported single-file weights of earlier stages
     vqgan_weights: str = ""
@@ -380,6 +385,10 @@ def _validate(cfg: Config, src: str) -> None:
         bad("data.mask.kind", "must be 'landscape' or 'coco'")
     if cfg.train.grad_accum < 1:
         bad("train.grad_accum", "must be >= 1")
+    if cfg.train.backend not in ("deepspeed", "fsdp2"):
+        bad("train.backend", f"must be deepspeed or fsdp2 (got {cfg.train.backend!r})")
+    if cfg.train.sync_every < 1:
+        bad("train.sync_every", f"must be >= 1 (got {cfg.train.sync_every})")
 
 
 def load_config(path: Optional[str | os.PathLike] = None, overrides: Optional[list[str]] = None,
