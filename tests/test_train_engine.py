@@ -1,8 +1,8 @@
 """The engine on both backends (train.backend: deepspeed at ZeRO-3, fsdp2), two real processes under torchrun:
 the VQGAN's GAN training, a kill -9 after a checkpoint and the resume (bitwise the same weights as an
 uninterrupted run, every step logged once), the export against the backend's own consolidation, TensorBoard;
-then what a resume refuses: another world size, changed settings, a planted pickle, a `latest` outside the
-run folder, a folder another run holds.
+then what a resume refuses: changed settings, a planted pickle, a `latest` outside the run folder, a folder
+another run holds, an old partitioned checkpoint on another world size. Elastic resume: test_train_elastic.py.
 
 One uninterrupted and one killed-and-resumed run per backend (module fixture); the refusal tests reuse them
 or a one-process tiny_seg checkpoint and fail before any training.
@@ -173,19 +173,34 @@ def test_zero3_checkpoint_loaded_by_deepspeed_reproduces_the_export(runs, sflckr
     assert rec["lineage"]["data"] == str(sflckr_shards)
 
 
-def test_resume_refuses_another_world_size_and_changed_settings(runs, sflckr_shards, tmp_path):
-    """Both checks come before any model is built: exit 2, a message naming the checkpoint, no traceback."""
+def test_resume_refuses_changed_settings(runs, sflckr_shards, tmp_path):
+    """Checked before any model is built: exit 2, a message naming each setting, no traceback."""
     opts = vq_opts(sflckr_shards, tmp_path / "other", runs.backend, STEPS)
-    proc = run_train("tiny_vqgan.yaml", opts, extra=["--resume", str(runs.full)])
-    check(proc, rc=2)
-    no_traceback(proc)
-    assert "written by 2 processes, this run has 1" in proc.stderr
     proc = run_train("tiny_vqgan.yaml", opts + ["train.lr=1e-3", "train.loss.disc_weight=0.5"],
                      extra=["--resume", str(runs.full)])
     check(proc, rc=2)
     no_traceback(proc)
     assert "train.lr: 0.0005 -> 0.001" in proc.stderr and "train.loss.disc_weight: 0.8 -> 0.5" in proc.stderr
     assert not (tmp_path / "other" / "config.yaml").exists()  # nothing recorded what was not done
+
+
+@pytest.mark.parametrize("runs", ["deepspeed"], indirect=True)
+def test_an_old_partitioned_checkpoint_on_another_world_size_is_a_named_error(runs, sflckr_shards, tmp_path):
+    """A ZeRO-3 tag written before checkpoints carried DeepSpeed's universal info (and before meta.json)
+    cannot be resharded: one process refuses it by name instead of failing inside DeepSpeed."""
+    old = tmp_path / "old"
+    shutil.copytree(runs.full / "checkpoints", old / "checkpoints")
+    shutil.copy(runs.full / "config.yaml", old / "config.yaml")
+    tag = old / "checkpoints" / "step_00000008"
+    (tag / "meta.json").unlink()
+    for f in tag.glob("*/*model_states.pt"):
+        sd = torch.load(f, weights_only=False)
+        sd.pop("universal_checkpoint_info", None)
+        torch.save(sd, f)
+    proc = run_train("tiny_vqgan.yaml", vq_opts(sflckr_shards, old, runs.backend, STEPS + 1))
+    check(proc, rc=2)
+    no_traceback(proc)
+    assert "cannot reshard this checkpoint from 2 to 1 processes" in proc.stderr, proc.stderr[-2000:]
 
 
 # ---- one-process tiny_seg checkpoints for the refusal tests ------------------------------------------------

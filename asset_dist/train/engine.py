@@ -119,7 +119,7 @@ class Trainer:
 
     def _find_checkpoint(self, resume: str) -> Optional[tuple[Path, dict]]:
         """The checkpoint to continue from, after every check that needs no heavy work: a `latest` inside
-        the run folder, the same backend and world size, and no setting changed that resuming cannot honour."""
+        the run folder, the same backend, and no setting changed that resuming cannot honour."""
         if resume == "none":
             return None
         src = self.run_dir if resume == "auto" else Path(resume)
@@ -152,23 +152,38 @@ class Trainer:
         if meta.get("backend") != self.cfg.train.backend:
             raise ckpt.CheckpointError(f"{folder}: written by train.backend={meta.get('backend')}, this run uses "
                                        f"{self.cfg.train.backend}; resume with the same backend")
-        if meta.get("world_size") != self.world:
-            raise ckpt.CheckpointError(
-                f"{folder}: written by {meta.get('world_size')} processes, this run has {self.world}; resuming "
-                f"on another number of processes is not supported yet: start it with {meta.get('world_size')}")
+        if not isinstance(meta.get("world_size"), int) or meta["world_size"] < 1:
+            raise ckpt.CheckpointError(f"{folder}: meta.json has no valid world_size")
         return folder, meta
 
     def _resume(self, folder: Path, meta: dict) -> None:
-        state = ckpt.load_rank_state(folder, self.rank)
-        self.backend.load(folder, meta)
+        """Load the checkpoint. With another world size or data-worker count (elastic resume) the backend
+        reshards model, optimizer and scheduler, and the loader takes every saved rank's position (its rule:
+        asset_dist/data/loader.py); RNG and stage extras come from saved rank (rank mod saved world)."""
+        saved_world = int(meta["world_size"])
+        mine = self.rank % saved_world
+        state = ckpt.load_rank_state(folder, mine)
+        elastic = saved_world != self.world or not self.loader.same_layout(state["loader"])
+        states = [state if r == mine else ckpt.load_rank_state(folder, r) for r in range(saved_world)] if elastic else []
+        scratch = ckpt.ckpt_root(self.run_dir) / ".reshard"
+        self.backend.load(folder, meta, scratch)
+        dist.barrier()
+        if self.rank == 0 and scratch.exists():
+            import shutil
+
+            shutil.rmtree(scratch, ignore_errors=True)
         self.step = int(state["step"])
-        self.loader.load_state_dict(state["loader"])
+        if elastic:
+            self.loader.load_global_state([st["loader"] for st in states])
+        else:
+            self.loader.load_state_dict(state["loader"])
         ckpt.set_rng_state(state["rng"])
-        self.backend.load_rank_state(state.get("backend", {}))
+        self.backend.load_rank_state((states[0] if elastic else state).get("backend", {}))
         for key, obj in self.stage.extra_state().items():
             obj.load_state_dict(state["extra"][key])
         if self.rank == 0:
-            print(f"resumed from {folder} at step {self.step}", flush=True)
+            how = f" (resharded from {saved_world} processes to {self.world})" if saved_world != self.world else ""
+            print(f"resumed from {folder} at step {self.step}{how}", flush=True)
 
     # ---- signals ------------------------------------------------------------------------------------------
     def install_signal_handlers(self) -> None:

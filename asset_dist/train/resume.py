@@ -7,14 +7,17 @@ the export claimed it. Such changes are refused with the list of differences; th
 - `train.max_steps` (continue a finished run for longer; not with `train.schedule: cosine`, whose decay
   already applied depends on it),
 - `train.ckpt_every`, `train.keep_last`, `train.sync_every`: when to save and check,
+- `data.num_workers`: the loader reshards its position like a change of world size (data/loader.py),
 - `logging.*`, `infer.*`, `paths.*`, `name`, `data.val_shards`: what is logged and where, nothing trained.
+
+The number of processes is not a setting: a resume on another world size reshards (train/backends/).
 """
 from __future__ import annotations
 
 from typing import Any
 
-MAY_CHANGE = ("train.max_steps", "train.ckpt_every", "train.keep_last", "train.sync_every", "logging.", "infer.",
-              "paths.", "name", "data.val_shards")
+MAY_CHANGE = ("train.max_steps", "train.ckpt_every", "train.keep_last", "train.sync_every", "data.num_workers",
+              "logging.", "infer.", "paths.", "name", "data.val_shards")
 
 
 def _flat(d: Any, prefix: str = "") -> dict[str, Any]:

@@ -116,11 +116,14 @@ class Backend(ABC):
         """Write model + optimizer + scheduler of every network under `folder/<network>/` (collective)."""
 
     @abstractmethod
-    def load(self, folder: Path, meta: dict[str, Any]) -> None:
-        """Read back what `save` wrote; `meta` is the tag's meta.json (collective). Only weights-only loads."""
+    def load(self, folder: Path, meta: dict[str, Any], scratch: Path) -> None:
+        """Read back what `save` wrote; `meta` is the tag's meta.json (collective). Only weights-only loads.
+        A checkpoint of another world size (meta["world_size"]) is resharded; `scratch` is a shared folder
+        for conversions, removed by the engine afterwards."""
 
     def rank_state(self) -> dict[str, Any]:
-        """Extra per-rank state this backend keeps in the engine's rank file (plain tensors and containers)."""
+        """Extra per-rank state this backend keeps in the engine's rank file (plain tensors and containers).
+        After a reshard every rank gets saved rank 0's."""
         return {}
 
     def load_rank_state(self, state: dict[str, Any]) -> None:

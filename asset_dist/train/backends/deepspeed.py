@@ -1,6 +1,12 @@
 """The DeepSpeed backend: one engine per network (ZeRO 0-3, `deepspeed.*` config section), DeepSpeed's own
 checkpoint files, and its zero_to_fp32 consolidation for the export.
 
+Resuming with another number of processes (elastic resume) goes through DeepSpeed's universal checkpoint:
+rank 0 converts the network's partitioned files (ZeRO 1-3, or bf16 at ZeRO 0) with `ds_to_universal` into
+per-parameter fp32 weights and Adam moments under the run's `checkpoints/.reshard/`, and every rank loads
+them with `load_universal`. Files that are not partitioned (fp32 at ZeRO 0) load at any world size as they
+are. Only checkpoints this backend wrote with `universal_checkpoint_info` (set on each network) convert.
+
 Every checkpoint read goes through `weights_only_loads`: DeepSpeed calls `torch.load(..., weights_only=False)`
 in several places (engine, ZeRO optimizers, zero_to_fp32), so inside the block `torch.load` is forced to
 weights-only with an allow-list of the few classes DeepSpeed itself writes; anything else in a checkpoint
@@ -8,14 +14,19 @@ weights-only with an allow-list of the few classes DeepSpeed itself writes; anyt
 """
 from __future__ import annotations
 
+import argparse
+import contextlib
 import importlib
+import io
 import os
 import pickle
+import shutil
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from asset_dist.config import Config
@@ -129,6 +140,11 @@ class DeepSpeedBackend(Backend):
             if name in stage.frozen_use:  # called frozen outside its engine: ZeRO-3 partitioning would forbid it
                 z = min(z, 2)
             self.zero[name] = z
+            from deepspeed.checkpoint.constants import (UNIVERSAL_CHECKPOINT_INFO, UNIVERSAL_CHECKPOINT_VERSION_KEY,
+                                                        UNIVERSAL_CHECKPOINT_VERSION_VALUE)
+
+            # saved with every checkpoint: what lets ds_to_universal reshard it for another world size
+            setattr(module, UNIVERSAL_CHECKPOINT_INFO, {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE})
             opt = make_optimizer(stage.param_groups(name, module), stage.optimizer_args(name))
             engine, _, _, _ = self.ds.initialize(model=module, optimizer=opt, lr_scheduler=make_scheduler(opt, self.cfg),
                                                  config=deepspeed_config(self.cfg, z))
@@ -163,16 +179,54 @@ class DeepSpeedBackend(Backend):
         for name, engine in self.engines.items():
             engine.save_checkpoint(str(folder), tag=name, save_latest=False)
 
-    def load(self, folder: Path, meta: dict[str, Any]) -> None:
+    def load(self, folder: Path, meta: dict[str, Any], scratch: Path) -> None:
         saved = meta.get("zero_stage") or {}
+        saved_world = int(meta.get("world_size", self.env.world_size))
         for name, engine in self.engines.items():
             if name in saved and saved[name] != self.zero[name]:
                 raise CheckpointError(f"{folder / name}: written at ZeRO-{saved[name]}, this run uses "
                                       f"ZeRO-{self.zero[name]} (deepspeed.zero_stage)")
-            with weights_only_loads():
-                path, _ = engine.load_checkpoint(str(folder), tag=name)
+            partitioned = any((folder / name).glob("*_optim_states.pt"))
+            if saved_world == self.env.world_size or not partitioned:
+                with weights_only_loads():
+                    path, _ = engine.load_checkpoint(str(folder), tag=name)
+            else:
+                universal = self._to_universal(folder / name, scratch / folder.name / name, saved_world)
+                engine._config.load_universal_checkpoint = True  # read by load_checkpoint only
+                try:
+                    with weights_only_loads():
+                        path, _ = engine.load_checkpoint(str(universal.parent), tag=name)
+                finally:
+                    engine._config.load_universal_checkpoint = False
             if path is None:
                 raise CheckpointError(f"{folder / name}: DeepSpeed could not load this checkpoint")
+
+    def _to_universal(self, src: Path, out: Path, saved_world: int) -> Path:
+        """Rank 0 converts `src` (one network's files) into a universal checkpoint at `out` (collective)."""
+        err = ""
+        if self.env.rank == 0 and not out.is_dir():
+            from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+            tmp = out.with_name(out.name + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            talk = io.StringIO()
+            try:
+                with weights_only_loads(), contextlib.redirect_stdout(talk):
+                    ds_to_universal(argparse.Namespace(
+                        input_folder=str(src), output_folder=str(tmp), num_extract_workers=1, num_merge_workers=1,
+                        keep_temp_folder=False, strict=True, inject_missing_state=False))
+                tmp.rename(out)
+            except CheckpointError as e:
+                err = str(e)
+            except (AssertionError, FileNotFoundError, KeyError, ValueError) as e:
+                err = (f"{src}: cannot reshard this checkpoint from {saved_world} to {self.env.world_size} processes "
+                       f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no detail'}); checkpoints "
+                       f"written before elastic resume existed need the same {saved_world} processes")
+        flag = torch.tensor([1.0 if err else 0.0], device=self.device)
+        dist.all_reduce(flag)
+        if flag.item() > 0:
+            raise CheckpointError(err or f"{src}: rank 0 could not reshard this checkpoint (see its error)")
+        return out
 
     def full_state_dict(self, folder: Path, name: str) -> Optional[dict[str, torch.Tensor]]:
         if self.env.rank != 0:

@@ -1,6 +1,9 @@
 """The FSDP2 backend: `torch.distributed.fsdp.fully_shard` per unit (the stage's blocks) and per network,
 torch optimizers on the sharded (DTensor) parameters, and `torch.distributed.checkpoint` (DCP) files.
 
+Another number of processes on resume needs nothing special: DCP records each tensor's global shape and
+shard offsets and reads the overlapping pieces into the new shards.
+
 Precision: parameters, gradients and optimizer state stay fp32 (sharded); bf16 computes in bf16 through
 FSDP2's MixedPrecisionPolicy and reduces gradients in fp32. fp16 is refused (it needs a sharded loss
 scaler; use bf16). Gradient accumulation skips the reduce-scatter on all but the last micro-batch.
@@ -179,7 +182,8 @@ class FSDP2Backend(Backend):
         for name in self.modules:
             dcp.save(self._state(name), storage_writer=FileSystemWriter(str(folder / name)))
 
-    def load(self, folder: Path, meta: dict[str, Any]) -> None:
+    def load(self, folder: Path, meta: dict[str, Any], scratch: Path) -> None:
+        # DCP reshards by itself: each rank reads the pieces of every saved shard that overlap its own
         for name, module in self.modules.items():
             state = self._state(name)
             reader = SafeReader(str(folder / name))
