@@ -55,13 +55,21 @@ class Trainer:
             check("stage", cfg.train.stage)
         except UnknownName as e:
             raise ConfigError(str(e)) from None
-        backend_cls = check_backend_config(cfg)
+        self._backend_cls = check_backend_config(cfg)
         self.env = dist_env()
         self.rank, self.world = self.env.rank, self.env.world_size
         self.device = pick_device(self.env)
         self._init_process_group()
         self.run_dir = Path(cfg.paths.run_dir)
         self._take_lock()
+        try:
+            self._build(resume)
+        except BaseException:
+            self.close()  # a failed start-up must not leave the run folder locked
+            raise
+
+    def _build(self, resume: str) -> None:
+        cfg = self.cfg
         self.source = self._find_checkpoint(resume)
         if self.rank == 0:  # after the checks: the record describes what this run really does
             save_config(cfg, self.run_dir / "config.yaml")
@@ -73,7 +81,7 @@ class Trainer:
         nets = self.stage.build()
         self.stage.set_checkpointing(nets, cfg.train.activation_checkpointing)
         self.parents = {k: parent_record(p) for k, p in self.stage.parents().items()} if self.rank == 0 else {}
-        self.backend = backend_cls(cfg, self.device, self.env)
+        self.backend = self._backend_cls(cfg, self.device, self.env)
         self.backend.setup(self.stage, nets)
         self.dtype = self.backend.dtype
         self.stage.to_device(self.device, self.dtype)
