@@ -24,10 +24,10 @@ def base(shards, run_dir, backend="deepspeed", **kw):
     return o + [f"{k}={v}" for k, v in kw.items()]
 
 
-@pytest.mark.parametrize("backend", list(BACKENDS))
-def test_seg_tokenizer_loss_falls(sflckr_shards, tmp_path, backend):
-    run = tmp_path / backend
-    check(run_train("tiny_seg.yaml", base(sflckr_shards, run, backend, **{"train.max_steps": 10}), nproc=2))
+def test_seg_tokenizer_loss_falls(sflckr_shards, tmp_path):
+    """DeepSpeed ZeRO-2 (FSDP2 trains the seg tokenizer in test_train_elastic.py, the VQGAN in test_train_engine.py)."""
+    run = tmp_path / "seg"
+    check(run_train("tiny_seg.yaml", base(sflckr_shards, run, "deepspeed", **{"train.max_steps": 10}), nproc=2))
     rec = [m["loss/rec"] for m in metrics(run)]
     early, late = early_late(rec, 3)
     assert late < 0.9 * early, rec
@@ -35,7 +35,7 @@ def test_seg_tokenizer_loss_falls(sflckr_shards, tmp_path, backend):
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
 
 
-@pytest.mark.parametrize("backend", list(BACKENDS))
+@pytest.mark.parametrize("backend", ["fsdp2"])  # the check is the engine's, the same for every backend
 def test_nonfinite_loss_stops_without_saving(sflckr_shards, tmp_path, backend):
     run = tmp_path / "nan"
     proc = run_train("tiny_seg.yaml", base(sflckr_shards, run, backend, **{
@@ -55,7 +55,7 @@ def test_bad_config_names_the_key(tmp_path):
     assert "fp16" in proc.stderr and "Traceback" not in proc.stderr
 
 
-@pytest.mark.parametrize("backend", list(BACKENDS))
+@pytest.mark.parametrize("backend", ["deepspeed"])  # the engine's signal path; FSDP2 saves and resumes elsewhere
 def test_sigusr1_checkpoints_exits_for_requeue_and_resumes(sflckr_shards, tmp_path, backend):
     run = tmp_path / "sig"
     opts = {"train.ckpt_every": 1000, "deepspeed.zero_stage": 0, "train.sync_every": 3}

@@ -85,8 +85,9 @@ class Trainer:
         self.backend.setup(self.stage, nets)
         self.dtype = self.backend.dtype
         self.stage.to_device(self.device, self.dtype)
-        inf = torch.tensor(float("inf"), device=self.device)
-        self._first_bad = {name: inf.clone() for name in self.stage.networks}  # first non-finite step, per network
+        self._inf = torch.tensor(float("inf"), device=self.device)
+        self._dev_step = torch.zeros((), device=self.device)  # the step being trained, on the device
+        self._first_bad = {name: self._inf.clone() for name in self.stage.networks}  # first non-finite step
         self._last_batch: Optional[dict] = None
         self._t_last, self._n_last = time.time(), 0  # since the last log line: time, step
 
@@ -236,10 +237,9 @@ class Trainer:
                 for k, v in out.items()}
 
     def _note_loss(self, name: str, loss: torch.Tensor) -> None:
-        """Remember the first step whose loss was not finite, on the device (no sync)."""
-        step = torch.tensor(float(self.step + 1), device=self.device)
-        here = torch.where(torch.isfinite(loss.detach()).all(), torch.full_like(step, float("inf")), step)
-        self._first_bad[name] = torch.minimum(self._first_bad[name], here)
+        """Remember the first step whose loss was not finite: device ops only (no copy from the host, no sync)."""
+        here = torch.where(torch.isfinite(loss.detach()).all(), self._inf, self._dev_step)
+        torch.minimum(self._first_bad[name], here, out=self._first_bad[name])
 
     def train_step(self, batches: Iterator[dict], log: bool = False, keep_batch: bool = False) -> dict[str, Any]:
         """One optimizer step (grad_accum micro-batches through every network). With `log`, returns the
@@ -247,6 +247,7 @@ class Trainer:
         ga = self.cfg.train.grad_accum
         logs: dict[str, Any] = {}
         self.backend.train()
+        self._dev_step.fill_(self.step + 1)  # a scalar kernel argument, not a copy
         for _ in range(ga):
             t0 = time.perf_counter()
             raw = next(batches)

@@ -135,14 +135,14 @@ class DeepSpeedBackend(Backend):
         self.zero: dict[str, int] = {}
 
     def setup(self, stage, nets: dict[str, nn.Module]) -> None:
+        from deepspeed.checkpoint.constants import (UNIVERSAL_CHECKPOINT_INFO, UNIVERSAL_CHECKPOINT_VERSION_KEY,
+                                                    UNIVERSAL_CHECKPOINT_VERSION_VALUE)
+
         for name, module in nets.items():
             z = self.cfg.deepspeed.zero_stage
             if name in stage.frozen_use:  # called frozen outside its engine: ZeRO-3 partitioning would forbid it
                 z = min(z, 2)
             self.zero[name] = z
-            from deepspeed.checkpoint.constants import (UNIVERSAL_CHECKPOINT_INFO, UNIVERSAL_CHECKPOINT_VERSION_KEY,
-                                                        UNIVERSAL_CHECKPOINT_VERSION_VALUE)
-
             # saved with every checkpoint: what lets ds_to_universal reshard it for another world size
             setattr(module, UNIVERSAL_CHECKPOINT_INFO, {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE})
             opt = make_optimizer(stage.param_groups(name, module), stage.optimizer_args(name))
@@ -211,7 +211,7 @@ class DeepSpeedBackend(Backend):
             shutil.rmtree(tmp, ignore_errors=True)
             talk = io.StringIO()
             try:
-                with weights_only_loads(), contextlib.redirect_stdout(talk):
+                with weights_only_loads(), contextlib.redirect_stdout(talk), contextlib.redirect_stderr(talk):
                     ds_to_universal(argparse.Namespace(
                         input_folder=str(src), output_folder=str(tmp), num_extract_workers=1, num_merge_workers=1,
                         keep_temp_folder=False, strict=True, inject_missing_state=False))
