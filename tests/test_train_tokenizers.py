@@ -46,11 +46,11 @@ def test_nonfinite_loss_stops_without_saving(sflckr_shards, tmp_path, backend):
     assert not (run / "checkpoints" / "latest").exists()
 
 
-def test_bad_config_names_the_key(tmp_path):
+def test_bad_config_names_the_key(sflckr_shards, tmp_path):
     proc = run_train("tiny_seg.yaml", ["train.stagee=seg"])
     check(proc, rc=2)
     assert "train.stagee" in proc.stderr and "tiny_seg.yaml" in proc.stderr
-    proc = run_train("tiny_seg.yaml", ["train.backend=fsdp2", "train.precision=fp16"])
+    proc = run_train("tiny_seg.yaml", base(sflckr_shards, tmp_path / "run", "fsdp2", **{"train.precision": "fp16"}))
     check(proc, rc=2)
     assert "fp16" in proc.stderr and "Traceback" not in proc.stderr
 

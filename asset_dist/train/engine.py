@@ -393,6 +393,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     try:  # every check that needs no model or process group, before any heavy work
         cfg = load_config(args.config, args.overrides)
+        check_backend_config(cfg)  # e.g. fp16 under fsdp2
         from asset_dist.data import check_sources
         from asset_dist.utils import writable_dir
 
