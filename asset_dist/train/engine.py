@@ -26,8 +26,7 @@ import torch
 import torch.distributed as dist
 
 from asset_dist.artifacts import parent_record, write_export
-from asset_dist.config import (Config, ConfigError, add_config_args, config_from_dict, load_config, path_arg, save_config,
-                               to_dict)
+from asset_dist.config import (Config, ConfigError, config_from_dict, load_config, save_config, to_dict)
 from asset_dist.distenv import DeviceError, dist_env, export_torch_env, init_process_group, pick_device
 from asset_dist.exitcodes import EXIT_BAD_INPUT, EXIT_NONFINITE, EXIT_REQUEUE
 from asset_dist.runlock import LockHeld, RunLock
@@ -380,14 +379,6 @@ class Trainer:
         if self.lock is not None:
             self.lock.release()
             self.lock = None
-
-
-def add_args(p: argparse.ArgumentParser) -> None:
-    add_config_args(p)
-    p.add_argument("--resume", default="auto", type=path_arg,
-                   help="'auto': continue from RUN/checkpoints/latest if it exists (default); 'none': start "
-                        "fresh; or a run folder to continue from. Checkpoints are read weights-only; only "
-                        "settings listed in asset_dist/train/resume.py may differ from the checkpoint's")
 
 
 def main(args: argparse.Namespace) -> int:
