@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset.tariterators import tarfile_samples
+import webdataset as wds
 
 from asset_dist.config import DataConfig, validate
 from asset_dist.data.shards import (DataError, Part, Shard, reader_parts, remember_verified, resolve_shards,
@@ -131,7 +131,7 @@ def _read_parts(parts: list[Part], corruption: _Corruption, verify: bool, verifi
         if key is not None:
             verified.append(key)
         try:
-            for i, sample in enumerate(tarfile_samples([{"url": url}])):
+            for i, sample in enumerate(wds.tarfile_samples([{"url": url}])):
                 if i % part.stride == part.offset:
                     got += 1
                     if skip is not None and i < len(skip) and skip[i]:
