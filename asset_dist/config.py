@@ -260,6 +260,8 @@ class LossConfig:
 @dataclass
 class TrainConfig:
     stage: str = MISSING  # vqgan | seg | guide | sga
+    # deepspeed: DeepSpeed engines, ZeRO 0-3 (the deepspeed section); fsdp2: torch fully_shard + distributed checkpoint
+    backend: str = "deepspeed"
     max_steps: int = 1000  # optimizer steps of the run (not micro-steps)
     lr: float = 7.2e-5  # peak learning rate
     optimizer: str = "adam"  # adam | adamw
@@ -275,6 +277,9 @@ class TrainConfig:
     seed: int = 23  # model init and dropout
     ckpt_every: int = 500  # steps between checkpoints (also at the end and on signals)
     keep_last: int = 3  # checkpoints kept (older ones are deleted after a newer one is complete)
+    # steps between the checks all ranks agree on (non-finite loss, stop signal), also made at log / checkpoint
+    # steps: a signal is acted on within this many steps; 1 checks every step (a host sync per step)
+    sync_every: int = 10
     loss: LossConfig = field(default_factory=LossConfig)
     # parents: exported single-file weights of earlier stages
     vqgan_weights: str = ""
@@ -286,7 +291,8 @@ class TrainConfig:
 
     def validate(self, c: Checks, at: str) -> None:
         c.one_of(f"{at}.stage", self.stage, STAGES)
-        for key in ("max_steps", "grad_accum", "ckpt_every", "keep_last"):
+        c.one_of(f"{at}.backend", self.backend, ("deepspeed", "fsdp2"))  # asset_dist/train/registry.py
+        for key in ("max_steps", "grad_accum", "ckpt_every", "keep_last", "sync_every"):
             c.at_least(f"{at}.{key}", getattr(self, key), 1)
         if not self.lr > 0 or self.lr == float("inf"):
             c.bad(f"{at}.lr", self.lr, "a finite number > 0")

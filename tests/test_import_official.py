@@ -32,7 +32,8 @@ from asset_dist.models.official import load_official_vq, vq_config_from_official
 from asset_dist.models.tokens import Tokenizers, load_weights
 from asset_dist.models.transformer import AssetTransformer, guides_from_maps
 from asset_dist.official import CheckpointError, import_official, infer_transformer_config, infer_vq_config
-from asset_dist.official.importer import add_args, main
+from asset_dist.official.args import add_args
+from asset_dist.official.importer import main
 from asset_dist.official.sizes import read_official_config
 from asset_dist.artifacts import read_export
 

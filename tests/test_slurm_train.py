@@ -191,7 +191,7 @@ def test_sbatch_train_sga_from_tiny_parents(slurm_cluster: SlurmCluster, sga_job
     assert "tasks exited with status 0" in log and f"exported {run / 'export' / 'sga.pt'}" in log
     rec = read_export(run / "export" / "sga.pt", expect_stage="sga")
     assert rec["step"] == 2 and [m["step"] for m in metrics(run)] == [1, 2]
-    assert rec["lineage"]["parents"]["guide_weights"] == str(parents["guide"])
+    assert rec["lineage"]["parents"]["guide_weights"]["path"] == str(parents["guide"].resolve())
     cfg = load_config(REPO / "configs" / "tiny_sga.yaml")
     AssetTransformer(cfg.model.transformer).load_state_dict(rec["state_dict"])
     guide = read_export(parents["guide"])["state_dict"]
@@ -286,9 +286,9 @@ def test_pipeline_chains_stages_with_afterok_and_skips_finished(slurm_cluster: S
         assert rec["step"] == 2
         assert json.loads((root / stage / "submitted.json").read_text())["job_id"] == str(ids[stage])
     lineage = read_export(root / "sga" / "export" / "sga.pt")["lineage"]["parents"]
-    assert lineage["guide_weights"] == str(root / "guide" / "export" / "guide.pt")
-    assert read_export(root / "guide" / "export" / "guide.pt")["lineage"]["parents"]["vqgan_weights"] == \
-        str(root / "vqgan" / "export" / "vqgan.pt")
+    assert lineage["guide_weights"]["path"] == str((root / "guide" / "export" / "guide.pt").resolve())
+    assert read_export(root / "guide" / "export" / "guide.pt")["lineage"]["parents"]["vqgan_weights"]["path"] == \
+        str((root / "vqgan" / "export" / "vqgan.pt").resolve())
 
     again = slurm_cluster.run(*cmd, env=_env(), timeout=120)
     assert "every stage is finished: nothing to submit" in again.stdout and "submitted job" not in again.stdout

@@ -1,4 +1,5 @@
-"""Stages 2 and 3 on real DeepSpeed: the tiny guide and SGA transformers, two processes, ZeRO-2."""
+"""Stages 2 and 3 through the real engine: the tiny guide (DeepSpeed ZeRO-2, bitwise resume) and SGA
+transformers (both backends; FSDP2 shards it per transformer layer), two processes."""
 from __future__ import annotations
 
 import pytest
@@ -6,7 +7,7 @@ import torch
 
 from asset_dist.config import load_config
 from asset_dist.models.transformer import AssetTransformer
-from asset_dist.artifacts import read_export
+from asset_dist.artifacts import file_digest, read_export
 from tests.train_utils import REPO, check, early_late, make_tiny_parents, metrics, run_train
 
 
@@ -43,15 +44,18 @@ def test_guide_zero2_loss_falls_and_resume_is_bitwise(sflckr_shards, tmp_path, p
     cfg = load_config(REPO / "configs" / "tiny_guide.yaml")
     AssetTransformer(cfg.model.transformer).load_state_dict(a)
     rec = read_export(full / "export" / "guide.pt")
-    assert rec["lineage"]["parents"]["vqgan_weights"] == str(parents["vqgan"])
+    parent = rec["lineage"]["parents"]["vqgan_weights"]  # path, digest and the parent's own record
+    assert parent["path"] == str(parents["vqgan"].resolve()) and parent["sha256"] == file_digest(parents["vqgan"])
+    assert parent["stage"] == "vqgan" and parent["lineage"] == {"test": "random weights"}
     assert list((full / "tensorboard").glob("events.out.tfevents.*"))
 
 
-def test_sga_zero2_trains_from_the_guide(sflckr_shards, tmp_path, parents):
+@pytest.mark.parametrize("backend", ["deepspeed", "fsdp2"])
+def test_sga_trains_from_the_guide(sflckr_shards, tmp_path, parents, backend):
     run = tmp_path / "sga"
-    check(run_train("tiny_sga.yaml", opts(sflckr_shards, run, parents, **{"deepspeed.zero_stage": 2,
-                                                                       "train.max_steps": 6, "train.lr": 2e-3}),
-                    nproc=2, timeout=900))
+    check(run_train("tiny_sga.yaml", opts(sflckr_shards, run, parents, **{
+        "train.backend": backend, "deepspeed.zero_stage": 2, "train.max_steps": 6, "train.lr": 2e-3}),
+        nproc=2, timeout=900))
     ce = [m["loss/ce"] for m in metrics(run)]
     early, late = early_late(ce, 2)
     assert late < early, ce

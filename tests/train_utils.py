@@ -18,18 +18,57 @@ def train_env() -> dict:
     return env
 
 
-def run_train(config: str, overrides: list[str], nproc: int = 1, timeout: int = 600,
-              extra: list[str] | None = None) -> subprocess.CompletedProcess:
+def train_cmd(config: str, overrides: list[str], nproc: int = 1, extra: list[str] | None = None) -> list[str]:
     args = ["--config", str(REPO / "configs" / config)]
     for o in overrides:
         args += ["--set", o]
     args += extra or []
     if nproc > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-               "--master_port", str(29500 + os.getpid() % 1000), "-m", "asset_dist.cli", "train", *args]
-    else:
-        cmd = [sys.executable, "-m", "asset_dist.cli", "train", *args]
-    return subprocess.run(cmd, cwd=REPO, env=train_env(), capture_output=True, text=True, timeout=timeout)
+        return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+                "--master_port", str(29500 + os.getpid() % 1000), "-m", "asset_dist.cli", "train", *args]
+    return [sys.executable, "-m", "asset_dist.cli", "train", *args]
+
+
+def run_train(config: str, overrides: list[str], nproc: int = 1, timeout: int = 600,
+              extra: list[str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(train_cmd(config, overrides, nproc, extra), cwd=REPO, env=train_env(), capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL a launcher and every process under it (torchrun puts each worker in its own session, so its
+    process group alone would leave them running), workers first."""
+    import psutil
+
+    try:
+        kids = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        kids = []
+    for p in kids:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    proc.kill()
+    proc.wait()
+    psutil.wait_procs(kids, timeout=30)
+
+
+def tb_scalars(run_dir: Path, tag: str) -> list[int]:
+    """Steps of scalar `tag` as TensorBoard shows them (restarts purged)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0, "images": 0})
+    acc.Reload()
+    return [e.step for e in acc.Scalars(tag)]
+
+
+def tb_tags(run_dir: Path) -> dict:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0, "images": 0})
+    acc.Reload()
+    return acc.Tags()
 
 
 def check(proc: subprocess.CompletedProcess, rc: int = 0) -> None:

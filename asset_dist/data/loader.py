@@ -9,8 +9,17 @@ Determinism (what makes resume exact):
   loader records, per worker, how many raw samples its consumed batches covered, and which worker is
   next. On resume each worker skips that many raw samples (before decoding: cheap) and worker ids are
   rotated so that the round-robin starts at the saved worker: the batch sequence continues exactly.
-Trade-off: resuming re-reads (but does not decode) the consumed part of each reader's shards, and needs
-the same world size and worker count (otherwise `load_state_dict(..., strict=False)` restarts the epoch).
+Trade-off: resuming re-reads (but does not decode) the consumed part of each reader's shards.
+
+Another world size or worker count (elastic resume, `load_global_state` with every saved rank's state):
+the rule is global sample accounting. A sample is (shard, index in shard); the samples a reader consumed
+are the first `consumed[w]` of its stream, and that stream is a fixed function of the layout, the epoch
+and the shard sample counts (manifest), so they are recomputed without reading a shard. Every epoch a
+saved rank had started is resumed by the new layout's readers over all of that epoch's samples minus the
+consumed ones (skipped before decoding): within it, every sample not yet consumed is seen exactly once and
+none that was consumed is seen again. Ranks that had finished an epoch consumed all of their share. The
+layouts of the epochs in progress are kept in the state (`history`), so a later change reshards again.
+Exact as long as every shard reads completely (a truncated shard shortens its reader's stream).
 Batches are formed inside a worker, so each worker's last batch of an epoch may be short (data.drop_last).
 Ranks may see slightly different sample counts; `iter_forever` never ends, so ranks in lockstep are fine.
 Memory: workers write each batch once, in place, into reused shared-memory slots, converted (float/long)
@@ -19,6 +28,7 @@ batches go into reused buffers; nothing is reused while any tensor of the caller
 from __future__ import annotations
 
 import io
+import itertools
 import multiprocessing as mp
 import sys
 import warnings
@@ -30,7 +40,7 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset.tariterators import tarfile_samples
+import webdataset as wds
 
 from asset_dist.config import DataConfig, validate
 from asset_dist.data.shards import (DataError, Part, Shard, reader_parts, remember_verified, resolve_shards,
@@ -39,7 +49,7 @@ from asset_dist.data.buffers import BufferPool, MainSlots, WorkerSlots, batch_nb
 from asset_dist.data.views import copy_plane, fill_views, sample_rng, unit_, warm_up
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp")
-STATE_VERSION = 1
+STATE_VERSION = 2
 
 
 class CorruptSample(Exception):
@@ -108,19 +118,24 @@ class _Corruption:
                                f"(corrupt per shard: {worst})")
 
 
-def _read_parts(parts: list[Part], corruption: _Corruption, verify: bool, verified: list) -> Iterator[dict]:
+def _read_parts(parts: list[Part], corruption: _Corruption, verify: bool, verified: list,
+                exclude: Optional[dict] = None) -> Iterator[dict]:
     """Raw samples (undecoded bytes) of the reader's parts, in order, via webdataset's tar iterator. verify: check
     each shard's sha256 against its manifest the first time this process reads it (DataError if it differs);
-    the keys of shards checked here go to `verified` (sent to the main process with the next batch)."""
+    the keys of shards checked here go to `verified` (sent to the main process with the next batch). Samples
+    marked in `exclude` (url -> bool per index: consumed under an earlier layout) are passed over."""
     for part in parts:
         url, got = part.shard.url, 0
+        skip = exclude.get(url) if exclude else None
         key = verify_shard(part.shard, sha256=verify)
         if key is not None:
             verified.append(key)
         try:
-            for i, sample in enumerate(tarfile_samples([{"url": url}])):
+            for i, sample in enumerate(wds.tarfile_samples([{"url": url}])):
                 if i % part.stride == part.offset:
                     got += 1
+                    if skip is not None and i < len(skip) and skip[i]:
+                        continue
                     yield sample
         except Exception as e:  # noqa: BLE001 - unreadable or truncated shard: count what is lost
             lost = max(1, (part.samples or 0) - got)
@@ -139,6 +154,49 @@ def _shuffled(items: Iterator[dict], size: int, rng: np.random.Generator) -> Ite
         yield x
     for j in rng.permutation(len(buf)):
         yield buf[j]
+
+
+def _shuffle_rng(cfg: DataConfig, epoch: int, rank: int, world_size: int, worker: int,
+                 num_workers: int) -> np.random.Generator:
+    return np.random.default_rng([cfg.seed % 2**63, epoch, rank, world_size, worker, num_workers])
+
+
+def _reader_items(shards: list[Shard], cfg: DataConfig, train: bool, epoch: int, rank: int, world_size: int,
+                  worker: int, num_workers: int, exclude: dict) -> Iterator[tuple[str, int]]:
+    """(shard url, index) of what reader (rank, worker) of a layout pulls from its shuffle buffer in `epoch`,
+    in order: the stream _ReaderStream reads, from the shard sample counts alone."""
+    parts = reader_parts(shards, seed=cfg.seed, epoch=epoch, shuffle=train, rank=rank, world_size=world_size,
+                         worker=worker, num_workers=num_workers)
+
+    def items():
+        for part in parts:
+            skip = exclude.get(part.shard.url)
+            for i in range(part.offset, part.shard.samples, part.stride):
+                if skip is None or not skip[i]:
+                    yield part.shard.url, i
+
+    if train and cfg.shuffle_buffer > 1:
+        return _shuffled(items(), cfg.shuffle_buffer, _shuffle_rng(cfg, epoch, rank, world_size, worker, num_workers))
+    return items()
+
+
+def consumed_samples(shards: list[Shard], cfg: DataConfig, train: bool, epoch: int,
+                     history: list[dict]) -> dict[str, np.ndarray]:
+    """url -> bool per sample index: what the layouts in `history` (oldest first; each {world_size,
+    num_workers, ranks: [{epoch, consumed}]}) consumed of `epoch`. Each layout read with the exclusions of
+    the ones before it."""
+    mask = {s.url: np.zeros(s.samples, dtype=bool) for s in shards}
+    for rec in history:
+        seen = {u: m.copy() for u, m in mask.items()}  # what this layout's readers skipped
+        for rank, st in enumerate(rec["ranks"]):
+            if st["epoch"] < epoch:
+                continue  # had not reached it
+            for w in range(rec["num_workers"]):
+                take = None if st["epoch"] > epoch else int(st["consumed"][w])  # finished: all of its share
+                items = _reader_items(shards, cfg, train, epoch, rank, rec["world_size"], w, rec["num_workers"], seen)
+                for url, i in itertools.islice(items, take):
+                    mask[url][i] = True
+    return mask
 
 
 def finalize_batch(batch: dict, pin_memory: bool = False) -> dict:
@@ -161,9 +219,11 @@ class _ReaderStream(IterableDataset):
     """The batches of one rank; inside a DataLoader each worker runs its own reader."""
 
     def __init__(self, shards: list[Shard], cfg: DataConfig, train: bool, rank: int, world_size: int,
-                 num_workers: int, epoch: int, skip: list[int], rotation: int, returned: Optional[list] = None):
+                 num_workers: int, epoch: int, skip: list[int], rotation: int, returned: Optional[list] = None,
+                 exclude: Optional[dict] = None):
         super().__init__()
         self.returned = returned  # per reader: receive end of the pipe that hands its slots back (workers)
+        self.exclude = exclude  # url -> bool per sample: consumed under an earlier layout (elastic resume)
         self.shards, self.cfg, self.train = shards, cfg, train
         self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
         self.epoch, self.skip, self.rotation = epoch, skip, rotation
@@ -187,10 +247,10 @@ class _ReaderStream(IterableDataset):
         known = [p.samples for p in parts]
         corruption = _Corruption(cfg.max_corrupt_fraction, None if None in known else sum(known))
         verified: list = []
-        raw = _read_parts(parts, corruption, cfg.verify, verified)
+        raw = _read_parts(parts, corruption, cfg.verify, verified, self.exclude)
         if self.train and cfg.shuffle_buffer > 1:
-            seed = [cfg.seed % 2**63, self.epoch, self.rank, self.world_size, w, self.num_workers]
-            raw = _shuffled(raw, cfg.shuffle_buffer, np.random.default_rng(seed))
+            raw = _shuffled(raw, cfg.shuffle_buffer,
+                            _shuffle_rng(cfg, self.epoch, self.rank, self.world_size, w, self.num_workers))
         mask_epoch = self.epoch if self.train else 0  # validation masks are the same every epoch
         r, g, cap = cfg.resolution, cfg.guide_resolution, cfg.batch_size
         slots = WorkerSlots(self.returned[w], (cap, r, g)) if info is not None else None
@@ -276,6 +336,8 @@ class ShardLoader:
         self._reset()
         self._pending: Optional[tuple[list[int], int, int, int]] = None
         self._warned = False
+        self._history: list[dict] = []  # earlier layouts of the epochs in progress (elastic resume)
+        self._excluded: dict[int, Optional[dict]] = {}  # epoch -> consumed_samples of the history (cache)
 
     def _reset(self) -> None:
         self._consumed, self._next, self._batches, self._samples = [0] * self.workers, 0, 0, 0
@@ -289,13 +351,22 @@ class ShardLoader:
 
     def _stream(self, epoch: int, skip: list[int], rotation: int, returned: Optional[list] = None) -> _ReaderStream:
         return _ReaderStream(self.shards, self.cfg, self.train, self.rank, self.world_size, self.workers,
-                             epoch, skip, rotation, returned)
+                             epoch, skip, rotation, returned, self._exclusions(epoch))
+
+    def _exclusions(self, epoch: int) -> Optional[dict]:
+        if not any(st["epoch"] >= epoch for rec in self._history for st in rec["ranks"]):
+            return None
+        if epoch not in self._excluded:
+            self._excluded = {epoch: consumed_samples(self.shards, self.cfg, self.train, epoch, self._history)}
+        return self._excluded[epoch]
 
     def set_epoch(self, epoch: int) -> None:
         if self._pending is None or epoch != self.epoch:
             self._pending = None
             self._reset()
         self.epoch = epoch
+        # layouts that never reached this epoch are done with
+        self._history = [r for r in self._history if max(st["epoch"] for st in r["ranks"]) >= epoch]
 
     def __iter__(self) -> Iterator[dict]:
         if self._pending is not None:
@@ -355,16 +426,14 @@ class ShardLoader:
         return {"version": STATE_VERSION, "split": self.split, "seed": self.cfg.seed, "epoch": self.epoch,
                 "rank": self.rank, "world_size": self.world_size, "num_workers": self.workers,
                 "consumed": list(self._consumed), "next_worker": self._next, "batches": self._batches,
-                "samples": self._samples, "stats": dict(self.stats)}
+                "samples": self._samples, "stats": dict(self.stats), "history": self._history}
 
     def load_state_dict(self, state: dict, strict: bool = True) -> None:
         """Continue from `state` on the next iteration. With another world size, worker count, rank or seed
         the saved position means nothing: strict raises, strict=False restarts the saved epoch from its start."""
-        if state.get("version") != STATE_VERSION:
-            raise ValueError(f"loader state version {state.get('version')!r} not supported (expected {STATE_VERSION})")
-        if state["split"] != self.split:
-            raise ValueError(f"loader state is for the {state['split']!r} split, this loader reads {self.split!r}")
+        self._check_state(state)
         self.epoch = int(state["epoch"])
+        self._history, self._excluded = list(state.get("history", [])), {}
         self.stats = Counter({k: int(v) for k, v in state.get("stats", {}).items()})  # counts up to the save
         saved = (state["world_size"], state["num_workers"], state["rank"], state["seed"])
         if saved != (self.world_size, self.workers, self.rank, self.cfg.seed):
@@ -379,6 +448,47 @@ class ShardLoader:
             return
         self._pending = (list(state["consumed"]), int(state["next_worker"]), int(state["batches"]),
                          int(state["samples"]))
+
+    def _check_state(self, state: dict) -> None:
+        if state.get("version") not in (1, STATE_VERSION):  # 1: before `history` (same meaning otherwise)
+            raise ValueError(f"loader state version {state.get('version')!r} not supported (expected {STATE_VERSION})")
+        if state["split"] != self.split:
+            raise ValueError(f"loader state is for the {state['split']!r} split, this loader reads {self.split!r}")
+
+    def same_layout(self, state: dict) -> bool:
+        """Whether `state` (one rank's) was saved by this rank of the same world size and worker count."""
+        return (state["world_size"], state["num_workers"], state["rank"]) == (self.world_size, self.workers, self.rank)
+
+    def load_global_state(self, states: list[dict]) -> None:
+        """Continue from the saved states of every rank of a run (index = saved rank), whatever its world size
+        and worker count (the module docstring gives the rule). The same layout continues exactly as
+        `load_state_dict` does; another one resumes the earliest epoch in progress, and skips what was consumed."""
+        first = states[0]
+        for st in states:
+            self._check_state(st)
+        if len(states) != first["world_size"] or [st["rank"] for st in states] != list(range(len(states))):
+            raise ValueError(f"loader states of ranks {[st['rank'] for st in states]}, expected all "
+                             f"{first['world_size']} ranks of the saved run")
+        if first["seed"] != self.cfg.seed:
+            raise ValueError(f"loader state was saved with data.seed={first['seed']}, now {self.cfg.seed}")
+        if self.same_layout(states[self.rank] if self.rank < len(states) else first):
+            self.load_state_dict(states[self.rank])
+            return
+        if any(s.samples is None for s in self.shards):
+            raise ValueError("data: resuming with another number of processes or data workers needs the shards' "
+                             "sample counts: point data.train_shards at the folder holding manifest.json (or the "
+                             "manifest), not a brace pattern")
+        record = {"world_size": int(first["world_size"]), "num_workers": int(first["num_workers"]),
+                  "ranks": [{"epoch": int(st["epoch"]), "consumed": [int(c) for c in st["consumed"]]} for st in states]}
+        self._history, self._excluded = [*first.get("history", []), record], {}
+        self.epoch = min(r["epoch"] for r in record["ranks"])
+        self._history = [r for r in self._history if max(st["epoch"] for st in r["ranks"]) >= self.epoch]
+        # the running totals of the logs: all of them on rank 0, so the sum over ranks stays right
+        total: Counter = Counter()
+        for st in states:
+            total.update({k: int(v) for k, v in st.get("stats", {}).items()})
+        self.stats = total if self.rank == 0 else Counter()
+        self._pending = ([0] * self.workers, 0, 0, 0)  # marks a resumed epoch (it may have nothing left here)
 
 
 def check_sources(cfg: DataConfig) -> None:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from webdataset.shardlists import expand_urls
+import webdataset as wds
 
 from asset_dist.data.shardwriter import FORMAT, MANIFEST
 from asset_dist.utils import InputError
@@ -85,7 +85,7 @@ def resolve_shards(spec: str, split: str, allow_pipe: bool = False) -> list[Shar
         if not p.is_file():
             raise ValueError(f"{p}: manifest not found")
         return _from_manifest(p, split)
-    urls = expand_urls(spec)
+    urls = wds.SimpleShardList(spec).urls  # brace expansion and "::" lists, webdataset's public API
     piped = [u for u in urls if u.startswith("pipe:")]
     if piped and not allow_pipe:
         raise InputError(f"shard source {piped[0]!r} runs a shell command; it is refused unless the config says "

@@ -146,3 +146,14 @@ def edit_main(args) -> int:
     for name in done["outputs"]:
         print(Path(args.out) / eid / name)
     return rc
+
+
+def add_gallery_args(p: argparse.ArgumentParser) -> None:
+    p.description = ("Write gallery.html and contact_sheet.png for an edit-batch output: per edit the input, "
+                     "the label map before and after, the mask and the samples.")
+    add_config_args(p)
+    p.add_argument("--edits", default=None, type=path_arg,
+                   help="the edit set given to edit-batch (default infer.edits)")
+    p.add_argument("--results", required=True, type=path_arg, help="the edit-batch --out folder")
+    p.add_argument("--out", default=None, type=path_arg, help="where to write the gallery (default: --results)")
+    p.add_argument("--size", type=int_arg(8, 2048), default=192, help="tile side in pixels, 8-2048 (default 192)")

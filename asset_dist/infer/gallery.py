@@ -7,7 +7,6 @@ OUT/contact_sheet.png and the thumbnails under OUT/gallery/ (atomic writes, safe
 """
 from __future__ import annotations
 
-import argparse
 import html
 import io
 from dataclasses import dataclass, field
@@ -148,19 +147,6 @@ def write_gallery(edits_spec: str, results: Path, out: Path, num_classes: int, s
 
 # ----------------------------------------------------------------------------------------------------------
 # Command
-
-
-def add_args(p: argparse.ArgumentParser) -> None:
-    from asset_dist.config import add_config_args, int_arg, path_arg
-
-    p.description = ("Write gallery.html and contact_sheet.png for an edit-batch output: per edit the input, "
-                     "the label map before and after, the mask and the samples.")
-    add_config_args(p)
-    p.add_argument("--edits", default=None, type=path_arg,
-                   help="the edit set given to edit-batch (default infer.edits)")
-    p.add_argument("--results", required=True, type=path_arg, help="the edit-batch --out folder")
-    p.add_argument("--out", default=None, type=path_arg, help="where to write the gallery (default: --results)")
-    p.add_argument("--size", type=int_arg(8, 2048), default=192, help="tile side in pixels, 8-2048 (default 192)")
 
 
 def main(args) -> int:

@@ -35,7 +35,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 import yaml
 
-from asset_dist.config import Config, apply_overrides, config_from_dict, load_config, path_arg, to_dict
+from asset_dist.config import Config, apply_overrides, config_from_dict, load_config, to_dict
 from asset_dist.models.official import IGNORED_NAMES, IGNORED_PREFIXES, official_vq_state_dict
 from asset_dist.models.official_transformer import convert_official_state_dict
 from asset_dist.models.seg_vq import SegVQModel
@@ -354,30 +354,6 @@ def import_official(out_dir: "str | os.PathLike", *, vqgan: Optional[str] = None
         for path in tmp.values():
             path.unlink(missing_ok=True)
     return ImportResult(out_dir, {**out_files, "config": cfg_path}, cfg, ignored, notes)
-
-
-def add_args(p: argparse.ArgumentParser) -> None:
-    p.description = ("Import official ASSET checkpoints (DifanLiu/ASSET release, Lightning .ckpt) as asset_dist "
-                     "exports (vqgan.pt, seg.pt, guide.pt, sga.pt) plus config.yaml with the official compatibility "
-                     "modes on. Each model comes from the first file that holds it: VQGAN --vqgan/--sga/--guide, "
-                     "seg --seg/--sga/--guide, guide --guide/--sga (guiding_transformer.*), SGA --sga.")
-    p.add_argument("--vqgan", metavar="CKPT", help="image VQGAN: standalone (main.py) or any file with first_stage_model.*")
-    p.add_argument("--seg", metavar="CKPT", help="seg VQ: standalone (landscape_VQ_seg_model.ckpt) or cond_stage_model.*")
-    p.add_argument("--guide", metavar="CKPT", help="guiding-transformer checkpoint (e.g. landscape_guiding.ckpt)")
-    p.add_argument("--sga", metavar="CKPT", help="SGA checkpoint (e.g. landscape_1024.ckpt, coco_512.ckpt)")
-    p.add_argument("--out", required=True, metavar="DIR", type=path_arg,
-                   help="output folder for the exports and config.yaml")
-    p.add_argument("--official-config", metavar="FILE",
-                   help="official model config (YAML of the release, e.g. landscape_1024.yaml, or JSON): head count, "
-                        "block grid, resolutions; without it they are the paper's (64-dim heads, 16x4 blocks)")
-    p.add_argument("--base", metavar="CONFIG",
-                   help="asset_dist config whose data/train/... sections the written config keeps (default: the "
-                        "built-in landscape/COCO preset, picked by the label count)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a value of the written config, e.g. --set data.resolution=512 (repeatable)")
-    p.add_argument("--trust-pickle", action="store_true",
-                   help="allow checkpoints that need full unpickling (runs code stored in the file; trusted files only)")
-    p.add_argument("--force", action="store_true", help="replace existing exports / config.yaml in --out")
 
 
 def main(args: argparse.Namespace) -> int:

@@ -1,4 +1,9 @@
-"""Rank-0 logging: TensorBoard scalars and image grids, plus one progress line with ETA on stdout."""
+"""Rank-0 logging: TensorBoard scalars and image grids, plus one progress line with ETA on stdout.
+
+A run that resumes from step S drops what an earlier run logged after S (it crashed or was killed after its
+last checkpoint; those steps are trained again): metrics.jsonl is cut back to steps <= S and TensorBoard is
+told to purge events from step S + 1 on (SummaryWriter's purge_step), so no step appears twice.
+"""
 from __future__ import annotations
 
 import json
@@ -9,6 +14,8 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+
+from asset_dist.utils import atomic_write_text
 
 
 def make_grid(images: torch.Tensor, ncol: int = 4, pad: int = 2) -> torch.Tensor:
@@ -24,16 +31,33 @@ def make_grid(images: torch.Tensor, ncol: int = 4, pad: int = 2) -> torch.Tensor
     return grid
 
 
+def truncate_metrics(path: Path, last_step: int) -> None:
+    """Keep only the records of steps <= last_step (atomically; a torn last line is dropped too)."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(rec, dict) and isinstance(rec.get("step"), int) and rec["step"] <= last_step:
+            kept.append(line)
+    atomic_write_text(path, "".join(f"{line}\n" for line in kept))
+
+
 class RunLogger:
-    def __init__(self, run_dir: str | Path, enabled: bool, tensorboard: bool, total_steps: int):
+    def __init__(self, run_dir: str | Path, enabled: bool, tensorboard: bool, total_steps: int, start_step: int = 0):
         self.enabled = enabled
         self.total = total_steps
         self.writer = None
+        self.metrics_path = Path(run_dir) / "metrics.jsonl"
+        if enabled:
+            truncate_metrics(self.metrics_path, start_step)
         if enabled and tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
-        self.metrics_path = Path(run_dir) / "metrics.jsonl"
+            self.writer = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"), purge_step=start_step + 1)
         self.t0 = time.time()
         self.step0: Optional[int] = None
 

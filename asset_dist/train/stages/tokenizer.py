@@ -1,19 +1,19 @@
-"""Stage 1: the image VQGAN (generator + PatchGAN discriminator, one DeepSpeed engine each) and the
-semantic-map tokenizer."""
+"""Stage 1: the image VQGAN (generator + PatchGAN discriminator, each its own network in the backend) and
+the semantic-map tokenizer."""
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from asset_dist.models.losses import PatchDiscriminator, SegLoss, VQGANLoss, frozen_params
+from asset_dist.models.losses import PatchDiscriminator, SegLoss, VQGANLoss
 from asset_dist.models.seg_vq import SegVQModel
 from asset_dist.models.vqgan import VQModel
-from asset_dist.train.stage import Stage, StepOutput
+from asset_dist.train.stage import Stage, StepContext, StepOutput
 from asset_dist.train.visual import colorize_labels, to_unit
 
 
-def _floats(logs: dict, prefix: str) -> dict[str, float]:
-    return {f"{prefix}/{k}": float(v) for k, v in logs.items()}
+def _prefixed(logs: dict, prefix: str) -> dict:
+    return {f"{prefix}/{k}": v for k, v in logs.items()}
 
 
 class VQGANStage(Stage):
@@ -21,48 +21,48 @@ class VQGANStage(Stage):
     on the generator's (detached) reconstruction of the same batch.
 
     Why the generator loss goes through a detached leaf: the GAN loss needs autograd.grad (the adaptive
-    weight) and a pass through the discriminator, and DeepSpeed hooks the outputs of every engine
-    forward so that any backward through them runs that engine's ZeRO backward machinery (this is what
-    breaks DeepSpeed's own GAN example at ZeRO-2). So the loss is computed on `leaf = xrec.detach()`,
-    its gradient G w.r.t. the reconstruction is taken there, and the generator engine backpropagates
-    the surrogate `sum(xrec * G)`, which has exactly the same parameter gradients. The adaptive weight
-    needs gradients w.r.t. the decoder's last conv weight: they are computed from G and that conv's input
-    with `conv2d_weight`, which never touches the (possibly ZeRO-3 partitioned) weight itself.
+    weight) and a pass through the discriminator, and a backend may hook the outputs of a training forward
+    so that any backward through them runs its own machinery (DeepSpeed does: this is what breaks its own
+    GAN example at ZeRO-2). So the loss is computed on `leaf = xrec.detach()`, its gradient G w.r.t. the
+    reconstruction is taken there, and the generator backpropagates the surrogate `sum(xrec * G)`, which
+    has exactly the same parameter gradients. The adaptive weight needs gradients w.r.t. the decoder's last
+    conv weight: they are computed from G and that conv's input with `conv2d_weight` and the weight's shape
+    recorded at build time, so the (possibly sharded) weight itself is never touched.
 
-    The discriminator (2.8 M parameters) runs at ZeRO <= 2: the generator step calls its module with
-    frozen parameters outside its engine, which ZeRO-3's parameter partitioning would not allow, and
-    sharding 2.8 M parameters saves nothing.
+    The discriminator runs frozen inside the generator step (`nets.frozen("disc")`): gradients reach the
+    leaf, never its parameters, which the discriminator's own step updates.
     """
 
     networks = ("gen", "disc")
+    frozen_use = ("disc",)
 
     def build(self) -> dict[str, nn.Module]:
         m = self.cfg.model
         self.crit = VQGANLoss(self.cfg.train.loss, m.disc)
-        self.crit.discriminator = None  # the trained discriminator is the engine's, not the loss's copy
-        gen = VQModel(m.vqgan)
+        self.crit.discriminator = None  # the trained discriminator is the backend's network, not the loss's copy
+        self.gen = VQModel(m.vqgan)
+        conv = self.gen.decoder.conv_out
+        self._conv_out = (tuple(conv.weight.shape), conv.stride, conv.padding)
         self._last_input: list[torch.Tensor] = []
-        gen.decoder.conv_out.register_forward_hook(lambda mod, inp, out: self._last_input.append(inp[0].detach()))
-        return {"gen": gen, "disc": PatchDiscriminator(m.disc)}
+        conv.register_forward_hook(lambda mod, inp, out: self._last_input.append(inp[0].detach()))
+        return {"gen": self.gen, "disc": PatchDiscriminator(m.disc)}
 
-    def zero_stage(self, name: str, requested: int) -> int:
-        return min(requested, 2) if name == "disc" else requested
+    def shard_units(self, name: str, module: nn.Module) -> list[nn.Module]:
+        return [module.encoder, module.decoder] if name == "gen" else []
 
     def to_device(self, device: torch.device, dtype: torch.dtype) -> None:
         self.crit.to(device=device, dtype=dtype).eval()  # LPIPS is frozen; eval keeps its dropout off
 
-    def _last_layer_grad_norm(self, grad_out: torch.Tensor, h: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
-        w = torch.nn.grad.conv2d_weight(h.float(), conv.weight.ds_shape if hasattr(conv.weight, "ds_shape")
-                                        else conv.weight.shape, grad_out.float(),
-                                        stride=conv.stride, padding=conv.padding)
-        return w.norm()
+    def _last_layer_grad_norm(self, grad_out: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        shape, stride, padding = self._conv_out
+        return torch.nn.grad.conv2d_weight(h.float(), shape, grad_out.float(), stride=stride, padding=padding).norm()
 
-    def step(self, name, nets, batch, step, scratch) -> StepOutput:
+    def step(self, name: str, nets, batch: dict, ctx: StepContext) -> StepOutput:
         x, mask = batch["image"], batch["mask"]
         lc = self.cfg.train.loss
         if name == "disc":
-            loss, logs = self.crit.discriminator_loss(x, scratch["xrec"], step, discriminator=nets["disc"])
-            return StepOutput(loss, _floats(logs, "disc"))
+            loss, logs = self.crit.discriminator_loss(x, ctx.scratch["xrec"], ctx.step, discriminator=nets["disc"])
+            return StepOutput(loss, _prefixed(logs, "disc"))
 
         self._last_input.clear()
         xrec, qloss, idx = nets["gen"](x, mask)
@@ -71,29 +71,31 @@ class VQGANStage(Stage):
         with torch.enable_grad():
             nll, logs = self.crit.reconstruction_loss(x, leaf)
             total = nll
-            factor = self.crit.disc_factor(step)
+            factor = self.crit.disc_factor(ctx.step)
             if factor > 0 and lc.disc_weight > 0:
-                disc = nets["disc"].module
-                with frozen_params(disc):
+                with nets.frozen("disc") as disc:
                     g_loss = -disc(leaf).float().mean()
-                if lc.adaptive_weight:
-                    conv = nets["gen"].module.decoder.conv_out
-                    g_nll = torch.autograd.grad(nll, leaf, retain_graph=True)[0]
-                    g_g = torch.autograd.grad(g_loss, leaf, retain_graph=True)[0]
-                    lam = (self._last_layer_grad_norm(g_nll, h, conv)
-                           / (self._last_layer_grad_norm(g_g, h, conv) + 1e-4)).clamp(0, 1e4).detach()
-                    d_weight = lam * lc.disc_weight
-                else:
-                    d_weight = torch.tensor(lc.disc_weight, device=x.device)
-                total = total + d_weight * factor * g_loss
+                    if lc.adaptive_weight:
+                        g_nll = torch.autograd.grad(nll, leaf, retain_graph=True)[0]
+                        g_g = torch.autograd.grad(g_loss, leaf, retain_graph=True)[0]
+                        lam = (self._last_layer_grad_norm(g_nll, h)
+                               / (self._last_layer_grad_norm(g_g, h) + 1e-4)).clamp(0, 1e4).detach()
+                        d_weight = lam * lc.disc_weight
+                    else:
+                        d_weight = torch.tensor(lc.disc_weight, device=x.device)
+                    total = total + d_weight * factor * g_loss
+                    grad_rec = torch.autograd.grad(total, leaf)[0]
                 logs.update(g_loss=g_loss.detach(), d_weight=d_weight)
-            grad_rec = torch.autograd.grad(total, leaf)[0]
-        # same parameter gradients as total + codebook_weight * qloss, through the engine's own graph
+            else:
+                grad_rec = torch.autograd.grad(total, leaf)[0]
+        # same parameter gradients as total + codebook_weight * qloss, through the backend's own graph
         loss = (xrec * grad_rec.to(xrec.dtype)).sum() + lc.codebook_weight * qloss
         logs.update(quant=qloss.detach(), disc_factor=factor, total=(total + lc.codebook_weight * qloss).detach())
-        scratch["xrec"] = xrec.detach()
-        stats = nets["gen"].module.quantize.codebook_stats(idx)
-        return StepOutput(loss, {**_floats(logs, "loss"), **_floats(stats, "codebook")})
+        ctx.scratch["xrec"] = xrec.detach()
+        out = _prefixed(logs, "loss")
+        if ctx.log:
+            out.update(_prefixed(self.gen.quantize.codebook_stats(idx), "codebook"))
+        return StepOutput(loss, out)
 
     @torch.no_grad()
     def images(self, nets, batch) -> dict[str, torch.Tensor]:
@@ -114,14 +116,20 @@ class SegStage(Stage):
 
     def build(self) -> dict[str, nn.Module]:
         self.crit = SegLoss(self.cfg.train.loss)
-        return {"model": SegVQModel(self.cfg.model.seg)}
+        self.model = SegVQModel(self.cfg.model.seg)
+        return {"model": self.model}
 
-    def step(self, name, nets, batch, step, scratch) -> StepOutput:
+    def shard_units(self, name: str, module: nn.Module) -> list[nn.Module]:
+        return [module.encoder, module.decoder]
+
+    def step(self, name: str, nets, batch: dict, ctx: StepContext) -> StepOutput:
         seg = batch["seg"]
         logits, qloss, idx = nets["model"](seg)
         loss, logs = self.crit(logits, seg, qloss)
-        stats = nets["model"].module.quantize.codebook_stats(idx)
-        return StepOutput(loss, {**_floats(logs, "loss"), **_floats(stats, "codebook")})
+        out = _prefixed(logs, "loss")
+        if ctx.log:
+            out.update(_prefixed(self.model.quantize.codebook_stats(idx), "codebook"))
+        return StepOutput(loss, out)
 
     @torch.no_grad()
     def images(self, nets, batch) -> dict[str, torch.Tensor]:

@@ -7,7 +7,7 @@ from torch import nn
 
 from asset_dist.models.tokens import Tokenizers, load_weights
 from asset_dist.models.transformer import AssetTransformer, guides_from_maps, param_groups
-from asset_dist.train.stage import Stage, StepOutput
+from asset_dist.train.stage import Stage, StepContext, StepOutput
 from asset_dist.train.visual import to_unit
 
 
@@ -19,13 +19,23 @@ class GuideStage(Stage):
 
     def build(self) -> dict[str, nn.Module]:
         self.tok = Tokenizers(self.cfg)
-        model = AssetTransformer(self.cfg.model.transformer)
+        self.model = AssetTransformer(self.cfg.model.transformer)
         if self.cfg.train.init_from:
-            load_weights(model, self.cfg.train.init_from, self.init_stages)
-        return {"model": model}
+            load_weights(self.model, self.cfg.train.init_from, self.init_stages)
+        return {"model": self.model}
 
     def param_groups(self, name, module):
         return param_groups(module, self.cfg.train.weight_decay)
+
+    def shard_units(self, name: str, module: nn.Module) -> list[nn.Module]:
+        """One unit per transformer layer; a layer's PEG is a unit of its own, because the encoder pass also
+        runs the decoder layers' PEGs, outside those layers' forward."""
+        units: list[nn.Module] = []
+        for layer in [*module.encoder, *module.decoder]:
+            if getattr(layer, "peg", None) is not None:
+                units.append(layer.peg)
+            units.append(layer)
+        return units
 
     def to_device(self, device, dtype) -> None:
         self.tok.to(device)  # fp32: tokens must not depend on the training precision
@@ -36,18 +46,19 @@ class GuideStage(Stage):
     def guides(self, batch: dict):
         return None
 
-    def step(self, name, nets, batch, step, scratch) -> StepOutput:
+    def step(self, name: str, nets, batch: dict, ctx: StepContext) -> StepOutput:
         ids, cond, hole = self.tokens(batch)
-        guides = self.guides(batch)
-        logits = nets["model"](ids, cond, hole, guides=guides)
-        model = nets["model"].module
-        loss = model.loss(logits, ids, hole)
-        with torch.no_grad():
-            lay = model.layout(ids.shape[1], device=ids.device)
-            sel = hole[:, lay.perm]
-            acc = (logits[sel].argmax(-1) == ids[:, lay.perm][sel]).float().mean() if sel.any() else loss * 0
-        return StepOutput(loss, {"loss/ce": float(loss.detach()), "metrics/hole_top1": float(acc),
-                                 "metrics/hole_fraction": float(hole.float().mean())})
+        logits = nets["model"](ids, cond, hole, guides=self.guides(batch))
+        loss = self.model.loss(logits, ids, hole)
+        logs = {"loss/ce": loss.detach()}
+        if ctx.log:
+            with torch.no_grad():  # masked means: no data-dependent shapes, so no wait for the device
+                lay = self.model.layout(ids.shape[1], device=ids.device)
+                sel = hole[:, lay.perm].float()
+                right = (logits.argmax(-1) == ids[:, lay.perm]).float()
+                logs["metrics/hole_top1"] = (right * sel).sum() / sel.sum().clamp_min(1.0)
+                logs["metrics/hole_fraction"] = hole.float().mean()
+        return StepOutput(loss, logs)
 
     @torch.no_grad()
     def images(self, nets, batch) -> dict[str, torch.Tensor]:
@@ -55,8 +66,7 @@ class GuideStage(Stage):
         b = {k: v[:2] for k, v in batch.items() if isinstance(v, torch.Tensor)}
         ids, cond, hole = self.tokens(b)
         logits = nets["model"](ids, cond, hole, guides=self.guides(b))
-        model = nets["model"].module
-        pred = model.to_raster(logits.argmax(-1))
+        pred = self.model.to_raster(logits.argmax(-1))
         filled = torch.where(hole, pred, ids)
         h, w = b["image"].shape[-2:]
         x = b["image"].float()
@@ -69,7 +79,7 @@ class GuideStage(Stage):
 class SGAStage(GuideStage):
     """The frozen guide runs on the 256 view (no grad) to pick, per layer, head and query block, the key
     blocks every SGA attention layer adds to its local window. The guide and tokenizers stay outside the
-    DeepSpeed engine, so ZeRO-3 never sees frozen parameters."""
+    backend, so a sharding backend never sees frozen parameters."""
 
     init_stages = ("guide", "sga")
 
