@@ -358,6 +358,10 @@ class InferConfig:
     temperature: float = 1.0  # 0 = greedy
     seed: int = 0  # with the edit id and sample index, fixes every random draw
     precision: str = "fp32"  # transformers: fp32 | bf16 | fp16 | fp64 (tokenizers always fp32)
+    # working resolution R: each edit is sampled on a window of at most R x R px of its photo (native pixels when
+    # the hole and its context fit, else downscaled; any photo size and aspect: asset_dist/infer/canvas.py).
+    # 0 = data.resolution (the SGA model's training resolution); guide-only editing uses 256
+    resolution: int = 0
     blend_levels: int = 5  # Laplacian pyramid levels (paper: 5)
     blend_band: int = 16  # px: pixels outside the mask dilated by this are byte-identical to the input
     preview_size: int = 256  # tile side of the side-by-side preview

@@ -4,7 +4,7 @@ per token) vs a full forward per token, batch 1 vs batch B, tiny and paper-size 
 
 Strategies (all give the same tokens; tests/test_infer_sampler.py):
   cached       the runner's: KV cache at token granularity; SGA token steps attend through per-block key/value
-               buffers gathered once per block (AssetTransformer.decode_step, asset_dist/attention/decode.py)
+               buffers gathered once per block (models/decoding.py decode_step, asset_dist/attention/decode.py)
   block_rerun  the official strategy: every hole token re-runs its whole block through the decoder
   uncached     a full forward (encoder + decoder) per token: the oracle (tiny only)
 
@@ -43,7 +43,8 @@ sys.path.insert(0, str(REPO))
 
 from asset_dist.config import TransformerConfig, load_config  # noqa: E402
 from asset_dist.infer.sampler import SAMPLERS, row_generator  # noqa: E402
-from asset_dist.models.transformer import AssetTransformer, DecodeCache, EncoderState  # noqa: E402
+from asset_dist.models.decoding import DecodeCache, EncoderState, new_cache  # noqa: E402
+from asset_dist.models.transformer import AssetTransformer  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 EDIT_TOKENS = 2048 * 2  # official landscape edit at 1024 ("any" token rule) x 2 samples
@@ -92,7 +93,7 @@ def prefilled_cache(model: AssetTransformer, B: int, L: int, known: int, device,
     nt = L // model.n_blocks
     end = min(L + 1, (known // nt + 3) * nt + 1)
     tile = torch.randn(1, H, known, hd, device=device, dtype=dtype)
-    cache = model.new_cache()
+    cache = new_cache(model)
     for i in range(len(model.decoder)):
         for store in (cache.k, cache.v):
             x = torch.empty(B, H, L + 1, hd, device=device, dtype=dtype)
@@ -139,8 +140,9 @@ def run_case(model, name, res, B, strategy, limit, device, dtype, real_encoder, 
             "ms_per_step": round(1000 * t / steps, 2), "edits_per_min": round(60 * tps / EDIT_TOKENS, 3)}
 
 
-def e2e(device: str, edits: int) -> dict:
-    """Whole edits through the runner: the official landscape edit (1024) with tiny random-weight exports."""
+def e2e(device: str, edits: int, res: int = 1024) -> dict:
+    """Whole edits through the runner: the official landscape edit (resized to `res`, edited at that resolution:
+    infer.resolution) with tiny random-weight exports."""
     from asset_dist.config import to_dict
     from asset_dist.infer.build import Builder, official
     from asset_dist.infer.classes import ClassTable
@@ -160,8 +162,9 @@ def e2e(device: str, edits: int) -> dict:
         write_export(tmp / f"{stage}.pt", stage=stage, network="model", state_dict=m.state_dict(),
                      config=to_dict(cfg), lineage={}, step=0)
         setattr(cfg.infer, f"{stage}_weights", str(tmp / f"{stage}.pt"))
+    cfg.infer.resolution = res
     b = Builder(ClassTable(182), log=lambda m: None)
-    official(b, REPO / "sample_data" / "edits", "landscape")
+    official(b, REPO / "sample_data" / "edits", "landscape", resolution=0 if res == 1024 else res)
     recs = []
     for i in range(edits):  # copies under other ids: other random streams, same work
         r = b.records[0]
@@ -170,8 +173,10 @@ def e2e(device: str, edits: int) -> dict:
     run_batch_edits(cfg, "", tmp / "out", device=device, env=DistEnv(), edit_set=MemoryEdits(recs))
     dt = time.perf_counter() - t0
     rec = json.loads((tmp / "out" / "manifest.jsonl").read_text().splitlines()[0])
-    return {"model": "tiny", "e2e_edits": edits, "samples": cfg.infer.samples, "batch_size": cfg.infer.batch_size,
-            "seconds": round(dt, 1), "edits_per_min": round(60 * edits / dt, 3),
+    summary = json.loads((tmp / "out" / "summary.json").read_text())["ranks"][0]
+    return {"model": "tiny", "res": res, "e2e_edits": edits, "samples": cfg.infer.samples,
+            "batch_size": cfg.infer.batch_size, "seconds": round(dt, 1), "edits_per_min": round(60 * edits / dt, 3),
+            "hole_tokens": rec["hole_tokens"], "efficiency": summary["efficiency"],
             "first_edit_timings_s": rec["timings_s"]}
 
 
@@ -190,6 +195,7 @@ def main(argv=None) -> int:
     p.add_argument("--rerun-tokens", type=int, default=0, help="hole positions timed, block re-run (0: per model)")
     p.add_argument("--uncached-tokens", type=int, default=3, help="full-forward oracle steps (tiny only; 0: skip)")
     p.add_argument("--e2e", type=int, default=0, help="also time N whole edits through the runner (tiny)")
+    p.add_argument("--e2e-res", type=int, nargs="+", default=[1024], help="resolutions of the whole edits")
     p.add_argument("--json", help="write the results here")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
@@ -224,8 +230,9 @@ def main(argv=None) -> int:
                        "threads": a.threads, "cores": os.cpu_count(),
                        "loadavg_1_5_15_before_after": [load0, os.getloadavg()]}, "args": vars(a), "rows": rows}
     if a.e2e:
-        out["e2e"] = e2e(a.device, a.e2e)
-        print("\ne2e:", json.dumps(out["e2e"]))
+        out["e2e"] = [e2e(a.device, a.e2e, res) for res in a.e2e_res]
+        for r in out["e2e"]:
+            print("\ne2e:", json.dumps(r))
     if a.json:
         Path(a.json).write_text(json.dumps(out, indent=2))
     return 0

@@ -26,9 +26,11 @@ a model config (model.seg.in_channels, data.label_shift) and its infer.class_nam
 Label maps given to `files` are taken as already in the model's convention (like the official ones); pass
 --label-shift 1 for raw COCO-Stuff maps. `dataset` sources are raw: the convention's shift is applied.
 
-Bad edits (non-square or odd-sized images, masks that cannot be aligned, empty or full masks, unknown class
-names, label ids outside the model's classes, unreadable files) are reported with the edit's id and listed
-under "failed" in the manifest; the others are written. --strict: any bad edit fails the run (exit 1).
+Photos of any size and aspect are kept as they are (the editor places each edit on the model's token grid:
+asset_dist/infer/canvas.py). Bad edits (images under 16 px, label maps or masks of another aspect ratio, empty
+or full masks, unknown class names, label ids outside the model's classes, unreadable files) are reported with
+the edit's id and listed under "failed" in the manifest; the others are written. --strict: any bad edit fails
+the run (exit 1).
 Ids given in a list must already be safe ([A-Za-z0-9_-], no '.' or '/'); ids made from file names are made safe.
 Exit codes: 0 written, 1 the run failed (nothing valid, --strict, an edit set already in --out), 2 bad arguments,
 config or input (the message names it; another make_edits writing into --out is one).
@@ -89,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--labels", help="label-map folder paired with --images")
     d.add_argument("--classes", required=True, help="comma-separated target class names drawn per edit")
     d.add_argument("--resolution", type=int_arg(16), default=512,
-                   help="square crop side, a multiple of the model's 256 px block grid (default 512)")
+                   help="square crop side in px (default 512; any size: the editor places it on the model's grid)")
     d.add_argument("--per-image", type=int_arg(1), default=1, help="edits per source image (default 1)")
     d.add_argument("--limit", type=int_arg(0), default=0, help="use at most this many source images (0 = all)")
     d.add_argument("--seed", type=int, default=0, help="masks and classes are a function of (seed, key)")
@@ -118,14 +120,10 @@ def main(argv: list[str] | None = None) -> int:
         if cfg is not None:
             n, shift = cfg.model.seg.in_channels, cfg.data.label_shift
             names, extra = a.class_names or cfg.infer.class_names, cfg.infer.classes
-            side = 16 * _lcm(cfg.model.transformer.block_grid)
             hole_rule = cfg.train.token_hole
         else:
-            (n, shift), names, extra, side, hole_rule = CONVENTIONS[conv], a.class_names, {}, 256, "any"
-        if getattr(a, "resolution", 0) and a.resolution % side:
-            raise InputError(f"--resolution {a.resolution}: must be a multiple of {side} (16 px tokens x the model's "
-                             "block grid)")
-        b = Builder(class_table(n, shift, names, extra), side, hole_rule, log)
+            (n, shift), names, extra, hole_rule = CONVENTIONS[conv], a.class_names, {}, "any"
+        b = Builder(class_table(n, shift, names, extra), hole_rule, log)
         out = writable_dir(a.out, "--out")
         with RunLock(out, "make_edits"):  # before anything is read: a second writer into --out fails at once
             _collect(a, b, cfg)
@@ -171,12 +169,6 @@ def _text(e: BaseException) -> str:
     from asset_dist.cli import error_text
 
     return error_text(e)
-
-
-def _lcm(grid) -> int:
-    import math
-
-    return math.lcm(*[int(g) for g in grid])
 
 
 if __name__ == "__main__":

@@ -24,6 +24,8 @@
 # Any #SBATCH default above can be changed on the sbatch command line, e.g. a CPU-only smoke run:
 #   sbatch -N1 --ntasks-per-node=2 --gpus-per-node=0 -c1 -t 00:10:00 slurm/edit_batch.sh CONFIG infer.edits=...
 # (one task per GPU: keep --ntasks-per-node equal to --gpus-per-node; CPU nodes run on the CPU).
+# Large runs write WebDataset shards instead of a folder per edit:
+#   TRAIN_CMD="python -m asset_dist.cli edit-batch --out-format shards --shard-size 200" sbatch slurm/edit_batch.sh ...
 #
 # Environment: CONFIG, OVERRIDES, RUN_DIR (default runs/<job-name>-<job-id>), TRAIN_CMD (the command
 # each task runs; default "python -m asset_dist.cli edit-batch"), SRUN_ARGS, MAX_RESTARTS - see

@@ -83,19 +83,33 @@ def test_official_table_counts_repeats():
     assert u.own_picks is None and sorted(x for x in u.blocks[0, 0, 6].tolist() if x >= 0) == [4, 5, 6]
 
 
-def test_token_step_linear_equals_linear():
-    """The model's Linear: 2-64 rows without autograd go through weight slices; same numbers as F.linear,
-    with and without bias, for every row count around the switch, and the plain path with autograd."""
-    from asset_dist.models.transformer import Linear
+def test_small_gemm_equals_linear():
+    """decoding.small_gemm: while the samplers decode, the decoder's linear layers run 2-64 rows without autograd
+    through weight slices; same numbers as F.linear, with and without bias, for every row count around the
+    switch; the plain path with autograd; and the model's layers are plain nn.Linear again afterwards."""
+    from asset_dist.config import TransformerConfig
+    from asset_dist.models.decoding import _sliced_linear, small_gemm
+    from asset_dist.models.transformer import AssetTransformer
 
     torch.manual_seed(0)
     for bias in (True, False):
-        lin = Linear(48, 512, bias=bias).double()
+        lin = torch.nn.Linear(48, 512, bias=bias).double()
         for shape in ((1, 1), (1, 2), (1, 3), (2, 4), (1, 16), (4, 16), (1, 65)):  # rows 1..65, 2-d leading dims
             x = torch.randn(*shape, 48, dtype=torch.float64)
             with torch.no_grad():
-                got = lin(x)
+                got = _sliced_linear(lin, x)
             torch.testing.assert_close(got, torch.nn.functional.linear(x, lin.weight, lin.bias), rtol=0, atol=1e-12)
     x = torch.randn(4, 48, dtype=torch.float64, requires_grad=True)
-    lin(x).sum().backward()
+    _sliced_linear(lin, x).sum().backward()
     assert x.grad is not None
+    m = AssetTransformer(TransformerConfig(vocab_size=512, cond_vocab_size=8, d_model=32, n_heads=4, ffn_dim=512,
+                                           encoder_layers=1, decoder_layers=1, block_grid=[2, 2]))
+    fc1 = m.decoder[0].ffn.fc1
+    assert type(fc1) is torch.nn.Linear and "forward" not in fc1.__dict__
+    with small_gemm(m):
+        assert fc1.forward.func is _sliced_linear and m.lm_head.forward.func is _sliced_linear
+        with small_gemm(m):  # nested: patched once, restored by the outer one
+            pass
+        assert "forward" in fc1.__dict__
+        assert "forward" not in m.encoder[0].ffn.fc1.__dict__  # the encoder runs whole sequences
+    assert "forward" not in fc1.__dict__ and "forward" not in m.lm_head.__dict__

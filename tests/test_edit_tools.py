@@ -36,7 +36,7 @@ def test_official_edits_at_512_in_the_landscape_convention(tmp_path):
         es = EditSet(str(out))
         files = es.load(es.ids[0])
         e = decode_edit(files, 182)
-        assert (e.side, e.class_id, files.meta["label_shift"]) == (512, cid, 0)
+        assert (e.width, e.class_id, files.meta["label_shift"]) == (512, cid, 0)
         raw = np.asarray(Image.open(EDITS / f"{which}_seg.png"))
         if which == "landscape":  # same convention: the 512 label map as it is, the class painted in
             assert np.array_equal(e.seg, np.where(e.mask > 0, cid, raw))
@@ -61,7 +61,7 @@ def test_gallery_rows_for_ok_failed_and_missing_edits(tmp_path):
     r = write_gallery(str(es_dir), res, tmp_path / "g", 182, size=64)
     assert (r["rows"], r["ok"], r["failed"]) == (1, 1, [])
     page = (tmp_path / "g" / "gallery.html").read_text()
-    assert f"gallery/{eid}/sample_0.png" in page and "waterother" in page and "sample 1.5 s" in page
+    assert f"gallery/{eid}/sample_0.png" in page and "water-other" in page and "sample 1.5 s" in page
     tile = np.asarray(Image.open(tmp_path / "g" / "gallery" / eid / "sample_0.png"))
     assert tile.shape == (64, 64, 3) and (tile == 7).all()
     sheet = np.asarray(Image.open(tmp_path / "g" / "contact_sheet.png"))

@@ -26,6 +26,7 @@ from asset_dist.attention import official as AO
 from asset_dist.attention.guide import causal_rows_from_official
 from asset_dist.config import load_config
 from asset_dist.models import SegVQModel, VQModel
+from asset_dist.models import decoding as D
 from asset_dist.models import official_transformer as OT
 from asset_dist.models.official import load_official_vq, vq_config_from_official
 from asset_dist.models.tokens import Tokenizers, load_weights
@@ -282,7 +283,7 @@ def test_sga_512_from_exports(imported, guide_pass, dtype):
     cfg = imported[1]
     d = npz("sga_512.npz")
     m = build(cfg, "sga", dtype)
-    assert m.sga_fn is AO.official_sga_attention and m.block_fn is AO.official_block_attention
+    assert m.sga_fn is AO.official_sga_attention and D.block_kernel(m) is AO.official_block_attention
     t = cfg.model.transformer
     g = guides_from_maps({k: v.float() for k, v in guide_pass[dtype][2].items()}, t.block_grid, k=t.guide_k,
                          causal_mode=t.causal_picks)
@@ -292,11 +293,11 @@ def test_sga_512_from_exports(imported, guide_pass, dtype):
         logits = m(z, c, hole, guides=g)
     close(logits, ref)
     close(m.loss(logits, z, hole), d["loss"], atol=1e-5)
-    state, cache = m.encode(z, c, hole, g), m.new_cache()
+    state, cache = D.encode(m, z, c, hole, g), D.new_cache(m)
     dec = torch.cat([torch.full((1, 1), m.start_id), m.to_strip(z)], 1)
-    steps = [m.decode_step(state, cache, dec[:, :1], 0)]
+    steps = [D.decode_step(m, state, cache, dec[:, :1], 0)]
     for p in range(1, 1025, 16):  # one block (16 tokens at 512) per step
-        steps.append(m.decode_step(state, cache, dec[:, p:p + 16], p))
+        steps.append(D.decode_step(m, state, cache, dec[:, p:p + 16], p))
     close(torch.cat(steps, 1)[:, :1024], logits, atol=1e-5 if dtype == torch.float32 else 1e-10)
 
 

@@ -106,7 +106,8 @@ def write_inputs(folder: Path, name: str, image: np.ndarray, seg: np.ndarray, ma
 
 def small_edit_set(out: Path, with_bad: bool = True, with_512: bool = True) -> list[str]:
     """A few edits from sample_data/sflckr (256 px with different holes and classes, one 512 px with a
-    small hole) and, with_bad, one edit that fails at run time (a non-square image stored without checks).
+    small hole) and, with_bad, one edit that fails at run time (its mask has another aspect than its image,
+    stored without checks).
     Returns the ids of the edits expected to succeed."""
     from asset_dist.infer.edits import make_record, write_edit_shards
 

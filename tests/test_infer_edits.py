@@ -35,7 +35,7 @@ def test_official_edits_load_as_they_are(tmp_path):
     assert make_edits.main(["official", "--which", "landscape", "--out", str(tmp_path / "land")]) == 0
     files, e = _load_one(tmp_path / "land", 182)
     assert files.image == (EDITS / "landscape_input.jpg").read_bytes()  # original JPEG bytes, not re-encoded
-    assert (e.side, e.class_id, files.meta["label_shift"]) == (1024, 177, 0)
+    assert (e.width, e.class_id, files.meta["label_shift"]) == (1024, 177, 0)
     assert _holes(e.mask) == (1984, 2048)  # docs/ASSET_NOTES.md §8: nearest vs any-touched token holes
     assert e.mask[513].sum() == 0 and e.mask[514].all()  # rows 514-1023, full width
     seg512 = np.asarray(__import__("PIL.Image", fromlist=["Image"]).open(EDITS / "landscape_seg.png"))
@@ -44,7 +44,7 @@ def test_official_edits_load_as_they_are(tmp_path):
 
     assert make_edits.main(["official", "--which", "coco", "--out", str(tmp_path / "coco")]) == 0
     files, e = _load_one(tmp_path / "coco", 183)
-    assert (e.side, e.class_id, files.meta["num_classes"]) == (512, 59, 183)
+    assert (e.width, e.class_id, files.meta["num_classes"]) == (512, 59, 183)
     assert _holes(e.mask) == (431, 478)
     assert set(np.unique(e.seg[e.mask == 0])) <= {0, 59, 72, 109, 156, 161, 172, 174}
     # the conventions are enforced: a COCO edit cannot run on the 182-class landscape model
@@ -59,7 +59,7 @@ def test_dataset_mode_from_shards_and_folders(tmp_path, sflckr_shards):
     assert len(es) == 6 and all(i.endswith(("_e0", "_e1")) for i in es.ids)
     for eid in es.ids:
         e = decode_edit(es.load(eid), 182)
-        assert e.side == 256 and 0 < e.mask.mean() < 0.7 and e.class_id in (177, 158, -1)
+        assert e.width == e.height == 256 and 0 < e.mask.mean() < 0.7 and e.class_id in (177, 158, -1)
         assert e.mask[::16, ::16].any()  # the training sampler guarantees a hole on the 16x16 grid
     # deterministic: the same arguments give the same bytes
     assert make_edits.main(["dataset", "--shards", str(sflckr_shards), *args, "--out", str(tmp_path / "s2")]) == 0
@@ -83,8 +83,8 @@ def test_bad_inputs_are_recorded_and_the_run_goes_on(tmp_path, capsys):
     img, lab = square(0, 256)
     good = write_inputs(tmp_path / "in", "good", img, lab, rect_mask(256, 0, 64, 0, 256))
     cases = {
-        "nonsquare": write_inputs(tmp_path / "in", "ns", img[:, :200], lab, rect_mask(256, 0, 64, 0, 64)),
-        "oddsize": write_inputs(tmp_path / "in", "odd", img[:200, :200], lab[:200, :200], rect_mask(200, 0, 9, 0, 9)),
+        "otheraspect": write_inputs(tmp_path / "in", "ns", img[:, :200], lab, rect_mask(256, 0, 64, 0, 64)),
+        "tiny": write_inputs(tmp_path / "in", "tiny", img[:12, :40], lab[:12, :40], rect_mask(12, 0, 9, 0, 9)[:, :12]),
         "badmask": write_inputs(tmp_path / "in", "bm", img, lab, rect_mask(256, 0, 64, 0, 64)[:, :100]),
         "emptymask": write_inputs(tmp_path / "in", "em", img, lab, rect_mask(256, 0, 0, 0, 0)),
         "fullmask": write_inputs(tmp_path / "in", "fm", img, lab, rect_mask(256, 0, 256, 0, 256)),
@@ -97,15 +97,22 @@ def test_bad_inputs_are_recorded_and_the_run_goes_on(tmp_path, capsys):
             {"id": "newseg", **good, "new_seg": good["seg"]},
             {"id": "outofrange", **good, "class": "190"}]
     rows += [{"id": k, **v, "class": "tree"} for k, v in cases.items()]
+    # any size and aspect is an edit: 200 x 200, and a portrait with its label map at half size
+    rows.append({"id": "oddsize", **write_inputs(tmp_path / "in", "odd", img[:200, :200], lab[:200, :200],
+                                                 rect_mask(200, 0, 9, 0, 9)), "class": "tree"})
+    portrait = write_inputs(tmp_path / "in", "pt", img[:, :128], lab[::2, :64], np.zeros((256, 128), np.uint8))
+    (tmp_path / "in" / "pt_mask.png").write_bytes(png(rect_mask(256, 10, 60, 0, 128)[:, :128]))
+    rows.append({"id": "portrait", **portrait, "class": "tree"})
     lst = tmp_path / "edits.jsonl"
     lst.write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert make_edits.main(["files", "--list", str(lst), "--out", str(tmp_path / "o")]) == 0
     m = json.loads((tmp_path / "o" / "manifest.json").read_text())
-    assert m["edit_ids"] == ["good", "newseg"]
+    assert m["edit_ids"] == ["good", "newseg", "oddsize", "portrait"]
     errors = {f["edit"]: f["error"] for f in m["failed"]}
     expect = {"unknownclass": "unknown class name 'lake'", "unreadable": "image is unreadable",
               "missing": "cannot read the mask", "outofrange": "outside the model's 182 classes",
-              "nonsquare": "must be square", "oddsize": "not a multiple of 256",
+              "otheraspect": "mask is 256x256; it cannot be aligned with the 200x256 image",
+              "tiny": "the image is 40x12 px: too small to edit",
               "badmask": "cannot be aligned", "emptymask": "mask is empty", "fullmask": "covers the whole image",
               "labels": "label ids [200] outside the model's 182 classes"}
     assert set(errors) == set(expect)

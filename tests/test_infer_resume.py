@@ -94,7 +94,7 @@ def test_precompute_guides_then_edit(setup):
     check(cli(pre, nproc=2))
     files = sorted(p.relative_to(g).as_posix() for p in g.glob("*/guide_*.npz"))
     assert files == sorted(f"{e}/guide_{k}.npz" for e in setup["ok"] for k in range(S))
-    assert "image is 200x256" in json.loads((g / "zbad" / "failed.json").read_text())["error"]
+    assert "cannot be aligned with the 200x256 image" in json.loads((g / "zbad" / "failed.json").read_text())["error"]
     stamp = {f: (g / f).stat().st_mtime_ns for f in files}
     again = cli(pre)  # resumable: nothing to redo
     check(again)

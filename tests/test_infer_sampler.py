@@ -11,6 +11,7 @@ import torch
 from asset_dist.config import TransformerConfig
 from asset_dist.infer import guides as G
 from asset_dist.infer.sampler import SAMPLERS, pick_tokens, row_generator, sample_cached
+from asset_dist.models import decoding as D
 from asset_dist.models.transformer import AssetTransformer
 
 torch.set_num_threads(1)
@@ -57,10 +58,10 @@ RUNS = (1, 1, 2, 5, 1, 9, 1, 3, 7, 11, 1, 6, 1, 7, 2, 6)
 
 
 def decode_runs(m, st, dec, runs=RUNS, cache=None, p=0):
-    cache = cache or m.new_cache()
+    cache = cache or D.new_cache(m)
     outs = []
     for n in runs:
-        outs.append(m.decode_step(st, cache, dec[:, p:p + n], p))
+        outs.append(D.decode_step(m, st, cache, dec[:, p:p + n], p))
         p += n
     return torch.cat(outs, 1), cache
 
@@ -73,7 +74,7 @@ def test_token_steps_decode_like_forward(sparse):
     z, c, hole = batch()
     gd = guides() if sparse else None
     full = m(z, c, hole, guides=gd)
-    st = m.encode(z, c, hole, gd)
+    st = D.encode(m, z, c, hole, gd)
     assert (st.tables is not None) == sparse
     dec = torch.cat([torch.full((3, 1), m.start_id), m.to_strip(z)], 1)
     out, cache = decode_runs(m, st, dec)
@@ -87,7 +88,7 @@ def test_token_steps_decode_like_forward(sparse):
     z2 = z.clone()
     z2[:, perm[19:23]] = (z2[:, perm[19:23]] + 3) % V
     full2 = m(z2, c, hole, guides=gd)
-    st2 = m.encode(z2, c, hole, gd)
+    st2 = D.encode(m, z2, c, hole, gd)
     st2 = type(st2)(st2.layout, st2.enc, st2.mem, st2.peg, st2.guides)
     dec2 = torch.cat([torch.full((3, 1), m.start_id), m.to_strip(z2)], 1)
     decode_runs(m, st2, dec, runs=(20, 1, 1, 3, 10, 5), cache=cache)  # positions 0..39 from the first input
@@ -113,25 +114,26 @@ def official_guides(B=3, nb=8, seed=4, leak=True):
 
 
 @pytest.mark.parametrize("leak", [False, True])
-def test_token_steps_official_semantics(leak):
+def test_token_steps_official_semantics(leak, monkeypatch):
     """Official SGA semantics (imported weights): a block listed twice counts twice, warm-up rows, and a causal
     self-pick shows the own block up to the run's last query. Token steps == the block kernel on the same runs,
     and without self-picks == forward."""
     m = tiny(sga_semantics="official", causal_picks="official")
     z, c, hole = batch()
     gd = official_guides(leak=leak)
-    st = m.encode(z, c, hole, gd)
+    st = D.encode(m, z, c, hole, gd)
     assert (st.tables["self"][0].own_picks is not None) == leak and st.tables["self"][1].spill[6] == leak
     dec = torch.cat([torch.full((3, 1), m.start_id), m.to_strip(z)], 1)
     out, _ = decode_runs(m, st, dec)
-    m._token_steps = lambda *a: False  # every run through official_block_attention
+    monkeypatch.setattr(D, "_token_steps", lambda *a: False)  # every run through official_block_attention
     ref, _ = decode_runs(m, st, dec)
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
     if not leak:
         torch.testing.assert_close(out, m(z, c, hole, guides=gd), rtol=0, atol=1e-12)
     # the union semantics differ on these guides: the repeats matter
     u = tiny()
-    assert (decode_runs(u, u.encode(z, c, hole, gd), dec)[0] - out).abs().max() > 1e-6
+    monkeypatch.undo()
+    assert (decode_runs(u, D.encode(u, z, c, hole, gd), dec)[0] - out).abs().max() > 1e-6
 
 
 @pytest.mark.parametrize("sparse", [False, True])
@@ -159,11 +161,11 @@ def test_samplers_continue_a_prefix_cache(name):
     perm = m.layout(64).perm
     hole[:, perm[:20]] = False
     gd = guides()
-    st = m.encode(z, c, hole, gd)
+    st = D.encode(m, z, c, hole, gd)
 
     def prefix():
-        cache = m.new_cache()
-        m.decode_step(st, cache, torch.cat([torch.full((3, 1), m.start_id), m.to_strip(z)[:, :19]], 1), 0)
+        cache = D.new_cache(m)
+        D.decode_step(m, st, cache, torch.cat([torch.full((3, 1), m.start_id), m.to_strip(z)[:, :19]], 1), 0)
         return cache
     want, _ = SAMPLERS[name](m, z, c, hole, gens(3), guides=gd, top_k=6)
     got, stats = SAMPLERS[name](m, z, c, hole, gens(3), guides=gd, top_k=6, state=st, cache=prefix())

@@ -1,9 +1,12 @@
 """AssetTransformer behaviour at tiny sizes, float64: SGA vs dense, causality, hole invisibility, incremental
-decoding, parameter counts, weight-decay groups, activation checkpointing."""
+decoding, parameter counts, weight-decay groups, activation checkpointing, no host reads in a training step."""
 import pytest
 import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from asset_dist.config import TransformerConfig
+from asset_dist.models import decoding as D
 from asset_dist.models.transformer import AssetTransformer, guides_from_maps, param_groups
 
 torch.set_num_threads(1)
@@ -92,7 +95,7 @@ def test_hole_content_invisible(sparse):
     z, c, hole = inputs()
     guides = random_guides() if sparse else None
     z2 = torch.where(hole, (z + 1 + torch.arange(64) % 5) % V, z)
-    st1, st2 = m.encode(z, c, hole, guides), m.encode(z2, c, hole, guides)
+    st1, st2 = D.encode(m, z, c, hole, guides), D.encode(m, z2, c, hole, guides)
     torch.testing.assert_close(st1.enc, st2.enc, rtol=0, atol=0)
     a, b = m(z, c, hole, guides=guides), m(z2, c, hole, guides=guides)
     hole_s = m.to_strip(hole)
@@ -102,7 +105,7 @@ def test_hole_content_invisible(sparse):
     # the [mask] replacement really happens: changing a known token changes the encoder
     z3 = z.clone()
     z3[~hole] = (z3[~hole] + 1) % V
-    assert (m.encode(z3, c, hole, guides).enc - st1.enc).abs().max() > 1e-6
+    assert (D.encode(m, z3, c, hole, guides).enc - st1.enc).abs().max() > 1e-6
 
 
 @pytest.mark.parametrize("sparse", [False, True])
@@ -111,12 +114,12 @@ def test_incremental_decoding_equals_forward(sparse):
     z, c, hole = inputs()
     guides = random_guides() if sparse else None
     full = m(z, c, hole, guides=guides)
-    state = m.encode(z, c, hole, guides)
-    cache = m.new_cache()
+    state = D.encode(m, z, c, hole, guides)
+    cache = D.new_cache(m)
     dec_in = torch.cat([torch.full((B, 1), m.start_id), m.to_strip(z)], 1)  # [start] + strip tokens
     outs, p = [], 0
     for n in (1, 1, 5, 9, 1, 1, 1, 17, 28):  # single tokens, runs inside a block and across several blocks
-        outs.append(m.decode_step(state, cache, dec_in[:, p:p + n], torch.arange(p, p + n)))
+        outs.append(D.decode_step(m, state, cache, dec_in[:, p:p + n], torch.arange(p, p + n)))
         p += n
     assert p == 64 and cache.length == 64
     torch.testing.assert_close(torch.cat(outs, 1), full, rtol=0, atol=1e-12)
@@ -125,14 +128,14 @@ def test_incremental_decoding_equals_forward(sparse):
     perm = m.layout(64).perm
     z2[:, perm[19:23]] = (z2[:, perm[19:23]] + 3) % V
     full2 = m(z2, c, hole, guides=guides)  # the encoder changes too unless those tokens are holes
-    state2 = m.encode(z2, c, hole, guides)
-    cache2 = m.new_cache()
+    state2 = D.encode(m, z2, c, hole, guides)
+    cache2 = D.new_cache(m)
     dec2 = torch.cat([torch.full((B, 1), m.start_id), m.to_strip(z2)], 1)
-    m.decode_step(state2, cache2, dec_in[:, :30], 0)
-    out = m.decode_step(state2, cache2, dec2[:, 20:40], 20)
+    D.decode_step(m, state2, cache2, dec_in[:, :30], 0)
+    out = D.decode_step(m, state2, cache2, dec2[:, 20:40], 20)
     torch.testing.assert_close(out, full2[:, 20:40], rtol=0, atol=1e-12)
     with pytest.raises(ValueError, match="positions"):
-        m.decode_step(state2, cache2, dec2[:, 50:52], 50)  # a gap after the cache end
+        D.decode_step(m, state2, cache2, dec2[:, 50:52], 50)  # a gap after the cache end
 
 
 @pytest.mark.parametrize("sparse", [False, True])
@@ -142,14 +145,14 @@ def test_greedy_decoding_matches_forward_on_its_output(sparse):
     m = tiny()
     z, c, hole = inputs(seed=5)
     guides = random_guides(seed=6) if sparse else None
-    state = m.encode(z, c, hole, guides)
-    cache = m.new_cache()
+    state = D.encode(m, z, c, hole, guides)
+    cache = D.new_cache(m)
     zs, hole_s = m.to_strip(z).clone(), m.to_strip(hole)
-    logits = [m.decode_step(state, cache, torch.full((B, 1), m.start_id), 0)]
+    logits = [D.decode_step(m, state, cache, torch.full((B, 1), m.start_id), 0)]
     for p in range(64):  # logits[-1] predicts strip token p
         zs[:, p] = torch.where(hole_s[:, p], logits[-1][:, 0].argmax(-1), zs[:, p])
         if p < 63:
-            logits.append(m.decode_step(state, cache, zs[:, p:p + 1], p + 1))
+            logits.append(D.decode_step(m, state, cache, zs[:, p:p + 1], p + 1))
     full = m(m.to_raster(zs), c, hole, guides=guides)
     torch.testing.assert_close(torch.cat(logits, 1), full, rtol=0, atol=1e-12)
     assert not torch.equal(zs, m.to_strip(z))
@@ -234,3 +237,49 @@ def test_bad_inputs_named():
         m(z, c, hole, guides=g)
     with pytest.raises(ValueError, match="block grid"):
         m(z[:, :36], c[:, :36], hole[:, :36])
+
+
+class _HostReads(TorchDispatchMode):
+    """Records ops that read a tensor's values on the host: on a GPU each is a device sync."""
+
+    SYNCS = ("_local_scalar_dense", "nonzero", "masked_select", "is_nonzero")
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.__name__.split(".")[0]
+        bool_index = name == "index" and any(t is not None and t.dtype == torch.bool for t in args[1])
+        if name in self.SYNCS or bool_index:
+            self.seen.append(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("semantics", ["union", "official"])
+def test_training_step_reads_nothing_on_the_host(semantics):
+    """forward + loss + backward with SGA guides (and a batch with no hole at all) never reads a tensor value on
+    the host: the guides' values are checked where they come in (check_guides, decoding.encode), not per step.
+    check_guides itself does read them."""
+    m = tiny(sga_semantics=semantics).train()
+    z, c, hole = inputs()
+    hole[1] = False  # a row without hole tokens
+    guides = random_guides()
+    with _HostReads() as reads:
+        logits = m(z, c, hole, guides=guides)
+        loss = m.loss(logits, z, hole)
+        loss.backward()
+    assert reads.seen == [], reads.seen
+    sel = m.to_strip(hole[..., None]).squeeze(-1)
+    ref = F.cross_entropy(logits.detach()[sel].float(), m.to_strip(z[..., None]).squeeze(-1)[sel])  # the old form
+    torch.testing.assert_close(loss.detach(), ref, rtol=1e-6, atol=1e-6)
+    zero = m.loss(logits, z, torch.zeros_like(hole))
+    assert float(zero.detach()) == 0.0 and zero.requires_grad
+    with _HostReads() as reads:
+        m.check_guides(guides, B)
+    assert reads.seen
+    bad = {**guides, "d_cross": guides["d_cross"] + 8}
+    with pytest.raises(ValueError, match=r"block ids in \[-1, 8\)"):
+        m.check_guides(bad, B)
+    with pytest.raises(ValueError, match=r"block ids in \[-1, 8\)"):
+        D.encode(m, z, c, hole, bad)

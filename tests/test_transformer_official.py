@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from asset_dist import attention as A
+from asset_dist.models import decoding as D
 from asset_dist.models import official_transformer as O
 from asset_dist.models.transformer import AssetTransformer
 
@@ -179,12 +180,12 @@ def test_incremental_decode_official_sga(model):
     g["d_causal"] = g["d_causal"].masked_fill(g["d_causal"] >= rows - 2, -1)
     with torch.no_grad():
         full = model(z, c, hole, guides=g)
-    state = model.encode(z, c, hole, g)
-    cache = model.new_cache()
+    state = D.encode(model, z, c, hole, g)
+    cache = D.new_cache(model)
     dec = torch.cat([torch.full((1, 1), model.start_id), model.to_strip(z)], 1)
     outs, p = [], 0
     for n in (1, 100, 1, 1, 200, 1):
-        outs.append(model.decode_step(state, cache, dec[:, p:p + n], p))
+        outs.append(D.decode_step(model, state, cache, dec[:, p:p + n], p))
         p += n
     torch.testing.assert_close(torch.cat(outs, 1), full[:, :p], rtol=0, atol=1e-5)
 

@@ -65,18 +65,20 @@ def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, guide: torch
 
 def sga_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, guide: torch.Tensor, grid: Grid,
                   causal: bool = False, prefix_k: Optional[torch.Tensor] = None,
-                  prefix_v: Optional[torch.Tensor] = None, impl: str = "auto") -> torch.Tensor:
+                  prefix_v: Optional[torch.Tensor] = None, impl: str = "auto", validate: bool = True) -> torch.Tensor:
     """Block-sparse attention in strip order.
 
     q, k, v: [B, heads, L, head_dim], L = n_blocks * block_size; guide: long [B, heads, n_blocks, K] key-block
     ids or -1 (size-1 batch/head dims broadcast); prefix_k/v: [B, heads, P, head_dim] keys every query sees.
     Returns [B, heads, L, head_dim]. Scale 1/sqrt(head_dim). Differentiable (flex: not on CPU).
+    validate: check the guide's ids (reads them: a device sync); the model checks them once where guides come in
+    and passes False, so a training step never waits for the device here.
     """
     B, H, L, D = q.shape
     nb = check_inputs(q, k, v, guide, grid, prefix_k, prefix_v)
     if prefix_k is not None and prefix_k.shape[2] == 0:
         prefix_k = prefix_v = None
-    if not torch.compiler.is_compiling():
+    if validate and not torch.compiler.is_compiling():
         check_guide(guide, nb)
     guide = guide.to(q.device).expand(B, H, nb, guide.shape[-1])
     table = block_table(guide, nb, causal)

@@ -12,6 +12,7 @@ No network access: weights come only from paths the user gives (or LPIPS files a
 """
 from __future__ import annotations
 
+import io
 import json
 import warnings
 from pathlib import Path
@@ -25,6 +26,7 @@ from PIL import Image
 from asset_dist.data.views import image_to_unit
 from asset_dist.eval import metrics as M
 from asset_dist.eval.common import EvalError, fmt, markdown_table
+from asset_dist.infer.results import open_results
 
 MANIFEST = "manifest.jsonl"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -75,10 +77,18 @@ def run_settings(edit_out: Path) -> tuple[dict, dict]:
 
 def load_png(path: Path) -> np.ndarray:
     try:
-        with Image.open(path) as im:
-            return np.array(im.convert("RGB"))
+        data = path.read_bytes()
     except OSError as e:
         raise EvalError(f"{path}: unreadable image ({e})") from None
+    return load_png_bytes(data, str(path))
+
+
+def load_png_bytes(data: bytes, name: str) -> np.ndarray:
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return np.array(im.convert("RGB"))
+    except OSError as e:
+        raise EvalError(f"{name}: unreadable image ({e})") from None
 
 
 class EditInputs:
@@ -98,7 +108,7 @@ class EditInputs:
         if edit_id not in self.eset.refs:
             raise EvalError(f"edit {edit_id!r} is in the manifest but not in the edit inputs (wrong --edits?)")
         files = self.eset.load(edit_id)
-        return decode_edit(files, meta_int(edit_id, files.meta, "num_classes", 256), side_multiple=1)
+        return decode_edit(files, meta_int(edit_id, files.meta, "num_classes", 256))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -251,6 +261,7 @@ def evaluate_edits(edit_out: str | Path, edits: Optional[str] = None, band: Opti
             raise EvalError(f"no blend band: {out / 'run.json'} lacks blend_band; pass --band PIXELS")
     band = int(band)
     inputs = EditInputs(edits)
+    store = open_results(out)
     ok = [r for r in recs if r["status"] == "ok"]
     failed = [r for r in recs if r["status"] != "ok"]
     same = outside = 0
@@ -275,12 +286,12 @@ def evaluate_edits(edit_out: str | Path, edits: Optional[str] = None, band: Opti
         if n == 0:
             problems.append(f"{eid}: the record lists no samples")
         for k in range(n):
-            path = out / eid / f"sample_{k}.png"
-            if not path.is_file():
+            path = out / eid / f"sample_{k}.png"  # per-file layout; shards: the tar member <eid>.sample_<k>.png
+            try:
+                s = load_png_bytes(store.read_file(eid, path.name), f"{eid}.{path.name}")
+            except (OSError, FileNotFoundError):
                 problems.append(f"{eid}: {path.name} missing")
                 continue
-            try:
-                s = load_png(path)
             except EvalError as e:
                 problems.append(str(e))
                 continue

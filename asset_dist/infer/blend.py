@@ -88,7 +88,21 @@ def dilate(mask: np.ndarray, band: int) -> np.ndarray:
 
 def composite(generated: np.ndarray, original: np.ndarray, mask: np.ndarray, levels: int = 5, band: int = 16
               ) -> np.ndarray:
-    """Laplacian blend, then every pixel farther than `band` px from the mask is the input's, byte for byte."""
-    blended = laplacian_blend(generated, original, mask, levels)
-    keep = dilate(mask, band)[..., None]
-    return np.where(keep, blended, original).astype(np.uint8)
+    """Laplacian blend, then every pixel farther than `band` px from the mask is the input's, byte for byte.
+
+    Only a crop around the band is blended: an output pixel of the blend depends on inputs at most
+    4 * (2^(levels-1) - 1) px away (5-tap blurs down and up the pyramid), so a crop with a wider margin, its
+    origin on the coarsest level's sampling grid, gives the same bytes as the whole image (tested) at a
+    fraction of the cost on large photos."""
+    keep = dilate(mask, band)
+    ys, xs = np.nonzero(keep)
+    H, W = keep.shape
+    step = 2 ** max(levels - 1, 0)
+    margin = 4 * step + 2 * step
+    y0, x0 = max(0, (int(ys.min()) - margin) // step * step), max(0, (int(xs.min()) - margin) // step * step)
+    y1, x1 = min(H, int(ys.max()) + 1 + margin), min(W, int(xs.max()) + 1 + margin)
+    out = original.copy()
+    crop = (slice(y0, y1), slice(x0, x1))
+    blended = laplacian_blend(generated[crop], original[crop], mask[crop], levels)
+    out[crop] = np.where(keep[crop][..., None], blended, original[crop]).astype(np.uint8)
+    return out

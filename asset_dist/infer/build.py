@@ -56,9 +56,8 @@ def _read(eid: str, what: str, path: Path) -> bytes:
 class Builder:
     """Collects checked records; `add` never raises for a bad edit, it lists it as failed."""
 
-    def __init__(self, table: ClassTable, side_multiple: int = 256, token_hole: str = "any",
-                 log: Callable[[str], None] = print):
-        self.table, self.side_multiple, self.token_hole, self.log = table, side_multiple, token_hole, log
+    def __init__(self, table: ClassTable, token_hole: str = "any", log: Callable[[str], None] = print):
+        self.table, self.token_hole, self.log = table, token_hole, log
         self.records: list[EditFiles] = []
         self.failed: list[dict] = []
         self._ids: set[str] = set()
@@ -68,7 +67,7 @@ class Builder:
             if eid in self._ids:
                 raise EditError(f"edit {eid!r}: duplicate edit id")
             rec = make()
-            decode_edit(rec, self.table.num_classes, self.side_multiple, self.token_hole, self.table.label_shift)
+            decode_edit(rec, self.table.num_classes, self.token_hole, self.table.label_shift)
         except (EditError, ValueError) as e:
             msg = str(e) if str(e).startswith("edit ") else f"edit {eid!r}: {e}"
             self.failed.append({"edit": eid, "error": msg})
@@ -192,7 +191,8 @@ def official(b: Builder, root: Path, which: str, resolution: int = 0) -> None:
             m = m.convert("L").resize((side, side), Image.NEAREST)
             lab = np.asarray(Image.fromarray(lab).resize((side, side), Image.NEAREST))
         return make_record(eid, png_bytes(np.asarray(image.convert("RGB"))), png_bytes(lab),
-                           png_bytes(np.asarray(m.convert("L"))), class_id=b.table.lookup(cls), class_name=cls,
+                           png_bytes(np.asarray(m.convert("L"))), class_id=b.table.lookup(cls),
+                           class_name=b.table.name(b.table.lookup(cls)),
                            num_classes=b.table.num_classes, label_shift=b.table.label_shift,
                            source={"official": which, "root": str(root), "resolution": resolution,
                                    "converted_from_shift": src_shift})

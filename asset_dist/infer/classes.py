@@ -6,7 +6,8 @@ the 1-based ids: the table index + 1, with 0 = "unlabeled" (pizza = 59). "None" 
 map unchanged, which turns an edit into plain resampling of the masked region.
 
 Names match after lower-casing and dropping everything but letters and digits, so "water-other",
-"Water Other" and the official test dictionary's "waterother" are one name.
+"Water Other" and the official test dictionary's "waterother" are one name; records and outputs always use
+the table's one spelling (`name`: "water-other").
 """
 from __future__ import annotations
 

@@ -21,7 +21,23 @@ def _common(p: argparse.ArgumentParser, edits_required: bool = True) -> None:
 
 
 def _cfg(args):
-    return load_config(args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides)
+    given = any(o.split("=", 1)[0].strip() == "infer.sga_weights" for o in args.overrides or [])
+    own = "" if given else own_sga_export(cfg, args.config)
+    if own:
+        cfg.infer.sga_weights = own
+        print(f"infer.sga_weights: the run's own export {own}", file=sys.stderr)
+    return cfg
+
+
+def own_sga_export(cfg, config_path) -> str:
+    """An SGA run's config (RUN/config.yaml, train.stage sga) with infer.sga_weights unset edits with that
+    run's own export, RUN/export/sga.pt next to the config. "" when there is none (guide-only, as before) or
+    infer.sga_weights is set (`--set infer.sga_weights=` keeps guide-only)."""
+    if cfg.infer.sga_weights or cfg.train.stage != "sga" or not config_path:
+        return ""
+    export = Path(config_path).resolve().parent / "export" / "sga.pt"
+    return str(export) if export.is_file() else ""
 
 
 def _edits(args, cfg) -> str:
@@ -55,15 +71,21 @@ def precompute_main(args) -> int:
 
 
 def add_batch_args(p: argparse.ArgumentParser) -> None:
-    p.description = ("Edit every record of an edit set: one process per GPU (torchrun or srun via "
-                     "slurm/edit_batch.sh), each edit done once. Writes OUT/<edit_id>/sample_<k>.png, a preview and "
-                     "OUT/manifest.jsonl. Restart the same command to finish a killed run.")
+    p.description = ("Edit every record of an edit set (photos of any size): one process per GPU (torchrun or srun "
+                     "via slurm/edit_batch.sh), each edit done once, the edits' rows sampled with continuous "
+                     "batching. Writes OUT/<edit_id>/sample_<k>.png and a preview (or WebDataset shards: "
+                     "--out-format shards), OUT/manifest.jsonl and OUT/summary.json. Restart the same command to "
+                     "finish a killed run.")
     _common(p)
     p.add_argument("--guides", default=None, type=path_arg,
                    help="precomputed block picks (precompute-guides --out); missing or stale ones are computed "
                         "on the fly. Default infer.guides")
     p.add_argument("--out", default=None, type=path_arg, help="output folder (default paths.run_dir)")
     p.add_argument("--retry-failed", action="store_true", help="redo edits recorded as failed")
+    p.add_argument("--out-format", choices=("files", "shards"), default="files",
+                   help="files: OUT/<edit_id>/sample_<k>.png ... (default); shards: WebDataset tars of --shard-size "
+                        "edits per rank under OUT/shards/ (for large runs; gallery and evaluate read both)")
+    p.add_argument("--shard-size", type=int_arg(1), default=100, help="edits per tar with --out-format shards")
 
 
 def batch_main(args) -> int:
@@ -72,19 +94,22 @@ def batch_main(args) -> int:
     cfg = _cfg(args)
     out = args.out or cfg.paths.run_dir
     return run_batch_edits(cfg, _edits(args, cfg), out, guides_dir=args.guides or cfg.infer.guides or None,
-                           samples=args.samples, device=args.device, retry_failed=args.retry_failed)
+                           samples=args.samples, device=args.device, retry_failed=args.retry_failed,
+                           out_format=args.out_format, shard_size=args.shard_size)
 
 
 # ------------------------------------------------------------------------------------------- edit
 
 
 def add_edit_args(p: argparse.ArgumentParser) -> None:
-    p.description = ("One edit from files (the official test script's job), guide included: writes "
-                     "OUT/<id>/sample_<k>.png and a preview.")
+    p.description = ("One edit from files (the official test script's job), guide included, on a photo of any "
+                     "size: writes OUT/<id>/sample_<k>.png (the photo's size; pixels beyond infer.blend_band of the "
+                     "mask unchanged) and a preview.")
     _common(p, edits_required=False)
-    p.add_argument("--input", required=True, help="square RGB image (side a multiple of 256, e.g. 512 or 1024)")
-    p.add_argument("--seg", required=True, help="8-bit label map in the model's convention (square, any size)")
-    p.add_argument("--mask", required=True, help="grayscale mask, white = regenerate (square)")
+    p.add_argument("--input", required=True, help="RGB photo of any size and aspect; the output has its size")
+    p.add_argument("--seg", required=True, help="8-bit label map in the model's convention (the photo's size or "
+                                                "aspect; nearest-resized)")
+    p.add_argument("--mask", required=True, help="grayscale mask, white = regenerate (the photo's size or aspect)")
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--class", dest="class_name", help="class painted into the mask (name, id, or None)")
     g.add_argument("--new-seg", help="edited label map instead of --class")

@@ -4,9 +4,9 @@ An edit = input image + label map + mask (white = regenerate) + either a target 
 or an edited label map. Stored like the training data: webdataset tars plus a manifest.json (made by
 data_tools/make_edits.py), one sample per edit:
 
-    <id>.jpg|png   the input image (original bytes)
-    <id>.seg.png   8-bit label map in the model's convention (any square size; nearest-resized to the image)
-    <id>.mask.png  8-bit mask, {0, 255} (any square size; nearest-resized)
+    <id>.jpg|png   the input image (original bytes), any size and aspect
+    <id>.seg.png   8-bit label map in the model's convention (any size of the image's aspect; nearest-resized)
+    <id>.mask.png  8-bit mask, {0, 255} (any size of the image's aspect; nearest-resized)
     <id>.newseg.png  optional edited label map (replaces "class")
     <id>.json      {"edit_id", "class_name", "class_id" (-1 = none), "num_classes", "label_shift", "source"}
 
@@ -38,6 +38,7 @@ SPLIT = "edits"
 KIND = "edits"
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp")
 TOKEN = 16  # pixels per token (both tokenizers)
+MIN_SIDE = 16  # smaller images are refused
 
 
 class EditError(ValueError):
@@ -78,15 +79,19 @@ class Edit:
     """A decoded, checked edit, everything at the image's size."""
 
     edit_id: str
-    image: np.ndarray  # [S, S, 3] uint8
-    mask: np.ndarray  # [S, S] uint8 {0, 1}, 1 = regenerate
-    seg: np.ndarray  # [S, S] uint8 edited label map (what the model is conditioned on)
+    image: np.ndarray  # [H, W, 3] uint8, any size
+    mask: np.ndarray  # [H, W] uint8 {0, 1}, 1 = regenerate
+    seg: np.ndarray  # [H, W] uint8 edited label map (what the model is conditioned on)
     class_id: int
     class_name: str
     meta: dict[str, Any] = field(default_factory=dict)
 
     @property
-    def side(self) -> int:
+    def width(self) -> int:
+        return int(self.image.shape[1])
+
+    @property
+    def height(self) -> int:
         return int(self.image.shape[0])
 
 
@@ -103,15 +108,20 @@ def _open(edit_id: str, what: str, data: bytes) -> Image.Image:
         raise EditError(f"edit {edit_id!r}: {what} is unreadable ({type(e).__name__}: {e})") from None
 
 
-def read_labels(edit_id: str, what: str, data: bytes, side: int, num_classes: int) -> np.ndarray:
-    """An 8-bit label PNG, checked against the model's classes, nearest-resized to side x side."""
+def _check_aspect(edit_id: str, what: str, w: int, h: int, W: int, H: int) -> None:
+    """A map of another size than the image must have its aspect (1 % tolerance) to be nearest-resized onto it."""
+    if (w, h) != (W, H) and abs(w * H - h * W) > 0.01 * w * H:
+        raise EditError(f"edit {edit_id!r}: {what} is {w}x{h}; it cannot be aligned with the {W}x{H} image (it "
+                        "must have the image's size or aspect ratio)")
+
+
+def read_labels(edit_id: str, what: str, data: bytes, height: int, width: int, num_classes: int) -> np.ndarray:
+    """An 8-bit label PNG, checked against the model's classes, nearest-resized to the image's height x width."""
     im = _open(edit_id, what, data)
     if im.mode not in ("L", "P"):
         raise EditError(f"edit {edit_id!r}: {what} must be a single-channel 8-bit PNG of label ids (mode {im.mode})")
     a = np.asarray(im, dtype=np.uint8)
-    if a.shape[0] != a.shape[1]:
-        raise EditError(f"edit {edit_id!r}: {what} is {a.shape[1]}x{a.shape[0]}; it cannot be aligned with the "
-                        f"{side}x{side} image (must be square)")
+    _check_aspect(edit_id, what, a.shape[1], a.shape[0], width, height)
     top = int(a.max())
     if top >= num_classes:
         bad = sorted(int(v) for v in np.unique(a) if v >= num_classes)
@@ -119,7 +129,7 @@ def read_labels(edit_id: str, what: str, data: bytes, side: int, num_classes: in
             if 255 in bad else ""
         raise EditError(f"edit {edit_id!r}: {what} holds label ids {bad[:8]} outside the model's {num_classes} "
                         f"classes (0..{num_classes - 1}){hint}")
-    return resize_nearest(a, side, side)
+    return resize_nearest(a, height, width)
 
 
 def meta_int(eid: str, meta: dict, key: str, default: int) -> int:
@@ -132,11 +142,11 @@ def meta_int(eid: str, meta: dict, key: str, default: int) -> int:
     return v
 
 
-def decode_edit(files: EditFiles, num_classes: int, side_multiple: int = 256, token_hole: str = "any",
-                label_shift: Optional[int] = None) -> Edit:
-    """Decode and check one edit. Raises EditError naming the edit and the problem.
+def decode_edit(files: EditFiles, num_classes: int, token_hole: str = "any", label_shift: Optional[int] = None
+                ) -> Edit:
+    """Decode and check one edit (any image size and aspect: `canvas.py` places it on the model's token grid).
+    Raises EditError naming the edit and the problem.
 
-    side_multiple: the image side must be a multiple of it (16 px tokens x the 16-row block grid = 256).
     token_hole: the token-hole rule; a mask that yields no hole token under it is rejected.
     label_shift: when given, an edit built for another label convention is rejected."""
     eid = files.edit_id
@@ -151,21 +161,15 @@ def decode_edit(files: EditFiles, num_classes: int, side_multiple: int = 256, to
     cid = meta_int(eid, meta, "class_id", -1)
     im = _open(eid, "image", files.image)
     w, h = im.size
-    if w != h:
-        raise EditError(f"edit {eid!r}: image is {w}x{h}; edits must be square (crop it first, e.g. with "
-                        "make_edits.py dataset --resolution)")
-    if w % side_multiple:
-        raise EditError(f"edit {eid!r}: image side {w} is not a multiple of {side_multiple} (the token grid must "
-                        f"split into the block grid; the paper's models use 512 or 1024)")
+    if min(w, h) < MIN_SIDE:
+        raise EditError(f"edit {eid!r}: the image is {w}x{h} px: too small to edit (at least {MIN_SIDE} px per "
+                        "side)")
     image = np.array(im.convert("RGB"))
     m = _open(eid, "mask", files.mask)
     if m.mode not in ("1", "L", "P", "LA", "RGB", "RGBA", "I", "I;16"):
         raise EditError(f"edit {eid!r}: mask has unsupported mode {m.mode}")
-    mw, mh = m.size
-    if mw != mh:
-        raise EditError(f"edit {eid!r}: mask is {mw}x{mh}; it cannot be aligned with the {w}x{w} image "
-                        "(must be square)")
-    mask = (resize_nearest(np.asarray(m.convert("L")), w, w) >= 128).astype(np.uint8)
+    _check_aspect(eid, "mask", m.size[0], m.size[1], w, h)
+    mask = (resize_nearest(np.asarray(m.convert("L")), h, w) >= 128).astype(np.uint8)
     if not mask.any():
         raise EditError(f"edit {eid!r}: the mask is empty (no white pixel): nothing to edit")
     if mask.all():
@@ -173,11 +177,11 @@ def decode_edit(files: EditFiles, num_classes: int, side_multiple: int = 256, to
     if token_hole == "nearest" and not mask[::TOKEN, ::TOKEN].any():
         raise EditError(f"edit {eid!r}: the mask yields no hole token under the 'nearest' token-hole rule "
                         "(it misses every token's top-left pixel); enlarge it or use train.token_hole=any")
-    seg = read_labels(eid, "label map", files.seg, w, num_classes)
+    seg = read_labels(eid, "label map", files.seg, h, w, num_classes)
     if not -1 <= cid < num_classes:
         raise EditError(f"edit {eid!r}: class id {cid} is outside the model's {num_classes} classes")
     if files.new_seg is not None:
-        edited = read_labels(eid, "edited label map", files.new_seg, w, num_classes)
+        edited = read_labels(eid, "edited label map", files.new_seg, h, w, num_classes)
     elif cid >= 0:
         edited = np.where(mask.astype(bool), np.uint8(cid), seg)
     else:

@@ -8,6 +8,7 @@ OUT/contact_sheet.png and the thumbnails under OUT/gallery/ (atomic writes, safe
 from __future__ import annotations
 
 import html
+import io
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -16,7 +17,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from asset_dist.infer.edits import EditError, EditSet, read_labels, decode_edit, png_bytes
-from asset_dist.infer.runner import PALETTE, read_record
+from asset_dist.infer.results import open_results
+from asset_dist.infer.runner import PALETTE
 from asset_dist.runlock import RunLock
 from asset_dist.utils import (InputError, atomic_write_bytes, atomic_write_text, check_file_name, check_id, inside,
                               writable_dir)
@@ -33,24 +35,32 @@ class Row:
 
 
 def thumb(a: np.ndarray, size: int) -> np.ndarray:
-    """Square thumbnail: area filter when shrinking, nearest when growing (label maps stay crisp)."""
-    im = Image.fromarray(np.ascontiguousarray(a))
-    return np.asarray(im.convert("RGB").resize((size, size), Image.BOX if im.width >= size else Image.NEAREST))
+    """size x size thumbnail, the image's aspect kept (centred on white): area filter when shrinking, nearest
+    when growing (label maps stay crisp)."""
+    im = Image.fromarray(np.ascontiguousarray(a)).convert("RGB")
+    f = size / max(im.width, im.height)
+    w, h = max(1, round(im.width * f)), max(1, round(im.height * f))
+    small = im.resize((w, h), Image.BOX if f <= 1 else Image.NEAREST)
+    out = Image.new("RGB", (size, size), (255, 255, 255))
+    out.paste(small, ((size - w) // 2, (size - h) // 2))
+    return np.asarray(out)
 
 
-def build_row(edits: EditSet, eid: str, results: Path, num_classes: int, size: int) -> Row:
+def build_row(edits: EditSet, eid: str, results, num_classes: int, size: int) -> Row:
+    """results: the edit-batch output's store (`results.open_results`: per-file folders or shards)."""
     row = Row(eid)
-    rec = read_record(results, eid)
+    rec = results.read_record(eid)
     try:
         files = edits.load(eid)
         e = decode_edit(files, num_classes)
-        before = read_labels(eid, "label map", files.seg, e.side, num_classes)
+        before = read_labels(eid, "label map", files.seg, e.height, e.width, num_classes)
     except (EditError, ValueError, OSError) as err:
         row.error = (rec or {}).get("error") or str(err)
         return row
     row.tiles = {"input": thumb(e.image, size), "labels before": thumb(PALETTE[before], size),
                  "labels after": thumb(PALETTE[e.seg], size), "mask": thumb(e.mask * np.uint8(255), size)}
-    target = e.class_name or ("edited label map" if e.class_id < 0 else str(e.class_id))
+    target = (rec or {}).get("class_name") or e.class_name or ("edited label map" if e.class_id < 0 else
+                                                                  str(e.class_id))
     if rec is None:
         row.error, row.info = "not edited yet (run edit-batch on this set)", f"class: {target}"
         return row
@@ -60,16 +70,17 @@ def build_row(edits: EditSet, eid: str, results: Path, num_classes: int, size: i
     problems = []
     for name in rec.get("outputs") or []:
         if str(name).startswith("sample_"):
-            try:  # names come from the record (data): plain file names inside the edit's folder only
-                path = inside(results, check_id(eid), check_file_name(name, "output"))
-                tile = thumb(np.asarray(Image.open(path)), size)
+            try:  # names come from the record (data): plain file names of the edit only (store.read_file checks)
+                data = results.read_file(eid, check_file_name(name, "output"))
+                tile = thumb(np.asarray(Image.open(io.BytesIO(data))), size)
             except (ValueError, OSError) as err:
                 problems.append(str(err))
                 continue
             row.tiles[Path(name).stem.replace("_", " ")] = tile
     row.error = "; ".join(problems) or None
     t = rec.get("timings_s") if isinstance(rec.get("timings_s"), dict) else {}
-    row.info = (f"class: {target}; {rec.get('size')} px, {rec.get('hole_tokens')} hole tokens, "
+    shown = f"{rec['width']}x{rec['height']}" if "width" in rec else f"{rec.get('size')}"
+    row.info = (f"class: {target}; {shown} px, {rec.get('hole_tokens')} hole tokens, "
                 f"{rec.get('samples')} samples; "
                 + ", ".join(f"{k} {v:.1f} s" for k, v in t.items() if isinstance(v, (int, float))))
     return row
@@ -98,11 +109,12 @@ def contact_sheet(rows: list[Row], columns: list[str], size: int) -> np.ndarray:
 def write_gallery(edits_spec: str, results: Path, out: Path, num_classes: int, size: int = 192,
                   title: str = "asset_dist edits", verify: bool = True) -> dict:
     """Build the page and the sheet; returns {"rows", "ok", "failed", "html", "sheet"}. verify: check the edit
-    shards' sha256 against their manifest (data.verify)."""
+    shards' sha256 against their manifest (data.verify). results: an edit-batch output in either layout."""
     if size < 1:
         raise InputError(f"tile size must be >= 1 (got {size})")
     edits = EditSet(edits_spec, verify=verify)
-    rows = [build_row(edits, eid, results, num_classes, size) for eid in edits.ids]
+    store = open_results(results)
+    rows = [build_row(edits, eid, store, num_classes, size) for eid in edits.ids]
     n_samples = max([sum(k.startswith("sample") for k in r.tiles) for r in rows] + [0])
     columns = list(FIXED) + [f"sample {k}" for k in range(n_samples)]
     tiles_dir = out / "gallery"

@@ -1,8 +1,8 @@
 """The guide at 256 px: its own sampled completion of each edit, then the SGA block picks
 (docs/ASSET_NOTES.md §5.2, §7.2-7.3).
 
-Per (edit, sample) row: sample the 256 hole tokens with the KV cache (dense attention), run the guide once
-more teacher-forced on that completion to get its attention maps, and pool them into the block picks for
+Per (edit, sample) row: sample the 256 hole tokens with the KV cache (dense attention, continuous batching), run
+the guide once more teacher-forced on that completion to get its attention maps, and pool them into the picks for
 encoder self-, decoder causal- and cross-attention (`guides_from_maps`). The maps pass runs one row at a time,
 so a row's picks never depend on what else was in the batch (top-3 of pooled maps has many near-ties).
 
@@ -22,20 +22,20 @@ import numpy as np
 import torch
 
 from asset_dist.models.transformer import GUIDE_KEYS, AssetTransformer, Guides, guides_from_maps
-from asset_dist.infer.sampler import SampleStats, sample_cached
+from asset_dist.infer.scheduler import ScheduleStats, sample_continuous
 from asset_dist.utils import atomic_write, check_id, inside
 
-GUIDE_SIDE = 256
 
 
 @torch.no_grad()
-def picks_for_rows(guide: AssetTransformer, tokens: torch.Tensor, cond: torch.Tensor, hole: torch.Tensor
-                   ) -> Guides:
-    """Teacher-forced dense pass per row on completed 256 tokens [B, 256] -> picks {key: [n, B, H, nb, K]}."""
+def picks_for_rows(guide: AssetTransformer, tokens: torch.Tensor, cond: torch.Tensor, hole: torch.Tensor,
+                   hw: Optional[tuple[int, int]] = None) -> Guides:
+    """Teacher-forced dense pass per row on the completed guide view [B, Lg] (token grid hw, default square)
+    -> picks {key: [n, B, H, nb, K]}."""
     t = guide.cfg
     rows = []
     for i in range(tokens.shape[0]):
-        _, maps = guide(tokens[i:i + 1], cond[i:i + 1], hole[i:i + 1], return_attn=True)
+        _, maps = guide(tokens[i:i + 1], cond[i:i + 1], hole[i:i + 1], return_attn=True, hw=hw)
         maps = {k: v if v.dtype == torch.float64 else v.float() for k, v in maps.items()}
         rows.append(guides_from_maps(maps, t.block_grid, k=t.guide_k, causal_mode=t.causal_picks))
     return {k: torch.cat([r[k] for r in rows], 1) for k in GUIDE_KEYS}
@@ -43,11 +43,14 @@ def picks_for_rows(guide: AssetTransformer, tokens: torch.Tensor, cond: torch.Te
 
 @torch.no_grad()
 def run_guide(guide: AssetTransformer, ids: torch.Tensor, cond: torch.Tensor, hole: torch.Tensor,
-              gens: Sequence[torch.Generator], *, top_k: int, temperature: float
-              ) -> tuple[torch.Tensor, Guides, SampleStats]:
-    """256 tokens of B rows (raster [B, 256]) -> (the guide's sampled completion, picks, stats)."""
-    tokens, stats = sample_cached(guide, ids, cond, hole, gens, top_k=top_k, temperature=temperature)
-    return tokens, picks_for_rows(guide, tokens, cond, hole), stats
+              gens: Sequence[torch.Generator], *, top_k: int, temperature: float, on_step=None,
+              hw: Optional[tuple[int, int]] = None) -> tuple[torch.Tensor, Guides, ScheduleStats]:
+    """The guide's view of B rows (raster [B, Lg], token grid hw: 16 x 16 for a square edit) -> (the guide's
+    sampled completion, picks, stats). Sampled with continuous batching: the union schedule's tokens in fewer
+    steps."""
+    tokens, stats = sample_continuous(guide, ids, cond, hole, gens, top_k=top_k, temperature=temperature,
+                                      on_step=on_step, hw=hw)
+    return tokens, picks_for_rows(guide, tokens, cond, hole, hw), stats
 
 
 def row_picks(picks: Guides, i: int) -> Guides:
@@ -93,4 +96,6 @@ def load_picks(path: str | Path, fingerprint: dict) -> Optional[tuple[Guides, to
             tokens = torch.from_numpy(z["tokens"].astype(np.int64))
     except (OSError, ValueError, KeyError):
         return None
+    if any(p.dim() != 4 or p.numel() and (int(p.min()) < -1 or int(p.max()) >= p.shape[-2]) for p in picks.values()):
+        return None  # not picks of this grid (a damaged file): recomputed
     return picks, tokens

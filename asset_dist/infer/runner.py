@@ -1,9 +1,10 @@
 """The edit runner: edits -> guide picks (256) -> sampled hole tokens -> decoded, blended images.
 
 One process per device (torchrun, or srun via slurm/edit_batch.sh). Rank r takes every world-th edit of the
-sorted id list (`edits.split_for_rank`), so each edit is done exactly once with no communication. Several
-edits and samples share one sampling call ((edit, sample) rows, `infer.batch_size` of them) even when their
-masks differ; rows of one call must have the same image side.
+sorted id list (`edits.split_for_rank`), so each edit is done exactly once with no communication. The
+(edit, sample) rows of all its edits feed one queue of the continuous sampler (`scheduler.py`), which keeps
+`infer.batch_size` rows sampling, each at its own position, whatever their masks (rows of other image sizes
+wait for their own lane); the runner only feeds the queue and collects finished rows.
 
 Results depend only on the edit, the weights and the config: every random draw comes from a generator keyed
 by (infer.seed, edit id, sample index, phase), tokenizers and the VQGAN decoder run one edit at a time, and
@@ -15,13 +16,15 @@ Outputs under OUT (all written atomically):
     <edit_id>/record.json      status, timings, token counts, error; written last = the edit is done
     logs/rank<r>.jsonl         what each rank did, one line per edit (appended)
     run.json, config.yaml      the settings; a restart with other settings is refused
+    logs/rank<r>.stats.jsonl   the sampling schedule of each session of each rank
     manifest.jsonl             every record in id order, written by whichever rank finds all edits done
+    summary.json               with the manifest: hole tokens, decode steps, batch size, rows active per step and
+                               efficiency (steps x batch / hole tokens) per rank
 A killed run restarted with the same command skips edits that have a record.
 """
 from __future__ import annotations
 
 import json
-import os
 import signal
 import sys
 import time
@@ -34,20 +37,22 @@ import torch
 from PIL import Image
 
 from asset_dist.config import Config, save_config, validate
-from asset_dist.data.views import make_views
+from asset_dist.data.views import image_to_unit
+from asset_dist.infer import canvas as C
 from asset_dist.infer import guides as G
-from asset_dist.infer.blend import composite
+from asset_dist.infer.classes import table_for_config
 from asset_dist.infer.edits import Edit, EditError, EditFiles, EditSet, decode_edit, png_bytes, split_for_rank
-from asset_dist.infer.sampler import row_generator, sample_cached
+from asset_dist.infer.progress import Progress
+from asset_dist.infer.results import FORMATS, open_results
+from asset_dist.infer.sampler import row_generator
+from asset_dist.infer.scheduler import ContinuousSampler, Row, ScheduleStats
 from asset_dist.distenv import EXIT_REQUEUE, DistEnv, dist_env, pick_device
-from asset_dist.models.tokens import FACTOR, Tokenizers, load_weights
+from asset_dist.models.tokens import Tokenizers, load_weights
 from asset_dist.models.transformer import AssetTransformer
 from asset_dist.runlock import job_lock
-from asset_dist.utils import (InputError, atomic_write_bytes, atomic_write_json, atomic_write_text, check_id, inside,
-                              writable_dir)
+from asset_dist.utils import InputError, atomic_write_json, atomic_write_text, check_id, inside, writable_dir
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
-RECORD = "record.json"
 MANIFEST = "manifest.jsonl"
 
 
@@ -56,6 +61,13 @@ def weight_paths(cfg: Config) -> dict[str, str]:
     i, t = cfg.infer, cfg.train
     return {"vqgan": i.vqgan_weights or t.vqgan_weights, "seg": i.seg_weights or t.seg_weights,
             "guide": i.guide_weights or t.guide_weights, "sga": i.sga_weights}
+
+
+def canvas_resolution(cfg: Config) -> int:
+    """R of `canvas.plan`: infer.resolution, else the SGA model's training resolution; guide-only: 256."""
+    if not weight_paths(cfg)["sga"]:
+        return C.GUIDE
+    return cfg.infer.resolution or cfg.data.resolution
 
 
 @dataclass
@@ -100,8 +112,9 @@ class Prepared:
     files: EditFiles
     edit: Edit
     digest: str
-    lr: tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # 256 ids, cond, hole [1, 256]
-    hr: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # full-size ids, cond, hole [1, L]
+    canvas: C.Canvas  # where the edit is sampled (a window of the photo at the model's scale)
+    lr: tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # the guide's view: ids, cond, hole [1, Lg]
+    hr: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # the working canvas: ids, cond, hole [1, L]
     timings: dict[str, float] = field(default_factory=dict)
     picks: dict[int, dict] = field(default_factory=dict)  # sample -> {key: [n, H, nb, K]}
     images: dict[int, np.ndarray] = field(default_factory=dict)
@@ -114,8 +127,9 @@ class Prepared:
         return self.edit.edit_id
 
     @property
-    def side(self) -> int:
-        return self.edit.side
+    def geometry(self) -> tuple:
+        """Rows of the same geometry can share a sampling call."""
+        return self.canvas.hw, self.canvas.guide_hw
 
 
 def _add(d: dict, key: str, value: float) -> None:
@@ -128,8 +142,8 @@ class EditRunner:
     def __init__(self, cfg: Config, models: Models, samples: int, guides_dir: Optional[str] = None):
         self.cfg, self.m, self.samples = cfg, models, samples
         self.guides_dir = guides_dir or None
-        t = cfg.model.transformer
-        self.side_multiple = FACTOR * int(np.lcm(*[int(g) for g in t.block_grid]))
+        self.classes = table_for_config(cfg)
+        self.resolution = canvas_resolution(cfg)
 
     # -------------------------------------------------------------------------------------------- prepare
 
@@ -137,22 +151,29 @@ class EditRunner:
         i = self.cfg.infer
         return {"guide": self.m.guide_digest, "edit": digest, "seed": i.seed, "top_k": i.top_k,
                 "temperature": i.temperature, "precision": i.precision, "token_hole": self.cfg.train.token_hole,
-                "guide_k": self.cfg.model.transformer.guide_k, "causal_picks": self.cfg.model.transformer.causal_picks}
+                "guide_k": self.cfg.model.transformer.guide_k, "causal_picks": self.cfg.model.transformer.causal_picks,
+                "resolution": self.resolution, "blend_band": i.blend_band}  # these two place the canvas
 
     def prepare(self, files: EditFiles, need_hr: bool = True) -> Prepared:
-        """Decode, check and tokenize one edit (one at a time: tokens never depend on a batch)."""
+        """Decode and check one edit, place it on its canvas and tokenize the working image and the guide's view
+        (one edit at a time: tokens never depend on a batch)."""
         t0 = time.perf_counter()
-        edit = decode_edit(files, self.cfg.model.seg.in_channels, self.side_multiple, self.cfg.train.token_hole,
+        edit = decode_edit(files, self.cfg.model.seg.in_channels, self.cfg.train.token_hole,
                            self.cfg.data.label_shift)
-        if need_hr and self.m.sga is None and edit.side != G.GUIDE_SIDE:
-            raise EditError(f"edit {edit.edit_id!r}: image is {edit.side} px, but without SGA weights the guide "
-                            f"samples only {G.GUIDE_SIDE} px edits: set infer.sga_weights to an SGA export")
-        v = make_views(Image.fromarray(edit.image), edit.seg, edit.side, G.GUIDE_SIDE, None,
-                       np.random.default_rng(0), False, short_side=edit.side, mask=edit.mask)
+        canvas = C.plan(edit.edit_id, edit.mask, self.resolution, self.cfg.infer.blend_band)
+        v = C.working_views(canvas, edit.image, edit.seg, edit.mask)
         dev = self.m.device
-        tok = lambda s: self.m.tok(v["image" + s][None].to(dev), v["seg" + s][None].to(dev),  # noqa: E731
-                                   v["mask" + s][None].to(dev))
-        p = Prepared(files, edit, files.digest(), tok("_lr"), tok("") if need_hr else None)
+
+        def tok(s: str):
+            image = image_to_unit(torch.tensor(v["image" + s]).permute(2, 0, 1)[None].to(dev))
+            seg = torch.tensor(v["seg" + s], dtype=torch.long)[None].to(dev)
+            mask = torch.tensor(v["mask" + s], dtype=torch.float32)[None, None].to(dev)
+            return self.m.tok(image, seg, mask)
+        p = Prepared(files, edit, files.digest(), canvas, tok("_lr"), tok("") if need_hr else None)
+        if need_hr and not bool(p.hr[2].any()):
+            raise EditError(f"edit {edit.edit_id!r}: the mask yields no hole token on the {canvas.W}x{canvas.H} "
+                            f"working canvas under the '{self.cfg.train.token_hole}' token-hole rule; enlarge it "
+                            "or use train.token_hole=any")
         p.timings["prepare"] = time.perf_counter() - t0
         return p
 
@@ -165,7 +186,7 @@ class EditRunner:
     def _cat(rows, which: str) -> list[torch.Tensor]:
         return [torch.cat([getattr(p, which)[j] for p, _ in rows]) for j in range(3)]
 
-    def guide_batch(self, rows: list[tuple[Prepared, int]], store: Optional[str] = None) -> None:
+    def guide_batch(self, rows: list[tuple[Prepared, int]], store: Optional[str] = None, on_step=None) -> None:
         """Fill p.picks[k] for the rows: from `guides_dir` when valid, else by running the guide (batched).
         store: also save computed picks there (precompute-guides)."""
         need = []
@@ -182,7 +203,8 @@ class EditRunner:
         ids, cond, hole = self._cat(need, "lr")
         i = self.cfg.infer
         tokens, picks, _ = G.run_guide(self.m.guide, ids, cond, hole, self._gens(need, "guide"),
-                                       top_k=i.top_k, temperature=i.temperature)
+                                       top_k=i.top_k, temperature=i.temperature, on_step=on_step,
+                                       hw=need[0][0].canvas.guide_hw)
         dt = (time.perf_counter() - t0) / len(need)
         for j, (p, k) in enumerate(need):
             p.picks[k], p.guide_source[k] = G.row_picks(picks, j), "computed"
@@ -191,34 +213,37 @@ class EditRunner:
             if store:
                 G.save_picks(G.picks_path(store, p.edit_id, k), p.picks[k], tokens[j], self.fingerprint(p.digest))
 
-    def sample_batch(self, rows: list[tuple[Prepared, int]]) -> None:
-        """Sample the hole tokens of the rows at full size, decode and blend each: p.images[k]."""
+    @property
+    def sampling_model(self) -> AssetTransformer:
+        """The model that samples the full-size hole: SGA, or in guide-only mode the guide itself."""
+        return self.m.guide if self.m.sga is None else self.m.sga
+
+    def sample_rows(self, p: Prepared) -> list[Row]:
+        """The edit's (edit, sample) rows for the sampler (SGA: its picks must be in p.picks). Row key (p, k)."""
+        ids, cond, hole = (t[0] for t in p.hr)
+        phase = "guide" if self.m.sga is None else "sga"
+        return [Row((p, k), ids, cond, hole, row_generator(self.cfg.infer.seed, p.edit_id, k, phase), p.canvas.hw,
+                    None if self.m.sga is None else {key: torch.as_tensor(v) for key, v in p.picks[k].items()})
+                for k in range(self.samples)]
+
+    def sampled(self, row: Row, tokens: torch.Tensor) -> None:
+        """A row's sampled tokens [L] (raster): decode (one row: pixels never depend on a batch) and blend."""
+        p, k = row.key
         i = self.cfg.infer
-        ids, cond, hole = self._cat(rows, "hr")
-        if self.m.sga is None:  # guide-only (256 px): the guide's own completion is the result
-            model, guides, phase = self.m.guide, None, "guide"
-        else:
-            self.guide_batch(rows)
-            model, phase = self.m.sga, "sga"
-            guides = G.stack_picks([p.picks[k] for p, k in rows], ids.device)
-        t0 = time.perf_counter()
-        tokens, _ = sample_cached(model, ids, cond, hole, self._gens(rows, phase), guides=guides, top_k=i.top_k,
-                                  temperature=i.temperature)
-        dt = (time.perf_counter() - t0) / len(rows)
-        for j, (p, k) in enumerate(rows):
-            _add(p.timings, "sample", dt)
-            p.tokens["target"] += int(hole[j].sum())
-            t1 = time.perf_counter()
-            out = self.m.tok.decode(tokens[j:j + 1], p.side, p.side)[0]  # one row: pixels never depend on a batch
-            gen = ((out.float().permute(1, 2, 0).cpu().numpy() + 1.0) * 127.5).round().clip(0, 255).astype(np.uint8)
-            p.images[k] = composite(gen, p.edit.image, p.edit.mask, i.blend_levels, i.blend_band)
-            _add(p.timings, "decode_blend", time.perf_counter() - t1)
+        _add(p.timings, "sample", row.seconds)
+        p.tokens["target"] += int(row.n_hole)
+        t1 = time.perf_counter()
+        c = p.canvas
+        out = self.m.tok.decode(tokens.view(1, -1).to(self.m.device), c.H, c.W)[0]
+        gen = ((out.float().permute(1, 2, 0).cpu().numpy() + 1.0) * 127.5).round().clip(0, 255).astype(np.uint8)
+        p.images[k] = C.paste(c, gen, p.edit.image, p.edit.mask, i.blend_levels, i.blend_band)
+        _add(p.timings, "decode_blend", time.perf_counter() - t1)
 
     def run_rows(self, rows: list[tuple[Prepared, int]], fn: Callable[[list], None]) -> None:
-        """fn on batches of same-side rows; a failing batch is retried edit by edit, a failing edit recorded."""
-        by_side: dict[int, list] = {}
+        """fn on batches of same-geometry rows; a failing batch is retried edit by edit, a failing edit recorded."""
+        by_side: dict[tuple, list] = {}
         for r in rows:
-            by_side.setdefault(r[0].side, []).append(r)
+            by_side.setdefault(r[0].geometry, []).append(r)
         bs = self.cfg.infer.batch_size
         for rs in by_side.values():
             for b in range(0, len(rs), bs):
@@ -240,25 +265,29 @@ class EditRunner:
 
     # -------------------------------------------------------------------------------------------- outputs
 
-    def finish(self, p: Prepared, out: Path, env: DistEnv) -> dict:
-        d = edit_dir(out, p.edit_id)
+    def class_name(self, edit: Edit) -> str:
+        """The class table's one spelling of the edit's class, whatever alias the edit set stores (e.g. the
+        official "waterother" for "water-other"); "None" (-1) for no class (an edited label map)."""
+        return self.classes.name(edit.class_id)
+
+    def outputs(self, p: Prepared, env: DistEnv) -> tuple[dict[str, bytes], dict]:
+        """The edit's files (sample PNGs, preview; none when it failed) and its record."""
         if p.error is not None:
-            return failed_record(p.edit_id, p.error, env)
+            return {}, failed_record(p.edit_id, p.error, env)
         t0 = time.perf_counter()
-        names = []
-        for k in range(self.samples):
-            names.append(f"sample_{k}.png")
-            atomic_write_bytes(d / names[-1], png_bytes(p.images[k]))
-        atomic_write_bytes(d / "preview.png", png_bytes(preview(p.edit, [p.images[k] for k in range(self.samples)],
-                                                                self.cfg.infer.preview_size)))
-        p.timings["write"] = time.perf_counter() - t0
+        files = {f"sample_{k}.png": png_bytes(p.images[k]) for k in range(self.samples)}
+        files["preview.png"] = png_bytes(preview(p.edit, [p.images[k] for k in range(self.samples)],
+                                                 self.cfg.infer.preview_size))
+        p.timings["encode_png"] = time.perf_counter() - t0
         hole = int(p.hr[2].sum())
-        return {"edit": p.edit_id, "status": "ok", "error": None, "size": p.side, "class_id": p.edit.class_id,
-                "class_name": p.edit.class_name, "mode": self.m.mode, "samples": self.samples,
-                "hole_tokens": hole, "tokens_sampled": dict(p.tokens),
-                "guides": sorted(set(p.guide_source.values())) or None,
-                "timings_s": {k: round(v, 4) for k, v in p.timings.items()},
-                "outputs": names + ["preview.png"], "rank": env.rank, "world_size": env.world_size}
+        e = p.edit
+        return files, {"edit": p.edit_id, "status": "ok", "error": None, "size": max(e.width, e.height),
+                       "width": e.width, "height": e.height, "canvas": p.canvas.to_dict(), "class_id": e.class_id,
+                       "class_name": self.class_name(e), "mode": self.m.mode, "samples": self.samples,
+                       "hole_tokens": hole, "tokens_sampled": dict(p.tokens),
+                       "guides": sorted(set(p.guide_source.values())) or None,
+                       "timings_s": {k: round(v, 4) for k, v in p.timings.items()},
+                       "outputs": list(files), "rank": env.rank, "world_size": env.world_size, "time": time.time()}
 
 
 def failed_record(edit_id: str, error: str, env: DistEnv) -> dict:
@@ -269,11 +298,13 @@ PALETTE = np.random.default_rng(12345).integers(40, 256, (256, 3)).astype(np.uin
 
 
 def preview(edit: Edit, samples: list[np.ndarray], size: int) -> np.ndarray:
-    """input | input with the hole tinted | edited label map (fixed palette) | samples, each size x size."""
+    """input | input with the hole tinted | edited label map (fixed palette) | samples, each `size` px tall
+    (the photo's aspect kept)."""
     m = edit.mask.astype(bool)[..., None]
     tint = np.where(m, (0.5 * edit.image + 0.5 * np.array([255, 0, 0])).astype(np.uint8), edit.image)
     tiles = [edit.image, tint, PALETTE[edit.seg]] + list(samples)
-    small = [np.array(Image.fromarray(t).resize((size, size), Image.BOX if t.shape[0] >= size else Image.NEAREST))
+    w = max(1, round(size * edit.width / edit.height))
+    small = [np.array(Image.fromarray(t).resize((w, size), Image.BOX if t.shape[0] >= size else Image.NEAREST))
              for t in tiles]
     return np.concatenate(small, 1)
 
@@ -283,22 +314,22 @@ def preview(edit: Edit, samples: list[np.ndarray], size: int) -> np.ndarray:
 
 
 def read_record(out: Path, edit_id: str) -> Optional[dict]:
-    try:
-        rec = json.loads((edit_dir(out, edit_id) / RECORD).read_text())
-        return rec if isinstance(rec, dict) and rec.get("status") in ("ok", "failed") else None
-    except (OSError, ValueError):
-        return None
+    """The record of one edit of an edit-batch output (either layout)."""
+    return open_results(out).read_record(edit_id)
 
 
-def write_manifest_if_complete(out: Path, all_ids: list[str]) -> bool:
-    """Every edit has a record -> OUT/manifest.jsonl (atomic; several ranks may write the same content)."""
+def write_manifest_if_complete(out: Path, all_ids: list[str], store=None) -> bool:
+    """Every edit has a record -> OUT/manifest.jsonl (atomic; several ranks may write the same content), and for
+    shards OUT/shards.json."""
+    store = store or open_results(out)
     recs = []
     for eid in sorted(all_ids):
-        rec = read_record(out, eid)
+        rec = store.read_record(eid)
         if rec is None:
             return False
         recs.append(rec)
     atomic_write_text(out / MANIFEST, "".join(json.dumps(r, sort_keys=True) + "\n" for r in recs))
+    store.finish()
     return True
 
 
@@ -343,14 +374,21 @@ def _log(msg: str) -> None:
 
 def run_batch_edits(cfg: Config, edits: str, out: str | Path, *, guides_dir: Optional[str] = None,
                     samples: Optional[int] = None, device: str = "auto", retry_failed: bool = False,
-                    redo: bool = False, env: Optional[DistEnv] = None, edit_set=None) -> int:
+                    redo: bool = False, env: Optional[DistEnv] = None, edit_set=None, out_format: str = "files",
+                    shard_size: int = 100) -> int:
     """edit-batch: this rank's share of the edits; returns 0, or EXIT_REQUEUE when stopped by a signal.
-    edit_set: anything with `.ids` and `.load(id)` instead of shards; redo: ignore existing records.
+    edit_set: anything with `.ids` and `.load(id)` instead of shards; redo: ignore existing records;
+    out_format: "files" (OUT/<id>/...) or "shards" (tars of shard_size edits per rank: results.py).
     Checks come first (config, --samples, a writable output folder, the weight files), then the output folder's
     lock for the whole job (another run writing there is refused with LockHeld), then the work."""
+    if out_format not in FORMATS:
+        raise InputError(f"--out-format must be one of {', '.join(FORMATS)} (got {out_format!r})")
+    if shard_size < 1:
+        raise InputError(f"--shard-size must be >= 1 (got {shard_size})")
     env, samples, out = start_run(cfg, out, samples, env, "edit-batch --out")
     with job_lock(out, "edit-batch", env):
-        return _batch_edits(cfg, edits, out, guides_dir, samples, device, retry_failed, redo, env, edit_set)
+        return _batch_edits(cfg, edits, out, guides_dir, samples, device, retry_failed, redo, env, edit_set,
+                            out_format, shard_size)
 
 
 def start_run(cfg: Config, out: str | Path, samples: Optional[int], env: Optional[DistEnv], what: str,
@@ -372,21 +410,25 @@ def edit_dir(out: Path, edit_id: str) -> Path:
 
 
 def _batch_edits(cfg: Config, edits: str, out: Path, guides_dir: Optional[str], samples: int, device: str,
-                 retry_failed: bool, redo: bool, env: DistEnv, edit_set) -> int:
+                 retry_failed: bool, redo: bool, env: DistEnv, edit_set, out_format: str, shard_size: int) -> int:
     eset = edit_set if edit_set is not None else EditSet(edits, verify=cfg.data.verify)
     all_ids = eset.ids
     mine = split_for_rank(all_ids, env.rank, env.world_size)
     out.mkdir(parents=True, exist_ok=True)
     paths = weight_paths(cfg)
     i = cfg.infer
-    _check_run_settings(out, {"samples": samples, "seed": i.seed, "top_k": i.top_k, "temperature": i.temperature,
-                              "precision": i.precision, "blend_levels": i.blend_levels, "blend_band": i.blend_band,
-                              "token_hole": cfg.train.token_hole, "weights": paths}, env)
+    settings = {"samples": samples, "seed": i.seed, "top_k": i.top_k, "temperature": i.temperature,
+                "precision": i.precision, "blend_levels": i.blend_levels, "blend_band": i.blend_band,
+                "token_hole": cfg.train.token_hole, "weights": paths, "resolution": canvas_resolution(cfg)}
+    if out_format != "files":  # absent for the default: outputs of earlier versions stay resumable
+        settings["out_format"] = out_format
+    _check_run_settings(out, settings, env)
+    store = open_results(out, out_format, env.rank, shard_size)
     if env.is_main:
         save_config(cfg, out / "config.yaml")
     pending = []
     for eid in mine:
-        rec = read_record(out, eid)
+        rec = store.read_record(eid)
         if redo or rec is None or (retry_failed and rec["status"] == "failed"):
             pending.append(eid)
     _log(f"[rank {env.rank}/{env.world_size}] {len(mine)} edit(s) of {len(all_ids)}, {len(mine) - len(pending)} "
@@ -394,11 +436,12 @@ def _batch_edits(cfg: Config, edits: str, out: Path, guides_dir: Optional[str], 
     crashed = 0
     if pending:
         with _StopFlag() as stop:
-            stopped, crashed = _run_pending(cfg, eset, pending, out, samples, guides_dir, device, env, stop)
+            stopped, crashed = _run_pending(cfg, eset, pending, out, samples, guides_dir, device, env, stop, store)
             if stopped:
                 return EXIT_REQUEUE
-    if write_manifest_if_complete(out, all_ids):
-        _log(f"[rank {env.rank}] all {len(all_ids)} edits done: {out / MANIFEST}")
+    if write_manifest_if_complete(out, all_ids, open_results(out, out_format, env.rank, shard_size)):
+        write_summary(out)
+        _log(f"[rank {env.rank}] all {len(all_ids)} edits done: {out / MANIFEST}, {out / SUMMARY}")
     else:
         _log(f"[rank {env.rank}] finished its share; {out / MANIFEST} is written by the last rank to finish")
     if crashed:  # bad inputs are the data's problem (exit 0); an error while computing may be ours: say so
@@ -408,51 +451,167 @@ def _batch_edits(cfg: Config, edits: str, out: Path, guides_dir: Optional[str], 
     return 0
 
 
-def _run_pending(cfg: Config, eset, pending: list[str], out: Path, samples: int, guides_dir: Optional[str],
-                 device: str, env: DistEnv, stop: "_StopFlag") -> tuple[bool, int]:
-    """The edits of `pending`, chunk by chunk -> (stopped by a signal, edits that failed while computing)."""
-    from tqdm import tqdm
+class _Settle:
+    """Hands each edit's outputs and record to the store once all its samples are settled (sampled or failed);
+    logs every edit the store has written (shards: when its tar is complete)."""
 
+    def __init__(self, runner: "EditRunner", store, env: DistEnv, log_path: Path, progress: Progress):
+        self.runner, self.store, self.env, self.log_path, self.progress = runner, store, env, log_path, progress
+        self.left: dict[int, int] = {}  # id(Prepared) -> rows not settled yet
+        self.status: dict[str, str] = {}
+        self.failed = self.crashed = self.written = 0
+
+    def expect(self, p: Prepared, n: int) -> None:
+        self.left[id(p)] = n
+
+    def row(self, p: Prepared) -> None:
+        self.left[id(p)] -= 1
+        if self.left[id(p)] == 0:
+            del self.left[id(p)]
+            self.crashed += p.error is not None
+            self.record(p.edit_id, *self.runner.outputs(p, self.env)[::-1])
+
+    def record(self, eid: str, rec: dict, files: Optional[dict] = None) -> None:
+        self.status[eid] = rec["status"]
+        if rec["status"] != "ok":
+            self.failed += 1
+            _log(f"[rank {self.env.rank}] FAILED {rec['error']}")
+        self.log(self.store.put(eid, files or {}, rec))
+        self.progress.edit_done()
+
+    def log(self, ids: list[str]) -> None:
+        with open(self.log_path, "a") as f:
+            for eid in ids:
+                f.write(json.dumps({"edit": eid, "status": self.status.pop(eid), "rank": self.env.rank,
+                                    "world_size": self.env.world_size, "time": time.time()}) + "\n")
+        self.written += len(ids)
+
+    def close(self) -> None:
+        self.log(self.store.flush())
+
+
+def _run_pending(cfg: Config, eset, pending: list[str], out: Path, samples: int, guides_dir: Optional[str],
+                 device: str, env: DistEnv, stop: "_StopFlag", store) -> tuple[bool, int]:
+    """The edits of `pending` -> (stopped by a signal, edits that failed while computing).
+
+    Edits are read and prepared a window at a time (tokenizers, guide picks for the window's rows); their
+    (edit, sample) rows feed the continuous sampler's queue, which keeps `infer.batch_size` rows sampling; an
+    edit's images and record are written as soon as its last row is sampled."""
     i = cfg.infer
     models = load_models(cfg, pick_device(env, device))
     runner = EditRunner(cfg, models, samples, guides_dir)
-    per_chunk = max(1, -(-i.batch_size // samples))
+    per_window = max(1, -(-i.batch_size // samples))
     log_path = out / "logs" / f"rank{env.rank}.jsonl"
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    bar = tqdm(total=len(pending), desc=f"edits rank {env.rank}", unit="edit", disable=None, file=sys.stderr)
-    n_failed = n_crashed = 0
-    for c in range(0, len(pending), per_chunk):
-        if stop.set:
-            _log(f"[rank {env.rank}] stop signal: {len(pending) - c} edit(s) left for the restart")
-            bar.close()
-            return True, n_crashed
-        preps, recs = [], {}
-        for eid in pending[c:c + per_chunk]:
-            for tmp in edit_dir(out, eid).glob(".*.tmp"):  # left by a killed run: never complete
-                tmp.unlink(missing_ok=True)
+    progress = Progress(f"[rank {env.rank}] sampling", len(pending))
+    settle = _Settle(runner, store, env, log_path, progress)
+
+    def rows():
+        for c in range(0, len(pending), per_window):
+            if stop.set:
+                _log(f"[rank {env.rank}] stop signal: {len(pending) - c} edit(s) left for the restart")
+                return
+            preps = []
+            for eid in pending[c:c + per_window]:
+                store.begin(eid)
+                try:
+                    preps.append(runner.prepare(eset.load(eid)))
+                except EditError as e:
+                    settle.record(eid, failed_record(eid, str(e), env))
+                except Exception as e:  # noqa: BLE001 - one edit never stops the batch; counted as a crash
+                    settle.crashed += 1
+                    settle.record(eid, failed_record(eid, f"edit {eid!r}: {type(e).__name__}: {e}", env))
+            if models.sga is not None:
+                runner.run_rows([(p, k) for p in preps for k in range(samples)], runner.guide_batch)
+            for p in preps:
+                settle.expect(p, samples)
+                if p.error is not None:  # the guide failed on it
+                    progress.queued(0, 1)
+                    for _ in range(samples):
+                        settle.row(p)
+                    continue
+                rows = runner.sample_rows(p)
+                progress.queued(sum(r.n_hole for r in rows), 1)
+                yield from rows
+            progress.queued(0, len(pending[c:c + per_window]) - len(preps))  # failed to prepare: nothing to sample
+
+    def done(row: Row, tokens: torch.Tensor) -> None:
+        p = row.key[0]
+        if p.error is None:
             try:
-                preps.append(runner.prepare(eset.load(eid)))
-            except EditError as e:
-                recs[eid] = failed_record(eid, str(e), env)
-            except Exception as e:  # noqa: BLE001 - one edit never stops the batch; counted as a crash
-                recs[eid] = failed_record(eid, f"edit {eid!r}: {type(e).__name__}: {e}", env)
-                n_crashed += 1
-        runner.run_rows([(p, k) for p in preps for k in range(samples)], runner.sample_batch)
-        n_crashed += sum(p.error is not None for p in preps)
-        recs.update({p.edit_id: runner.finish(p, out, env) for p in preps})
-        for eid in pending[c:c + per_chunk]:
-            rec = recs[eid]
-            atomic_write_json(edit_dir(out, eid) / RECORD, rec)
-            with open(log_path, "a") as f:
-                f.write(json.dumps({"edit": eid, "status": rec["status"], "rank": env.rank,
-                                    "world_size": env.world_size, "time": time.time()}) + "\n")
-            if rec["status"] != "ok":
-                n_failed += 1
-                _log(f"[rank {env.rank}] FAILED {rec['error']}")
-            bar.update()
-    bar.close()
-    _log(f"[rank {env.rank}] done: {len(pending) - n_failed} ok, {n_failed} failed")
-    return False, n_crashed
+                runner.sampled(row, tokens)
+            except Exception as e:  # noqa: BLE001 - isolate the edit that fails
+                p.error = f"edit {p.edit_id!r}: {type(e).__name__}: {e}"
+        settle.row(p)
+
+    def failed(row: Row, e: BaseException) -> None:
+        p = row.key[0]
+        p.error = p.error or f"edit {p.edit_id!r}: {type(e).__name__}: {e}"
+        settle.row(p)
+
+    batch = min(i.batch_size, len(pending) * samples)  # slots hold whole caches: no more than there are rows
+    sampler = ContinuousSampler(runner.sampling_model, batch, top_k=i.top_k, temperature=i.temperature,
+                                lookahead=2 * batch)
+    try:
+        stats = sampler.run(rows(), done, failed, on_step=progress.sampled)
+    finally:
+        settle.close()  # the rank's last, partial tar (shards)
+    progress.close()
+    append_stats(out, env, stats)
+    _log(f"[rank {env.rank}] done: {settle.written - settle.failed} ok, {settle.failed} failed; sampling: "
+         f"{stats.sampled} hole tokens in {stats.steps} steps of {stats.batch_size} rows "
+         f"(efficiency {stats.efficiency:.3f}, 1.0 = every row busy every step)")
+    return stop.set and settle.written < len(pending), settle.crashed
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Run summary
+
+
+STATS = "stats.jsonl"
+SUMMARY = "summary.json"
+
+
+def append_stats(out: Path, env: DistEnv, stats: ScheduleStats) -> None:
+    """One line per session of this rank (a resumed run adds one): OUT/logs/rank<r>.stats.jsonl."""
+    with open(out / "logs" / f"rank{env.rank}.{STATS}", "a") as f:
+        f.write(json.dumps({"rank": env.rank, "world_size": env.world_size, "time": time.time(),
+                            **stats.to_dict()}) + "\n")
+
+
+def write_summary(out: Path) -> dict:
+    """OUT/summary.json: the sampling schedule per rank (summed over its sessions) and in total; efficiency =
+    decode steps x batch size / hole tokens sampled (1.0 = every row of the batch sampled one of its own hole
+    tokens at every step)."""
+    per: dict[int, dict] = {}
+    for path in sorted((out / "logs").glob(f"rank*.{STATS}")):
+        for line in path.read_text().splitlines():
+            try:
+                r = json.loads(line)
+            except ValueError:
+                continue
+            a = per.setdefault(int(r["rank"]), {"rank": int(r["rank"]), "sessions": 0, "batch_size": 0,
+                                                "hole_tokens_sampled": 0, "decode_steps": 0, "rows": 0,
+                                                "row_steps": 0.0, "encode_s": 0.0, "step_s": 0.0})
+            a["sessions"] += 1
+            a["batch_size"] = max(a["batch_size"], int(r["batch_size"]))
+            for k in ("hole_tokens_sampled", "decode_steps", "rows", "encode_s", "step_s"):
+                a[k] += r[k]
+            a["row_steps"] += r["mean_rows_active"] * r["decode_steps"]
+
+    def finish(a: dict) -> dict:
+        steps, tok = a["decode_steps"], a["hole_tokens_sampled"]
+        a["mean_rows_active"] = round(a.pop("row_steps") / steps, 3) if steps else 0.0
+        a["efficiency"] = round(steps * a["batch_size"] / tok, 4) if tok else None
+        a["encode_s"], a["step_s"] = round(a["encode_s"], 2), round(a["step_s"], 2)
+        return a
+
+    ranks = [finish(a) for _, a in sorted(per.items())]
+    total = {k: sum(r[k] for r in ranks) for k in ("hole_tokens_sampled", "decode_steps", "rows")}
+    summary = {"ranks": ranks, "total": total,
+               "note": "efficiency = decode_steps x batch_size / hole_tokens_sampled per rank (1.0 ideal)"}
+    atomic_write_json(out / SUMMARY, summary)
+    return summary
 
 
 def run_precompute(cfg: Config, edits: str, out: str | Path, *, samples: Optional[int] = None,
@@ -464,15 +623,13 @@ def run_precompute(cfg: Config, edits: str, out: str | Path, *, samples: Optiona
 
 
 def _precompute(cfg: Config, edits: str, out: Path, samples: int, device: str, env: DistEnv) -> int:
-    from tqdm import tqdm
-
     eset = EditSet(edits, verify=cfg.data.verify)
     mine = split_for_rank(eset.ids, env.rank, env.world_size)
     models = load_models(cfg, pick_device(env, device), need_sga=False)
     runner = EditRunner(cfg, models, samples, guides_dir=str(out))
     per_chunk = max(1, -(-cfg.infer.batch_size // samples))
     n_failed = n_kept = 0
-    bar = tqdm(total=len(mine), desc=f"guides rank {env.rank}", unit="edit", disable=None, file=sys.stderr)
+    progress = Progress(f"[rank {env.rank}] guides", len(mine))
     for c in range(0, len(mine), per_chunk):
         preps = []
         for eid in mine[c:c + per_chunk]:
@@ -488,8 +645,9 @@ def _precompute(cfg: Config, edits: str, out: Path, samples: int, device: str, e
                 n_failed += 1
                 atomic_write_json(edit_dir(out, eid) / "failed.json", failed_record(eid, msg, env))
                 _log(f"[rank {env.rank}] FAILED {msg}")
+        progress.queued(sum(int(p.lr[2].sum()) * samples for p in preps), len(mine[c:c + per_chunk]))
         runner.run_rows([(p, k) for p in preps for k in range(samples)],
-                        lambda rows: runner.guide_batch(rows, store=str(out)))
+                        lambda rows: runner.guide_batch(rows, store=str(out), on_step=progress.sampled))
         for p in preps:
             if p.error is not None:
                 n_failed += 1
@@ -497,8 +655,8 @@ def _precompute(cfg: Config, edits: str, out: Path, samples: int, device: str, e
                 _log(f"[rank {env.rank}] FAILED {p.error}")
             else:
                 (edit_dir(out, p.edit_id) / "failed.json").unlink(missing_ok=True)
-        bar.update(len(mine[c:c + per_chunk]))
-    bar.close()
+        progress.edit_done(len(mine[c:c + per_chunk]))
+    progress.close()
     _log(f"[rank {env.rank}/{env.world_size}] guides: {len(mine)} edit(s), {n_kept} already complete, "
          f"{n_failed} failed -> {out}")
     return 0

@@ -4,8 +4,9 @@ Three samplers with one contract, `fn(model, ids, cond, hole, gens, guides=..., 
 (tokens, stats)`: ids / cond / hole are [B, L] raster, `gens` one torch.Generator per row, tokens [B, L]
 raster with only hole tokens replaced (known tokens are teacher-forced and kept).
 
-- `sample_cached`: the production sampler. The encoder runs once; the decoder runs incrementally through
-  `AssetTransformer.decode_step`, a key/value cache at token granularity on the model's attention pattern
+- `sample_cached`: the union-schedule reference (the editor samples with continuous batching,
+  `scheduler.py`, which gives the same tokens). The encoder runs once; the decoder runs incrementally through
+  `decoding.decode_step`, a key/value cache at token granularity on the model's attention pattern
   (dense or SGA; SGA token steps attend through per-block key/value buffers gathered once per block). Each
   step feeds the tokens between two hole positions (a run of known tokens in one call), so every decoder
   position is computed once.
@@ -32,7 +33,9 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from asset_dist.models.transformer import AssetTransformer, DecodeCache, EncoderState, Guides
+from asset_dist.models import decoding as D
+from asset_dist.models.decoding import DecodeCache, EncoderState, Guides
+from asset_dist.models.transformer import AssetTransformer
 
 
 @dataclass
@@ -69,12 +72,11 @@ def pick_tokens(logits: torch.Tensor, gens: Sequence[torch.Generator], top_k: in
     vals, idx = vals[:, :k], idx[:, :k]
     if temperature <= 0:
         return idx[:, 0].clone()
-    out = torch.empty(len(gens), dtype=torch.long)
-    for i, g in enumerate(gens):
-        u = torch.rand(k, generator=g, dtype=torch.float64)
-        gumbel = -torch.log(-torch.log(u))  # u = 0 gives -inf: never picked
-        out[i] = idx[i, int(torch.argmax(vals[i] / temperature + gumbel))]
-    return out
+    u = torch.empty(len(gens), k, dtype=torch.float64)
+    for i, g in enumerate(gens):  # each row's own stream: k uniforms per token
+        torch.rand(k, generator=g, dtype=torch.float64, out=u[i])
+    gumbel = -torch.log(-torch.log(u))  # u = 0 gives -inf: never picked
+    return idx.gather(1, torch.argmax(vals / temperature + gumbel, -1, keepdim=True))[:, 0]
 
 
 def _schedule(hole_s: torch.Tensor, limit: Optional[int]) -> list[int]:
@@ -93,7 +95,7 @@ def _prepare(model: AssetTransformer, ids, cond, hole, hw):
 def _encode(model, ids, cond, hole, guides, hw, state, stats: SampleStats) -> EncoderState:
     t0 = time.perf_counter()
     if state is None:
-        state = model.encode(ids, cond, hole, guides, hw)  # also builds the SGA token-step tables, once
+        state = D.encode(model, ids, cond, hole, guides, hw)  # also builds the SGA token-step tables, once
     if ids.device.type == "cuda":
         torch.cuda.synchronize(ids.device)  # so that setup_s / loop_s split the time honestly
     stats.setup_s = time.perf_counter() - t0
@@ -104,7 +106,7 @@ def _start(model: AssetTransformer, hole_s: torch.Tensor, cache: Optional[Decode
     """A fresh cache, or the caller's, which holds decoder positions 0..length-1 of these inputs: then no hole
     may lie among strip tokens 0..length-1 (the first step needs the output at the first hole's position)."""
     if cache is None:
-        return model.new_cache()
+        return D.new_cache(model)
     if bool(hole_s[:, :cache.length].any()):
         raise ValueError(f"the given cache holds decoder positions 0..{cache.length - 1}: the hole must start at "
                          f"strip token {cache.length} or later")
@@ -132,7 +134,7 @@ def sample_cached(model: AssetTransformer, ids: torch.Tensor, cond: torch.Tensor
                   state: Optional[EncoderState] = None, cache: Optional[DecodeCache] = None
                   ) -> tuple[torch.Tensor, SampleStats]:
     """KV-cached sampling (see module doc). limit: stop after that many hole positions (benchmarks).
-    state: a precomputed `model.encode(ids, cond, hole, guides, hw)` (its guides are used). cache: one that
+    state: a precomputed `decoding.encode(model, ids, cond, hole, guides, hw)` (its guides are used). cache: one that
     already holds the known prefix (positions 0..cache.length-1) of these inputs; it is extended in place."""
     lay, zs, hole_s, dec = _prepare(model, ids, cond, hole, hw)
     stats = SampleStats()
@@ -140,11 +142,12 @@ def sample_cached(model: AssetTransformer, ids: torch.Tensor, cond: torch.Tensor
     cache = _start(model, hole_s, cache)
     prev = cache.length  # first decoder position not in the cache yet
     t0 = (time.perf_counter(), time.process_time())
-    for u in _schedule(hole_s, limit):
-        out = model.decode_step(state, cache, dec[:, prev:u + 1], prev)  # last row predicts token u
-        stats.fed += u + 1 - prev
-        _commit(u, out[:, -1], hole_s, zs, dec, gens, top_k, temperature, stats, t0)
-        prev = u + 1
+    with D.small_gemm(model):
+        for u in _schedule(hole_s, limit):
+            out = D.decode_step(model, state, cache, dec[:, prev:u + 1], prev)  # last row predicts token u
+            stats.fed += u + 1 - prev
+            _commit(u, out[:, -1], hole_s, zs, dec, gens, top_k, temperature, stats, t0)
+            prev = u + 1
     stats.loop_s, stats.loop_cpu_s = time.perf_counter() - t0[0], time.process_time() - t0[1]
     return zs[:, lay.inv], stats
 
@@ -165,19 +168,20 @@ def sample_block_rerun(model: AssetTransformer, ids: torch.Tensor, cond: torch.T
     cache = _start(model, hole_s, cache)
     prev, last = cache.length, None
     t0 = (time.perf_counter(), time.process_time())
-    for u in _schedule(hole_s, limit):
-        b0 = (u // nt) * nt  # the block's first strip token; its decoder positions are b0+1 .. b0+nt
-        if prev <= b0:  # known tokens up to the block: one chunk
-            last = model.decode_step(state, cache, dec[:, prev:b0 + 1], prev)[:, -1]
-            stats.fed += b0 + 1 - prev
-            prev = b0 + 1
-        if u == b0:
-            logits = last
-        else:  # re-run the block (rewinds the cache to its start); row u-b0-1 predicts token u
-            logits = model.decode_step(state, cache, dec[:, b0 + 1:b0 + nt + 1], b0 + 1)[:, u - b0 - 1]
-            stats.fed += nt
-        _commit(u, logits, hole_s, zs, dec, gens, top_k, temperature, stats, t0)
-        prev = u + 1  # cached entries from position u+1 on saw the old token u
+    with D.small_gemm(model):
+        for u in _schedule(hole_s, limit):
+            b0 = (u // nt) * nt  # the block's first strip token; its decoder positions are b0+1 .. b0+nt
+            if prev <= b0:  # known tokens up to the block: one chunk
+                last = D.decode_step(model, state, cache, dec[:, prev:b0 + 1], prev)[:, -1]
+                stats.fed += b0 + 1 - prev
+                prev = b0 + 1
+            if u == b0:
+                logits = last
+            else:  # re-run the block (rewinds the cache to its start); row u-b0-1 predicts token u
+                logits = D.decode_step(model, state, cache, dec[:, b0 + 1:b0 + nt + 1], b0 + 1)[:, u - b0 - 1]
+                stats.fed += nt
+            _commit(u, logits, hole_s, zs, dec, gens, top_k, temperature, stats, t0)
+            prev = u + 1  # cached entries from position u+1 on saw the old token u
     stats.loop_s, stats.loop_cpu_s = time.perf_counter() - t0[0], time.process_time() - t0[1]
     return zs[:, lay.inv], stats
 

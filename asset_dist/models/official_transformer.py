@@ -201,7 +201,8 @@ def official_guides(e_self: torch.Tensor, d_causal: torch.Tensor, d_cross: torch
 
 def official_sga_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, guide: torch.Tensor, grid,
                            causal: bool = False, prefix_k: Optional[torch.Tensor] = None,
-                           prefix_v: Optional[torch.Tensor] = None, impl: str = "auto") -> torch.Tensor:
+                           prefix_v: Optional[torch.Tensor] = None, impl: str = "auto",
+                           validate: bool = True) -> torch.Tensor:
     """Dense reference of the official SGA semantics (same signature as asset_dist.attention.sga_attention): keys are
     the concatenation of the window copy (causal mask inside the own block only) and the picked blocks (always fully
     visible), so a block listed twice has weight x2 in the softmax and a causal pick of the own block leaks, as in the

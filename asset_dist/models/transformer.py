@@ -16,15 +16,15 @@ Conventions
   blocks attend densely-causally (rows 0-2 have nothing to pick and see their window, which is everything before them).
 - Decoder [start]: its key/value is visible to every decoder query; its own query attends only to itself in causal
   self-attention and densely to all encoder tokens in cross-attention (in both modes, as official).
-- Incremental decoding (`encode` once, then `decode_step` over a `DecodeCache`): runs shorter than a block (the
-  sampler's token steps) attend through per-block key/value buffers gathered once when the run enters a block
-  (`asset_dist.attention.decode`); longer runs (known chunks, whole-block re-runs) use the block kernel
-  (`block_fn`). Both equal `forward` (tests/test_transformer.py, tests/test_infer_sampler.py).
+- Checks: `forward` checks shapes (host metadata, no device sync); guide VALUES are checked where guides enter
+  from outside (`check_guides`: decoding's `encode`, the picks loaded by the editor), never per training step.
+- Sampling (encoder state, key/value cache, decode steps, continuous batching) lives beside this file in
+  `models/decoding.py`.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Optional, Sequence, Union
 
 import torch
@@ -33,7 +33,6 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from asset_dist import attention as A
-from asset_dist.attention import decode as AD
 from asset_dist.config import TransformerConfig
 
 Guides = dict[str, torch.Tensor]
@@ -77,27 +76,6 @@ def _parse_peg(items: Sequence[str], n_enc: int, n_dec: int) -> tuple[set[int], 
 # Layers
 
 
-class Linear(nn.Linear):
-    """nn.Linear (same parameters and state dict). 2-64 rows on the CPU without autograd (decode token steps)
-    run as one batched GEMM of the rows against 256-row slices of the weight: MKL's sgemm on the whole weight
-    was measured 20-35% slower for 4-32 rows (BENCHMARKS.md "Editing"; one row is a GEMV either way). Same
-    result up to float rounding (another summation blocking)."""
-
-    SLICE = 256
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        o, i = self.out_features, self.in_features
-        rows = x.numel() // i
-        if not (2 <= rows <= 64 and o % self.SLICE == 0 and o > self.SLICE and x.device.type == "cpu"
-                and not torch.is_grad_enabled()):
-            return super().forward(x)
-        n = o // self.SLICE
-        w = self.weight.view(n, self.SLICE, i).transpose(1, 2)
-        xs = x.reshape(rows, i).expand(n, rows, i)
-        y = torch.bmm(xs, w) if self.bias is None else torch.baddbmm(self.bias.view(n, 1, self.SLICE), xs, w)
-        return y.transpose(0, 1).reshape(*x.shape[:-1], o)
-
-
 class PEG(nn.Module):
     """Depthwise conv over each block's own token patch; zero padding at the block border, so blocks never mix."""
 
@@ -116,8 +94,8 @@ class SelfAttention(nn.Module):
     def __init__(self, d: int, n_heads: int):
         super().__init__()
         self.n_heads = n_heads
-        self.qkv = Linear(d, 3 * d)
-        self.out = Linear(d, d)
+        self.qkv = nn.Linear(d, 3 * d)
+        self.out = nn.Linear(d, d)
 
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         q, k, v = self.qkv(x).chunk(3, -1)
@@ -128,9 +106,9 @@ class CrossAttention(nn.Module):
     def __init__(self, d: int, n_heads: int):
         super().__init__()
         self.n_heads = n_heads
-        self.q = Linear(d, d)
-        self.kv = Linear(d, 2 * d)
-        self.out = Linear(d, d)
+        self.q = nn.Linear(d, d)
+        self.kv = nn.Linear(d, 2 * d)
+        self.out = nn.Linear(d, d)
 
     def project_kv(self, mem: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         k, v = self.kv(mem).chunk(2, -1)
@@ -140,8 +118,8 @@ class CrossAttention(nn.Module):
 class FeedForward(nn.Module):
     def __init__(self, d: int, ffn: int):
         super().__init__()
-        self.fc1 = Linear(d, ffn)
-        self.fc2 = Linear(ffn, d)
+        self.fc1 = nn.Linear(d, ffn)
+        self.fc2 = nn.Linear(ffn, d)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(F.gelu(self.fc1(x)))  # exact erf GELU, as BART
@@ -194,10 +172,6 @@ class DecoderLayer(nn.Module):
         return self.ln3(y + self.drop(self.ffn(y)))
 
 
-# --------------------------------------------------------------------------------------------------------------
-# State for incremental decoding
-
-
 @dataclass(frozen=True)
 class Layout:
     """Token geometry of one resolution: raster<->strip permutations and strip-order block ids."""
@@ -213,33 +187,6 @@ class Layout:
     @property
     def L(self) -> int:
         return self.h * self.w
-
-
-@dataclass
-class EncoderState:
-    """What `decode_step` needs from the encoder; computed once per image by `encode`."""
-
-    layout: Layout
-    enc: torch.Tensor  # [B, L, d] final encoder output, strip order
-    mem: list[tuple[torch.Tensor, torch.Tensor]]  # per decoder layer: cross-attention k, v [B, H, L, hd]
-    peg: list[Optional[torch.Tensor]]  # per decoder layer: PEG term [B, L, d] for decoder positions 1..L, or None
-    guides: Optional[Guides]
-    # SGA token-step tables {"self": [StepTable per decoder layer], "cross": [...]}: built by `encode`, or by the
-    # first `decode_step` for a state built elsewhere
-    tables: Optional[dict[str, list[AD.StepTable]]] = None
-
-
-@dataclass
-class DecodeCache:
-    """Per decoder layer self-attention keys/values at token granularity, decoder positions 0..L, and (SGA) the
-    key/value buffers of the query block token steps are in."""
-
-    k: list[Optional[torch.Tensor]] = field(default_factory=list)  # [B, H, L+1, hd], allocated on first use
-    v: list[Optional[torch.Tensor]] = field(default_factory=list)
-    length: int = 0  # positions 0..length-1 are valid
-    self_kv: list[Optional[AD.BlockKV]] = field(default_factory=list)  # per layer: [start] + the block's keys
-    cross_kv: list[Optional[AD.BlockKV]] = field(default_factory=list)  # per layer: the block's encoder keys
-    owner: Optional[EncoderState] = None  # the state cross_kv was gathered from
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -268,16 +215,14 @@ class AssetTransformer(nn.Module):
         enc_peg, dec_peg = _parse_peg(cfg.peg, cfg.encoder_layers, cfg.decoder_layers)
         self.encoder = nn.ModuleList(EncoderLayer(cfg, i in enc_peg) for i in range(cfg.encoder_layers))
         self.decoder = nn.ModuleList(DecoderLayer(cfg, i in dec_peg) for i in range(cfg.decoder_layers))
-        self.lm_head = Linear(d, V, bias=False)
+        self.lm_head = nn.Linear(d, V, bias=False)
         self.use_checkpoint = False  # activation checkpointing per layer (set by the trainer)
         # SGA kernel: None -> asset_dist.attention.sga_attention (union semantics); fidelity checks swap in
         # official_transformer.official_sga_attention (the official concatenation semantics, dense, small L only)
         self.sga_fn: Optional[Callable[..., torch.Tensor]] = None
-        # decode_step's counterpart of sga_fn for runs of a block or more (shorter runs: token steps)
-        self.block_fn: Callable[..., torch.Tensor] = AD.block_attention
         if cfg.sga_semantics == "official":  # imported official weights: asset_dist/attention/official.py
-            from asset_dist.attention.official import official_block_attention, official_sga_attention
-            self.sga_fn, self.block_fn = official_sga_attention, official_block_attention
+            from asset_dist.attention.official import official_sga_attention
+            self.sga_fn = official_sga_attention
         self._layouts: dict[tuple, Layout] = {}
         self.apply(self._init_weights)
 
@@ -330,14 +275,14 @@ class AssetTransformer(nn.Module):
             raise ValueError("SGA attention has no attention dropout; set transformer.attention_dropout=0")
         fn = self.sga_fn or A.sga_attention
         return fn(q, k, v, guide, self.grid, causal=causal, prefix_k=prefix_k, prefix_v=prefix_v,
-                  impl=self.cfg.attention_impl)
+                  impl=self.cfg.attention_impl, validate=False)  # values: checked where guides come in
 
     def _run(self, layer: nn.Module, *args) -> torch.Tensor:
         if self.use_checkpoint and torch.is_grad_enabled():
             return checkpoint(layer, *args, use_reentrant=False)
         return layer(*args)
 
-    def _check_guides(self, guides: Guides, B: int) -> None:
+    def _check_guide_shapes(self, guides: Guides, B: int) -> None:
         want = {"e_self": len(self.encoder), "d_causal": len(self.decoder), "d_cross": len(self.decoder)}
         for key, n in want.items():
             g = guides.get(key)
@@ -347,8 +292,18 @@ class AssetTransformer(nn.Module):
                     or g.shape[3] != self.n_blocks:
                 raise ValueError(f"guides['{key}']: shape {tuple(g.shape)}, expected "
                                  f"[{n}, {B}, {self.n_heads}, {self.n_blocks}, K]")
-            if g.is_floating_point() or (g.numel() and (int(g.min()) < -1 or int(g.max()) >= self.n_blocks)):
+            if g.is_floating_point() or g.dtype == torch.bool:
                 raise ValueError(f"guides['{key}']: must be integer block ids in [-1, {self.n_blocks})")
+
+    def check_guides(self, guides: Guides, B: int) -> None:
+        """Shapes and values of guides that come from outside (loaded or user-given): ids in [-1, n_blocks).
+        Reads the values (a device sync), so it runs where guides enter, not in every forward."""
+        self._check_guide_shapes(guides, B)
+        for key in GUIDE_KEYS:
+            g = guides[key]
+            if g.numel() and (int(g.min()) < -1 or int(g.max()) >= self.n_blocks):
+                raise ValueError(f"guides['{key}']: must be integer block ids in [-1, {self.n_blocks}) "
+                                 f"(got {int(g.min())}..{int(g.max())})")
 
     def _embed_encoder(self, image_s, cond_s, hole_s, lay: Layout) -> torch.Tensor:
         ids = torch.where(hole_s, torch.full_like(image_s, self.mask_id), image_s)  # the hole is [mask]
@@ -423,7 +378,7 @@ class AssetTransformer(nn.Module):
                              f"{tuple(hole.shape)} must all be [B, L]")
         lay = self.layout(image_ids.shape[1], hw, image_ids.device)
         if guides is not None:
-            self._check_guides(guides, image_ids.shape[0])
+            self._check_guide_shapes(guides, image_ids.shape[0])
         return lay, image_ids[:, lay.perm], cond_ids[:, lay.perm], hole[:, lay.perm].bool()
 
     def forward(self, image_ids: torch.Tensor, cond_ids: torch.Tensor, hole: torch.Tensor,
@@ -459,191 +414,11 @@ class AssetTransformer(nn.Module):
         strip-order output; image_ids/hole: [B, L] raster."""
         lay = self.layout(image_ids.shape[1], hw, image_ids.device)
         target, sel = image_ids[:, lay.perm], hole[:, lay.perm].bool()
-        if not sel.any():
-            return logits.sum() * 0.0  # no hole: zero loss that still has a graph
-        return F.cross_entropy(logits[sel].float(), target[sel])
-
-    # ---------------------------------------------------------------------------------------------------- decoding
-
-    @torch.no_grad()
-    def encode(self, image_ids: torch.Tensor, cond_ids: torch.Tensor, hole: torch.Tensor,
-               guides: Optional[Guides] = None, hw: Optional[tuple[int, int]] = None) -> EncoderState:
-        """Run the encoder once and precompute, per decoder layer, the cross-attention keys/values, PEG term and
-        SGA token-step tables."""
-        lay, image_s, cond_s, hole_s = self._inputs(image_ids, cond_ids, hole, guides, hw)
-        enc = self._encode(image_s, cond_s, hole_s, lay, guides)
-        mem = [layer.cross_attn.project_kv(enc) for layer in self.decoder]
-        state = EncoderState(lay, enc, mem, self._peg_terms(enc, lay), guides)
-        self._tables(state)
-        return state
-
-    def new_cache(self) -> DecodeCache:
-        n = len(self.decoder)
-        return DecodeCache([None] * n, [None] * n, 0, [None] * n, [None] * n, None)
-
-    def _tables(self, state: EncoderState) -> Optional[dict[str, list[AD.StepTable]]]:
-        """The state's token-step tables (once per image: not per token and layer)."""
-        if state.guides is not None and state.tables is None:
-            sem = self.cfg.sga_semantics
-            state.tables = {
-                "self": [AD.step_table(g.to(state.enc.device), self.n_blocks, True, sem)
-                         for g in state.guides["d_causal"]],
-                "cross": [AD.step_table(g.to(state.enc.device), self.n_blocks, False, sem)
-                          for g in state.guides["d_cross"]]}
-        return state.tables
-
-    def _token_steps(self, state: EncoderState, s: int, n: int) -> bool:
-        """Whether the run s..s+n-1 goes through the per-block buffers (SGA, shorter than a block)."""
-        nt = state.layout.nt
-        if state.guides is None or n >= nt:
-            return False
-        tables = self._tables(state)
-        b0, b1 = max(s - 1, 0) // nt, (s + n - 2) // nt  # query blocks of the run's tokens
-        return b0 == b1 or not any(t.spill[b0] for t in tables["self"])
-
-    @torch.no_grad()
-    def decode_step(self, state: EncoderState, cache: DecodeCache, new_token_ids: torch.Tensor,
-                    positions: Union[int, Sequence[int], torch.Tensor]) -> torch.Tensor:
-        """Feed tokens at consecutive decoder positions s..s+n-1 (s <= cache.length; feeding s < length rewinds the
-        cache). new_token_ids [B, n]: at position p >= 1 the strip token p-1; at position 0 the id is ignored
-        ([start]). Returns logits [B, n, V]; row i predicts strip token positions[i], equal to forward's
-        logits[:, positions[i]] (same guides). Dense when state.guides is None, else the SGA pattern."""
-        n = new_token_ids.shape[1]
-        if isinstance(positions, int):
-            s = positions
-        else:
-            pos_list = torch.as_tensor(positions).view(-1).tolist()
-            s = int(pos_list[0]) if pos_list else 0
-            if pos_list != list(range(s, s + len(pos_list))) or len(pos_list) != n:
-                raise ValueError(f"positions must be {n} consecutive decoder positions, got {pos_list}")
-        lay = state.layout
-        if n < 1 or s < 0 or s > cache.length or s + n > lay.L + 1:
-            raise ValueError(f"decode_step: positions {s}..{s + n - 1} invalid (cache holds 0..{cache.length - 1}, "
-                             f"sequence 0..{lay.L})")
-        steps = self._token_steps(state, s, n)
-        self._sync_buffers(state, cache, s, steps)
-        pos = torch.arange(s, s + n, device=new_token_ids.device)
-        y = self._embed_decoder(new_token_ids, pos, lay)
-        tok = (pos - 1).clamp(min=0)
-        for i, layer in enumerate(self.decoder):
-            peg = None
-            if state.peg[i] is not None:
-                peg = state.peg[i][:, tok] * (pos > 0).view(1, -1, 1).to(y.dtype)
-            if steps:
-                cores = self._token_self_core(state, cache, i, s, n), self._token_cross_core(state, cache, i, s, n)
-            else:
-                cores = self._step_self_core(state, cache, i, pos), self._step_cross_core(state, i, pos)
-            y = layer(y, state.mem[i], *cores, peg)
-        cache.length = s + n
-        return self.lm_head(y)
-
-    @staticmethod
-    def _sync_buffers(state: EncoderState, cache: DecodeCache, s: int, steps: bool) -> None:
-        """Drop block buffers that this call would leave stale. Self: a buffer of block b holds [start] and every
-        key before the block (positions <= b*nt) as they were when gathered, and its own block as token steps
-        wrote it; rewriting an earlier position, or a block-kernel run (writes only the cache), invalidates it.
-        Cross: only the state's encoder keys."""
-        n = len(cache.k)
-        if len(cache.self_kv) != n:  # a cache built without the buffer lists
-            cache.self_kv, cache.cross_kv = [None] * n, [None] * n
-        if cache.owner is not state:
-            cache.self_kv, cache.cross_kv, cache.owner = [None] * n, [None] * n, state
-        nt = state.layout.nt
-        for i, buf in enumerate(cache.self_kv):
-            if buf is not None and (not steps or s <= buf.block * nt):
-                cache.self_kv[i] = None
-
-    @staticmethod
-    def _write_cache(cache: DecodeCache, i: int, k: torch.Tensor, v: torch.Tensor, s: int, L: int
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if cache.k[i] is None:
-            B, H, _, d = k.shape
-            cache.k[i] = k.new_zeros(B, H, L + 1, d)  # zeros: masked keys are read, never NaN
-            cache.v[i] = v.new_zeros(B, H, L + 1, d)
-        cache.k[i][:, :, s:s + k.shape[2]] = k
-        cache.v[i][:, :, s:s + v.shape[2]] = v
-        return cache.k[i], cache.v[i]
-
-    @staticmethod
-    def _segments(s: int, n: int, nt: int) -> list[tuple[int, int, int]]:
-        """(b, r0, r1): rows r0..r1-1 of the run s..s+n-1 (past [start]) hold the queries of query block b."""
-        out, r = [], (1 if s == 0 else 0)
-        while r < n:
-            b = (s + r - 1) // nt
-            end = min(n, (b + 1) * nt + 1 - s)
-            out.append((b, r, end))
-            r = end
-        return out
-
-    def _token_self_core(self, state: EncoderState, cache: DecodeCache, i: int, s: int, n: int) -> Core:
-        nt, L = state.layout.nt, state.layout.L
-        table = state.tables["self"][i]
-        last = s + n - 2  # the run's last query token
-
-        def core(q, k, v):
-            K, V = self._write_cache(cache, i, k, v, s, L)
-            outs = [V[:, :, :1]] if s == 0 else []  # [start] attends only to itself
-            for b, r0, r1 in self._segments(s, n, nt):
-                buf = cache.self_kv[i]
-                first = s + r0 - 1 - b * nt  # in-block offset of the segment's first query
-                if buf is None or buf.block != b:  # entering block b: gather after this run's cache write
-                    buf = AD.gather_block_kv(K[:, :, 1:], V[:, :, 1:], table, b, nt, (K[:, :, :1], V[:, :, :1]))
-                    cache.self_kv[i] = buf
-                else:
-                    AD.write_own(buf, k[:, :, r0:r1], v[:, :, r0:r1], first)
-                outs.append(AD.block_kv_attention(q[:, :, r0:r1], buf, nt, first, min(last - b * nt, nt - 1)))
-            return torch.cat(outs, 2) if len(outs) > 1 else outs[0]
-        return core
-
-    def _token_cross_core(self, state: EncoderState, cache: DecodeCache, i: int, s: int, n: int) -> Core:
-        nt = state.layout.nt
-        table = state.tables["cross"][i]
-
-        def core(q, k, v):
-            outs = [F.scaled_dot_product_attention(q[:, :, :1], k, v)] if s == 0 else []  # [start]: every token
-            for b, r0, r1 in self._segments(s, n, nt):
-                buf = cache.cross_kv[i]
-                if buf is None or buf.block != b:
-                    buf = cache.cross_kv[i] = AD.gather_block_kv(k, v, table, b, nt)
-                outs.append(AD.block_kv_attention(q[:, :, r0:r1], buf, nt))
-            return torch.cat(outs, 2) if len(outs) > 1 else outs[0]
-        return core
-
-    def _step_self_core(self, state: EncoderState, cache: DecodeCache, i: int, pos: torch.Tensor) -> Core:
-        """Dense runs, and SGA runs of a block or more (block kernel)."""
-        s, e = int(pos[0]), int(pos[-1]) + 1
-
-        def core(q, k, v):
-            K, V = self._write_cache(cache, i, k, v, s, state.layout.L)
-            # positions >= e are stale or empty; the causal mask never reads them
-            if state.guides is None:
-                mask = pos.view(-1, 1) >= torch.arange(e, device=pos.device).view(1, -1)
-                return F.scaled_dot_product_attention(q, K[:, :, :e], V[:, :, :e], attn_mask=mask)
-            guide = state.guides["d_causal"][i]
-            outs = []
-            if s == 0:
-                outs.append(V[:, :, :1])  # [start] attends only to itself
-            if e > 1:
-                j = 1 if s == 0 else 0
-                outs.append(self.block_fn(q[:, :, j:], pos[j:] - 1, K[:, :, 1:], V[:, :, 1:], guide,
-                                          state.layout.nt, causal=True, prefix=(K[:, :, :1], V[:, :, :1])))
-            return torch.cat(outs, 2)
-        return core
-
-    def _step_cross_core(self, state: EncoderState, i: int, pos: torch.Tensor) -> Core:
-        def core(q, k, v):
-            if state.guides is None:
-                return F.scaled_dot_product_attention(q, k, v)
-            outs = []
-            j = 1 if int(pos[0]) == 0 else 0
-            if j:
-                outs.append(F.scaled_dot_product_attention(q[:, :, :1], k, v))
-            if q.shape[2] > j:
-                outs.append(self.block_fn(q[:, :, j:], pos[j:] - 1, k, v, state.guides["d_cross"][i],
-                                          state.layout.nt, causal=False))
-            return torch.cat(outs, 2)
-        return core
-
+        # no boolean indexing or `if sel.any()`: both would wait for the device every step. Known tokens are
+        # ignored (-100); with no hole at all the loss is 0 and still has a graph.
+        target = torch.where(sel, target, torch.full_like(target, -100))
+        total = F.cross_entropy(logits.flatten(0, 1).float(), target.flatten(), reduction="sum")
+        return total / sel.sum().clamp(min=1)
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """AdamW groups: decay only on Linear weights (not embeddings, norms, biases or the PEG convs)."""
