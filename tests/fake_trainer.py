@@ -10,7 +10,8 @@ Keys read from --set: paths.run_dir (required), train.max_steps, fake.step_secon
 (exit with it right after start-up), fake.dist (false: no torch.distributed), fake.ignore_usr1 (true:
 miss the warning, so only the TERM at the time limit stops it).
 Files in run_dir: launches/restart<R>-rank<r>.json (what the rank saw), steps/rank<r>.log (one line per
-step taken), ckpt/rank<r>.json (the saved step), done/rank<r> (finished).
+step taken), ckpt/rank<r>.json (the saved step), checkpoints/latest (rank 0: the saved step's tag, as
+the trainer writes it: the launchers read progress from it), done/rank<r> (finished).
 """
 import signal
 
@@ -34,7 +35,7 @@ import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 from asset_dist.distenv import EXIT_REQUEUE, dist_env, export_torch_env  # noqa: E402
-from asset_dist.utils import atomic_write_json  # noqa: E402
+from asset_dist.utils import atomic_write_json, atomic_write_text  # noqa: E402
 
 
 def _quiet_exit() -> None:
@@ -42,6 +43,12 @@ def _quiet_exit() -> None:
     # finished (or saved) run into a death by signal. The real trainer does the same before returning.
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def _save(run_dir: Path, rank: int, step: int, sig) -> None:
+    atomic_write_json(run_dir / "ckpt" / f"rank{rank}.json", {"step": step, "signal": sig})
+    if rank == 0:
+        atomic_write_text(run_dir / "checkpoints" / "latest", f"step_{step:08d}\n")
 
 
 def main() -> int:
@@ -107,14 +114,14 @@ def main() -> int:
                 dist.all_reduce(flag, op=dist.ReduceOp.MAX)
                 stop = flag.item() > 0
             if stop and step < max_steps:
-                atomic_write_json(ckpt, {"step": step, "signal": _stop["signal"]})
+                _save(run_dir, r, step, _stop["signal"])
                 if dist is not None:
                     dist.barrier()
                     dist.destroy_process_group()
                 _quiet_exit()
                 print(f"rank {r}: {_stop['signal'] or 'peer signal'} at step {step}: saved, exit {EXIT_REQUEUE}", flush=True)
                 return EXIT_REQUEUE
-    atomic_write_json(ckpt, {"step": step, "signal": None})
+    _save(run_dir, r, step, None)
     (run_dir / "done").mkdir(exist_ok=True)
     (run_dir / "done" / f"rank{r}").write_text(f"{step}\n")
     if dist is not None:

@@ -260,7 +260,7 @@ def test_submitit_preemption_checkpoints_every_rank_and_resumes(slurm_cluster: S
     info = slurm_cluster.wait(job, timeout=300)
     log0 = (run / "submitit" / f"{job}_0_log.out").read_text()
     assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "1"), log0
-    assert f"Requeued job {job}" in log0 and "resubmitting with --resume auto" in log0
+    assert f"Requeued job {job}" in log0 and "checkpoint written (time limit); requeueing" in log0
     for r in (0, 1):
         taken = [int(x) for x in (run / "steps" / f"rank{r}.log").read_text().split()]
         assert taken == list(range(1, PREEMPT_STEPS + 1)), f"rank {r}: steps lost or redone"

@@ -20,8 +20,8 @@ from typing import Any, Optional, Sequence
 
 import yaml
 
-from asset_dist.launch.submit import (EXECUTORS, SLURM_ACTIVE, Resources, TrainJob, add_resource_args, log_path,
-                                      resolve_executor, slurm_state, submit_jobs, wait_job)
+from asset_dist.launch.submit import (EXECUTORS, Resources, TrainJob, add_resource_args, log_path, resolve_executor,
+                                      slurm_state, state_active, submit_jobs, wait_job)
 
 STAGE_KEYS = {"config", "run_dir", "inputs", "after", "set", "resources"}
 TOP_KEYS = {"name", "run_root", "set", "resources", "stages"}
@@ -195,7 +195,7 @@ def job_alive(rec: dict) -> bool:
     (the job id is its pid) still runs."""
     job_id = str(rec.get("job_id", ""))
     if rec.get("executor") == "slurm":
-        return slurm_state(job_id) in SLURM_ACTIVE
+        return state_active(slurm_state(job_id))
     try:
         return b"submitit.local._local" in Path(f"/proc/{int(job_id)}/cmdline").read_bytes()
     except (OSError, ValueError):

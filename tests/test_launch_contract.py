@@ -1,0 +1,102 @@
+"""asset_dist/launch/contract.py: the one copy of what slurm/common.sh and submitit agree on (exit codes,
+stale launcher variables, rendezvous port, progress, the requeue rule). No cluster needed; the same paths on
+a real cluster: tests/test_slurm*.py."""
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from asset_dist import exitcodes
+from asset_dist.launch import contract as C
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_shell_reads_exit_codes_and_stale_vars_from_the_package():
+    """common.sh evals `contract shell`: the values a shell sees are the package's, and nothing is hard-coded."""
+    out = subprocess.run(["bash", "-c", 'eval "$("$0" -m asset_dist.launch.contract shell)"; '
+                          'echo "$EXIT_REQUEUE $EXIT_BAD_INPUT $EXIT_NONFINITE|$STALE_VARS"', sys.executable],
+                         capture_output=True, text=True, check=True).stdout.strip()
+    codes, stale = out.split("|")
+    assert codes.split() == [str(exitcodes.EXIT_REQUEUE), str(exitcodes.EXIT_BAD_INPUT), str(exitcodes.EXIT_NONFINITE)]
+    assert tuple(stale.split()) == C.STALE_VARS and "MASTER_ADDR" in stale
+    common = (REPO / "slurm" / "common.sh").read_text()
+    assert "EXIT_REQUEUE=" not in common and "unset RANK" not in common and "contract shell" in common
+
+
+def test_free_port_is_free_and_below_the_ephemeral_range():
+    low = C._ephemeral_low()
+    port = C.free_port(seed=7)
+    assert 20000 <= port < low
+    with socket.socket() as s:  # a port someone listens on is never handed out
+        s.bind(("", port))
+        s.listen()
+        for seed in range(20):
+            assert C.free_port(seed=7) != port
+
+
+def test_rendezvous_probes_on_the_first_node_only(monkeypatch):
+    me = socket.gethostname()
+    env = {"SLURM_JOB_ID": "4711", "SLURM_JOB_NODELIST": f"{me},other"}
+    host, port = C.rendezvous(env)
+    assert host == me and port < C._ephemeral_low()
+    host, port = C.rendezvous({"SLURM_JOB_ID": "4711", "SLURM_JOB_NODELIST": "gpu[07-08]"})
+    assert (host, port) == ("gpu07", 20000 + 4711)  # not on the first node: derived, every task agrees
+
+
+def test_progress_reads_checkpoint_and_edit_records(tmp_path):
+    assert C.progress(tmp_path) == "-/0"
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "latest").write_text("step_00000020\n")
+    for e in ("a", "b"):
+        (tmp_path / e).mkdir()
+        (tmp_path / e / "record.json").write_text("{}")
+    assert C.progress(tmp_path) == "step_00000020/2"
+
+
+R = exitcodes.EXIT_REQUEUE
+
+
+@pytest.mark.parametrize("rc, kw, requeue, reason", [
+    (0, {}, False, "exit 0"),
+    (2, {}, False, "bad config"),
+    (3, {}, False, "non-finite"),
+    (1, {"signal_seen": "usr1"}, False, "exit 1"),  # a crash is not requeued (a dead node is SLURM's to requeue)
+    (R, {"signal_seen": "usr1"}, True, "time limit"),
+    (128 + signal.SIGUSR1, {"signal_seen": "usr1"}, True, "requeueing"),  # killed by the warning itself
+    (128 + signal.SIGUSR1, {}, False, "killed by SIGUSR1"),  # nobody asked: a real failure
+    (R, {"signal_seen": "term", "term_at": 1000.0, "end_time": 5000.0}, False, "scancel"),
+    (R, {"signal_seen": "term", "term_at": 4995.0, "end_time": 5000.0}, True, "time limit"),
+    (-signal.SIGTERM, {"signal_seen": "term", "term_at": 4995.0, "end_time": 5000.0}, True, "requeueing"),
+    (R, {"preempted": True, "mode": "REQUEUE"}, True, "preempted"),
+    (R, {"signal_seen": "term", "term_at": 1000.0, "end_time": 5000.0, "preempted": True, "mode": "REQUEUE"},
+     True, "preempted"),
+    (R, {"preempted": True, "mode": "CANCEL"}, False, "PreemptMode=CANCEL makes preemption final"),
+    (R, {"signal_seen": "usr1", "progress_before": "step_00000010/0", "progress_after": "step_00000010/0"},
+     False, "no progress since this run started"),
+    (R, {"signal_seen": "usr1", "progress_before": "-/3", "progress_after": "-/5"}, True, "requeueing"),
+    (R, {"signal_seen": "usr1", "restarts": 5, "max_restarts": 5}, False, "limit of 5"),
+])
+def test_requeue_rule(rc, kw, requeue, reason):
+    d = C.decide(rc, **kw)
+    assert d.requeue is requeue and reason in d.reason, d
+
+
+def test_decide_command_line_answers_with_its_exit_status(tmp_path):
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "asset_dist.launch.contract", "decide", *args],
+                              capture_output=True, text=True, env={"PATH": "/usr/bin:/bin"})
+
+    p = run("--rc", str(R), "--signal", "usr1", "--run-dir", str(tmp_path), "--progress-before=-/0")
+    assert p.returncode == 1 and "no progress" in p.stdout  # nothing saved since the start
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "latest").write_text("step_00000004\n")
+    p = run("--rc", str(R), "--signal", "usr1", "--run-dir", str(tmp_path), "--progress-before=-/0")
+    assert p.returncode == 0 and "requeueing" in p.stdout
+    p = run("--rc", "2", "--run-dir", str(tmp_path))
+    assert p.returncode == 1 and "bad config" in p.stdout
