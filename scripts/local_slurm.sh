@@ -264,7 +264,7 @@ SlurmdTimeout=${ASSET_SLURM_SLURMD_TIMEOUT:-30}
 MinJobAge=3600
 # quick scheduling, so tests do not wait on the default 60 s main loop
 SchedulerType=sched/backfill
-SchedulerParameters=sched_interval=2,bf_interval=2,batch_sched_delay=0
+SchedulerParameters=sched_interval=2,bf_interval=2,batch_sched_delay=0,preempt_send_user_signal
 KillWait=30
 InactiveLimit=0
 StateSaveLocation=$DIR/state
@@ -285,7 +285,16 @@ EOF
         echo "NodeName=$HOST CPUs=$cpus RealMemory=$mem State=UNKNOWN" >>"$CONF.tmp"
     fi
     nodes_line=$(node_names | paste -sd, -)
-    echo "PartitionName=debug Nodes=$nodes_line Default=YES MaxTime=INFINITE State=UP" >>"$CONF.tmp"
+    # Preemption, as on shared clusters: a job in `urgent` preempts jobs in `debug` (requeued: PreemptMode
+    # REQUEUE) and in `scavenger` (cancelled: PreemptMode CANCEL); the preempted job's tasks get TERM, its
+    # batch shell the --signal warning (preempt_send_user_signal), and GraceTime seconds to save.
+    cat >>"$CONF.tmp" <<EOF
+PreemptType=preempt/partition_prio
+PreemptMode=REQUEUE
+PartitionName=debug Nodes=$nodes_line Default=YES MaxTime=INFINITE State=UP PriorityTier=1 GraceTime=30
+PartitionName=scavenger Nodes=$nodes_line MaxTime=INFINITE State=UP PriorityTier=1 GraceTime=30 PreemptMode=CANCEL
+PartitionName=urgent Nodes=$nodes_line MaxTime=INFINITE State=UP PriorityTier=10 PreemptMode=OFF
+EOF
     mv "$CONF.tmp" "$CONF"
 }
 

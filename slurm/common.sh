@@ -49,17 +49,29 @@ _got_term=0
 _term_at=""
 _trapped=0
 _child=""
+_resender=""
+RESEND_USR1_S=${RESEND_USR1_S:-5}
+
+# srun forwards the signals it receives to all tasks of its step, on every node (USR1 is one of them; a
+# TERM to srun instead makes it kill its tasks, so TERM is never forwarded this way). A task that is still
+# starting ignores USR1 until the trainer's handler is in place, so the request is repeated every
+# RESEND_USR1_S seconds until the tasks exit (the handler only sets a flag: repeats are harmless).
+_start_resender() {
+    [[ -n $_child && -z $_resender ]] || return 0
+    kill -USR1 "$_child" 2>/dev/null || true
+    ( while sleep "$RESEND_USR1_S" && kill -0 "$1" 2>/dev/null; do kill -USR1 "$1" 2>/dev/null; done ) &
+    _resender=$!
+}
 
 _on_usr1() {
-    _got_usr1=1
     _trapped=1
-    # srun forwards the signals it receives to all tasks of its step, on every node (USR1 is one of them;
-    # a TERM to srun instead makes it kill its tasks, so TERM is never forwarded this way).
+    [[ $_got_usr1 == 1 ]] && return 0
+    _got_usr1=1
     if [[ -n $_child ]]; then
         _log "USR1: time limit near (or preemption notice); asking the tasks to checkpoint (signal to pid $_child)"
-        kill -USR1 "$_child" 2>/dev/null || true
+        _start_resender "$_child"
     else
-        _log "USR1 before the tasks started: they cannot take it; the TERM at the time limit will stop them"
+        _log "USR1: time limit near (or preemption notice); passed to the tasks once they have started"
     fi
 }
 
@@ -178,6 +190,7 @@ asset_main() {
         echo "[asset-launch] task ${SLURM_PROCID:-0} of ${SLURM_NTASKS:-1} on $(hostname) (node ${SLURM_NODEID:-0}), pid $$" >&2
         exec "$@"' asset-task "${cmd[@]}" &
     _child=$!
+    [[ $_got_usr1 == 1 ]] && _start_resender "$_child"
 
     # `wait` returns early (status > 128) when a trapped signal arrives: wait again for the real status.
     # A second wait answers 127 when the first one had already collected it.
@@ -192,6 +205,10 @@ asset_main() {
         rc=$again
     done
     _child=""
+    if [[ -n $_resender ]]; then
+        kill "$_resender" 2>/dev/null
+        wait "$_resender" 2>/dev/null
+    fi
     _log "tasks exited with status $rc"
 
     local sig="" decision

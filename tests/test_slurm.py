@@ -11,6 +11,7 @@ while the other tests do.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import sys
 import time
@@ -50,8 +51,19 @@ def _steps(run_dir: Path, rank: int) -> list[int]:
 
 def _submit(cluster: SlurmCluster, tmp: Path, name: str, overrides: str, *sbatch_args: str) -> tuple[int, Path]:
     env = _env(tmp, RUN_DIR=str(tmp / "run"), OVERRIDES=overrides)
-    job = cluster.sbatch(*CPU, "-J", name, *sbatch_args, f"--output={tmp}/%x-%j.out", "slurm/train_sga.sh", env=env)
+    # the long jobs stay off the last node, which the preemption tests take over
+    pin = ["-w", cluster.nodes[0]] if len(cluster.nodes) > 1 else []
+    job = cluster.sbatch(*CPU, *pin, "-J", name, *sbatch_args, f"--output={tmp}/%x-%j.out", "slurm/train_sga.sh",
+                         env=env)
     return job, tmp / "run"
+
+
+def _wait_steps(cluster: SlurmCluster, job: int, run_dir: Path, n: int, timeout: float = 120) -> None:
+    steps = run_dir / "steps" / "rank0.log"
+    deadline = time.monotonic() + timeout
+    while not (steps.exists() and len(steps.read_text().split()) >= n):
+        assert time.monotonic() < deadline, f"job {job} made no {n} steps: {cluster.job(job)}"
+        time.sleep(0.5)
 
 
 @pytest.fixture(scope="module")
@@ -75,9 +87,27 @@ def timeout_job(slurm_cluster: SlurmCluster, tmp_path_factory):
     slurm_cluster.cancel(job)
 
 
+@pytest.fixture(scope="module")
+def stalled_job(slurm_cluster: SlurmCluster, tmp_path_factory):
+    """A run whose time limit leaves no room after start-up: the warning (USR1, sent as soon as the job runs:
+    300 s before a one-minute limit) arrives while it starts, it saves where it resumed (step 5), and the
+    launcher stops requeueing."""
+    tmp = tmp_path_factory.mktemp("stalled")
+    run = tmp / "run"
+    for r in (0, 1):  # an earlier run's checkpoint at step 5
+        (run / "ckpt").mkdir(parents=True, exist_ok=True)
+        (run / "ckpt" / f"rank{r}.json").write_text(json.dumps({"step": 5, "signal": None}))
+    (run / "checkpoints").mkdir()
+    (run / "checkpoints" / "latest").write_text("step_00000005\n")
+    job, run_dir = _submit(slurm_cluster, tmp, "asset-test-stalled",
+                           "train.max_steps=100 fake.startup_seconds=40 fake.dist=false", "-t", "00:01:00")
+    yield job, run_dir, tmp
+    slurm_cluster.cancel(job)
+
+
 @pytest.fixture(autouse=True)
-def _submit_long_jobs_first(requeue_job, timeout_job):
-    """The two requeue jobs start with the module, so their waits overlap the other tests."""
+def _submit_long_jobs_first(requeue_job, timeout_job, stalled_job):
+    """The long jobs start with the module, so their waits overlap the other tests."""
 
 
 def test_sbatch_defaults_two_ranks(slurm_cluster: SlurmCluster, tmp_path):
@@ -154,11 +184,7 @@ def test_scancel_is_not_requeued(slurm_cluster: SlurmCluster, tmp_path):
     env = _env(tmp_path, RUN_DIR=str(run_dir), OVERRIDES="train.max_steps=100000 fake.step_seconds=0.1")
     job = slurm_cluster.sbatch(*CPU, "-J", "asset-test-scancel", "-t", "00:10:00",
                                f"--output={tmp_path}/%j.out", "slurm/train_sga.sh", env=env)
-    steps = run_dir / "steps" / "rank0.log"
-    deadline = time.monotonic() + 120
-    while not (steps.exists() and len(steps.read_text().split()) >= 3):
-        assert time.monotonic() < deadline, f"job {job} made no steps: {slurm_cluster.job(job)}"
-        time.sleep(0.5)
+    _wait_steps(slurm_cluster, job, run_dir, 3)
     slurm_cluster.cancel(job)
     info = slurm_cluster.wait(job, states={"CANCELLED", "COMPLETED", "FAILED", "PENDING"}, timeout=120)
     log = (tmp_path / f"{job}.out").read_text()
@@ -203,3 +229,57 @@ def test_time_limit_term_still_requeues(slurm_cluster: SlurmCluster, timeout_job
         assert _steps(run_dir, r) == list(range(1, TIMEOUT_STEPS + 1))
         first = json.loads((run_dir / "launches" / f"restart1-rank{r}.json").read_text())
         assert 0 < first["start_step"] < TIMEOUT_STEPS
+
+
+@pytest.mark.parametrize("partition", ["debug", "scavenger"])
+def test_preemption_checkpoints_and_requeues_only_where_preemptmode_says_so(slurm_cluster: SlurmCluster, tmp_path,
+                                                                           partition):
+    """A job in `urgent` preempts the run (local_slurm.sh: PreemptMode REQUEUE for `debug`, CANCEL for
+    `scavenger`; preempt_send_user_signal). The batch shell gets the USR1 warning at once and passes it to the
+    tasks through srun; on 22.05 the tasks get TERM from their own slurmstepd), every rank saves; in `debug` the job is requeued and resumes, in `scavenger` the
+    preemption is final."""
+    if len(slurm_cluster.nodes) < 2:
+        pytest.skip("needs a node of its own: start the cluster with ASSET_SLURM_NODES>=2")
+    node = slurm_cluster.nodes[-1]
+    run_dir, steps = tmp_path / "run", 150
+    env = _env(tmp_path, RUN_DIR=str(run_dir), OVERRIDES=f"train.max_steps={steps} fake.step_seconds=0.1")
+    job = slurm_cluster.sbatch(*CPU, "-p", partition, "-w", node, "-J", f"asset-test-preempt-{partition}",
+                               "-t", "00:10:00", f"--output={tmp_path}/%j.out", "slurm/train_sga.sh", env=env)
+    urgent = None
+    try:
+        _wait_steps(slurm_cluster, job, run_dir, 5)
+        urgent = slurm_cluster.sbatch("-p", "urgent", "-w", node, "--exclusive", "-t", "00:02:00",
+                                      "-o", "/dev/null", "--wrap", "sleep 2")
+        info = slurm_cluster.wait(job, timeout=300)
+        log = (tmp_path / f"{job}.out").read_text()
+        # the tasks got the notice (TERM from their slurmstepd, or USR1 through the batch shell) and saved
+        saved_at = re.findall(r"rank 0: SIG(?:TERM|USR1) at step (\d+): saved, exit 99", log)
+        assert len(saved_at) == 1, log
+        if partition == "debug":
+            assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "1"), log
+            assert "checkpoint written (preempted); requeueing job" in log
+            for r in (0, 1):  # nothing lost at the save, nothing redone after the requeue
+                assert _steps(run_dir, r) == list(range(1, steps + 1))
+                first = json.loads((run_dir / "launches" / f"restart1-rank{r}.json").read_text())
+                assert first["start_step"] == int(saved_at[0])
+        else:
+            assert info["Restarts"] == "0" and info["JobState"] != "COMPLETED", (info, log)
+            assert "PreemptMode=CANCEL makes preemption final: not requeued" in log
+            for r in (0, 1):
+                assert json.loads((run_dir / "ckpt" / f"rank{r}.json").read_text())["step"] == _steps(run_dir, r)[-1]
+    finally:
+        slurm_cluster.cancel(job)
+        if urgent is not None:
+            slurm_cluster.cancel(urgent)
+
+
+def test_a_run_without_progress_stops_requeueing(slurm_cluster: SlurmCluster, stalled_job):
+    """The warning comes during start-up, every time: the run saves the step it resumed from; the launcher sees
+    no progress and stops instead of requeueing forever."""
+    job, run_dir, tmp = stalled_job
+    info = slurm_cluster.wait(job, timeout=300)
+    log = next(tmp.glob("*.out")).read_text()
+    assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("FAILED", "99:0", "0"), (info, log)
+    assert "USR1: time limit near" in log and "SIGUSR1 at step 5: saved" in log, log
+    assert "no progress since this run started (still at step_00000005/0" in log, log
+    assert "requeueing job" not in log
