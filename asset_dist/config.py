@@ -214,6 +214,19 @@ class InferConfig:
 
 
 @dataclass
+class DistConfig:
+    """The process group of `train` and `evaluate` (edit-batch ranks never wait on each other: a lost node
+    only leaves its own edits undone)."""
+
+    # seconds any collective (all-reduce, barrier, broadcast) may wait for a peer before this rank fails with
+    # an error instead of hanging (gloo and NCCL; torch's own default is 10-30 min and it reads no environment
+    # variable). Must exceed the longest legitimate wait: rank 0 writing a checkpoint or the export while the
+    # others wait. A dead node is also found by SLURM (SlurmdTimeout, 300 s by default), which then requeues a
+    # --requeue job; this bound covers what SLURM does not see (a frozen process, a cut link between nodes).
+    timeout_s: float = 600.0
+
+
+@dataclass
 class Config:
     name: str = "asset"
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -223,6 +236,7 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     infer: InferConfig = field(default_factory=InferConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -380,6 +394,8 @@ def _validate(cfg: Config, src: str) -> None:
         bad("data.mask.kind", "must be 'landscape' or 'coco'")
     if cfg.train.grad_accum < 1:
         bad("train.grad_accum", "must be >= 1")
+    if not cfg.dist.timeout_s > 0:
+        bad("dist.timeout_s", f"must be > 0 seconds (got {cfg.dist.timeout_s})")
 
 
 def load_config(path: Optional[str | os.PathLike] = None, overrides: Optional[list[str]] = None,

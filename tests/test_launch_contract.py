@@ -100,3 +100,42 @@ def test_decide_command_line_answers_with_its_exit_status(tmp_path):
     assert p.returncode == 0 and "requeueing" in p.stdout
     p = run("--rc", "2", "--run-dir", str(tmp_path))
     assert p.returncode == 1 and "bad config" in p.stdout
+
+
+PEER = r"""
+import sys, time
+import torch, torch.distributed as dist
+from asset_dist.distenv import dist_env, init_process_group
+env = dist_env()
+init_process_group(env, torch.device("cpu"), timeout_s=float(sys.argv[1]))
+if env.rank == 1:  # joins, then goes silent (a frozen process, a cut link): never takes part again
+    time.sleep(300)
+try:
+    dist.all_reduce(torch.ones(1))
+    print("no error")
+except Exception as e:  # noqa: BLE001 - the message is what the test checks
+    print("collective failed:", str(e).splitlines()[0])
+"""
+
+
+def test_collective_timeout_bounds_a_silent_peer(tmp_path):
+    """dist.timeout_s reaches the process group: rank 0's all-reduce fails instead of waiting for a peer that
+    never answers (gloo names the bound in its message)."""
+    import os
+
+    script = tmp_path / "peer.py"
+    script.write_text(PEER)
+    port = str(C.free_port(seed=os.getpid()))
+    procs = []
+    for rank in (0, 1):
+        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
+               "OMP_NUM_THREADS": "1"}
+        procs.append(subprocess.Popen([sys.executable, str(script), "3"], env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))
+    try:
+        out, _ = procs[0].communicate(timeout=120)  # torch's default bound would be 30 min
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+    assert "collective failed" in out and "3000ms" in out, out

@@ -10,6 +10,7 @@ and wants to be requeued (the sbatch scripts and the submitit launcher act on it
 from __future__ import annotations
 
 import argparse
+import datetime
 import math
 import os
 import signal
@@ -110,9 +111,9 @@ class Trainer:
 
             # (`import deepspeed.comm.torch as m` would bind the `torch` package that deepspeed.comm imports)
             importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
-        if not dist.is_initialized():
+        if not dist.is_initialized():  # collectives bounded by dist.timeout_s: a silent peer fails this rank
             deepspeed.init_distributed(dist_backend="nccl" if self.device.type == "cuda" else "gloo",
-                                       verbose=False)
+                                       verbose=False, timeout=datetime.timedelta(seconds=cfg.dist.timeout_s))
         self.run_dir = Path(cfg.paths.run_dir)
         self.step = 0
         self._data_wait = 0.0  # seconds spent in next(batches) since the last log line
