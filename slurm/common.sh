@@ -42,7 +42,8 @@ ASSET_PYTHON=${ASSET_PYTHON:-python}
 
 _log() { echo "[asset-launch $(date +%H:%M:%S)] $*" >&2; }
 
-_contract() { "$ASSET_PYTHON" -m asset_dist.launch.contract "$@"; }
+# TERM ignored: a job being stopped signals every process of this shell's step, the helper included
+_contract() { ( trap '' TERM; exec "$ASSET_PYTHON" -m asset_dist.launch.contract "$@" ); }
 
 _got_usr1=0
 _got_term=0
@@ -219,7 +220,7 @@ asset_main() {
                --restarts "$restarts" --max-restarts "${MAX_RESTARTS:-100}")
     local requeue=$?
     if [[ $requeue -ne 0 ]]; then
-        [[ $rc -ne 0 ]] && _log "$decision"
+        [[ $rc -ne 0 ]] && _log "${decision:-no requeue decision (the helper exited $requeue)}"
         return "$rc"
     fi
     if [[ -z ${SLURM_JOB_ID:-} ]]; then
