@@ -21,8 +21,8 @@ import submitit
 from asset_dist.cli import main as cli_main
 from asset_dist.launch import pipeline as pl
 from asset_dist.distenv import EXIT_REQUEUE, dist_env
-from asset_dist.launch.submit import (TASK_PYTHON, Resources, TrainJob, child_env, make_executor, submit_jobs,
-                                      task_place, time_seconds, wait_job)
+from asset_dist.launch.spec import Resources, time_seconds
+from asset_dist.launch.submit import TASK_PYTHON, TrainJob, child_env, make_executor, submit_jobs, task_place, wait_job
 
 REPO = Path(__file__).resolve().parents[1]
 FAKE = [sys.executable, str(REPO / "tests" / "fake_trainer.py"), "train"]
@@ -93,6 +93,15 @@ def test_sbatch_text_carries_every_resource_and_dependency(tmp_path, slurm_execu
     lines = _sbatch_lines(ex, map_count=3)
     assert "#SBATCH --ntasks-per-node=2" in lines and "#SBATCH --array=0-2%1" in lines
     assert not any("gpus" in x or "dependency" in x for x in lines)
+
+
+def test_a_node_range_lets_the_job_come_back_on_another_node_count(tmp_path, slurm_executor_available):
+    res = Resources(nodes=4, min_nodes=1, tasks_per_node=1, time="10")
+    assert res.nodes_spec == "1-4" and Resources(nodes=2, min_nodes=2).nodes_spec == "2"
+    lines = _sbatch_lines(make_executor("slurm", tmp_path, res, "x"))
+    assert "#SBATCH --nodes=1-4" in lines and not any(x.startswith("#SBATCH --nodes=4") for x in lines)
+    with pytest.raises(ValueError, match="min_nodes .3. must not exceed nodes .2."):
+        Resources(nodes=2, min_nodes=3).check()
 
 
 def test_local_executor_limits():
@@ -251,7 +260,8 @@ def test_local_bad_config_exit_is_not_resubmitted(tmp_path):
 # ---- pipelines ----------------------------------------------------------------------------------------------
 
 def test_landscape_pipeline_wires_parents_and_resources():
-    p = pl.load_pipeline(REPO / "configs" / "landscape.yaml", cwd=REPO, resources={"partition": "big"})
+    p = pl.load_pipeline(REPO / "configs" / "pipelines" / "landscape.yaml", cwd=REPO,
+                         resources={"partition": "big"})
     assert [s.name for s in p.stages] == ["vqgan", "seg", "guide", "sga512", "sga1024"]
     by = {s.name: s for s in p.stages}
     assert by["vqgan"].after == [] and by["seg"].after == []
@@ -291,11 +301,11 @@ def test_pipeline_file_errors_name_the_problem(tmp_path, body, message):
 
 
 def _tiny(tmp_path: Path) -> pl.Pipeline:
-    return pl.load_pipeline(REPO / "configs" / "tiny_pipeline.yaml", run_root=str(tmp_path / "runs"), cwd=tmp_path,
-                            overrides=["data.train_shards=/data/shards"])
+    return pl.load_pipeline(REPO / "configs" / "pipelines" / "tiny.yaml", run_root=str(tmp_path / "runs"),
+                            cwd=tmp_path, overrides=["data.train_shards=/data/shards"])
 
 
-def _finish(stage: pl.Stage) -> None:
+def _finish(stage: pl.StageJob) -> None:
     stage.export.parent.mkdir(parents=True, exist_ok=True)
     stage.export.write_bytes(b"x")
 
@@ -341,7 +351,7 @@ def test_plan_skips_finished_stages_and_chains_the_rest(tmp_path, monkeypatch):
 
 
 def test_pipeline_cli_dry_run_and_errors(tmp_path, capsys):
-    rc = cli_main(["pipeline", "--config", str(REPO / "configs" / "tiny_pipeline.yaml"), "--dry-run",
+    rc = cli_main(["pipeline", "--config", str(REPO / "configs" / "pipelines" / "tiny.yaml"), "--dry-run",
                    "--executor", "slurm", "--run-root", str(tmp_path), "--time", "10", "--partition", "cpu",
                    "--set", "data.train_shards=/data/s"])
     out = capsys.readouterr().out
@@ -399,7 +409,7 @@ def test_local_pipeline_runs_stage_after_stage_and_stops_at_a_failure(tmp_path, 
     monkeypatch.setattr("asset_dist.launch.submit.TRAIN_COMMAND", (sys.executable, str(script), "train"))
     monkeypatch.setenv("FAKE_ORDER", str(order))
     root = tmp_path / "runs"
-    p = pl.load_pipeline(REPO / "configs" / "tiny_pipeline.yaml", run_root=str(root), cwd=tmp_path,
+    p = pl.load_pipeline(REPO / "configs" / "pipelines" / "tiny.yaml", run_root=str(root), cwd=tmp_path,
                          overrides=["data.train_shards=/data/shards"], resources={"tasks_per_node": 1})
     assert pl.run_local(p, pl.plan(p, "local"))
     ran = [json.loads(x) for x in order.read_text().splitlines()]

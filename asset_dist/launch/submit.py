@@ -25,9 +25,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import math
 import os
-import re
 import shlex
 import shutil
 import signal
@@ -35,7 +33,6 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -45,6 +42,7 @@ from asset_dist.distenv import DistEnv, export_torch_env, slurm_master_port
 from asset_dist.exitcodes import EXIT_BAD_INPUT, EXIT_REQUEUE
 from asset_dist.launch.contract import (RDZV_VAR, STALE_VARS, decide, describe_exit, free_port, preempt_mode,
                                         preemption_requeues, progress, scontrol_job, slurm_time)
+from asset_dist.launch.spec import Resources, add_resource_args, resources_from_args
 
 EXECUTORS = ("auto", "local", "slurm")
 TRAIN_COMMAND = (sys.executable, "-m", "asset_dist.cli", "train")
@@ -57,131 +55,6 @@ TASK_PYTHON = "bash -c " + shlex.quote('trap "" USR2; exec "$0" "$@"') + " " + s
 
 def log(msg: str) -> None:
     print(f"[asset-submit {time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-# ---- resources ------------------------------------------------------------------------------------------
-
-def time_seconds(spec: str | int | float) -> int:
-    """A SLURM time limit in seconds: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S (a bare number is minutes)."""
-    if isinstance(spec, (int, float)) and not isinstance(spec, bool):
-        return int(round(float(spec) * 60))
-    text = str(spec).strip()
-    m = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", text)
-    if not m:
-        raise ValueError(f"time limit {spec!r}: expected minutes, MM:SS, HH:MM:SS or D-HH[:MM[:SS]]")
-    days, a, b, c = m.groups()
-    a, b, c = int(a), int(b or 0), int(c or 0)
-    if days is not None:  # D-H, D-H:M, D-H:M:S
-        secs = int(days) * 86400 + a * 3600 + b * 60 + c
-    elif c or m.group(4) is not None:  # H:M:S
-        secs = a * 3600 + b * 60 + c
-    elif m.group(3) is not None:  # M:S
-        secs = a * 60 + b
-    else:  # M
-        secs = a * 60
-    if secs <= 0:
-        raise ValueError(f"time limit {spec!r} must be positive")
-    return secs
-
-
-@dataclass
-class Resources:
-    """What one job asks for. The pipeline files use these names as YAML keys."""
-
-    nodes: int = 1
-    gpus_per_node: int = 0
-    tasks_per_node: int = 0  # 0: one task per GPU, or 1 on a CPU node
-    cpus_per_task: int = 0  # 0: the cluster's default
-    time: str = "01:00:00"  # SLURM syntax (minutes, H:M:S, D-H:M:S)
-    mem: str = ""  # per node, SLURM syntax (64G); "" = the cluster's default
-    partition: str = ""
-    account: str = ""
-    qos: str = ""
-    constraint: str = ""
-    signal_delay_s: int = 0  # checkpoint request this long before the limit; 0: min(300 s, limit / 4)
-    max_timeouts: int = 20  # requeues after a time limit (preemptions do not count)
-    array_parallelism: int = 0  # several configs in one `submit`: at most this many run at once (0: all)
-
-    @property
-    def tasks(self) -> int:
-        return self.tasks_per_node or self.gpus_per_node or 1
-
-    @property
-    def seconds(self) -> int:
-        return time_seconds(self.time)
-
-    @property
-    def minutes(self) -> int:
-        return max(1, math.ceil(self.seconds / 60))
-
-    @property
-    def signal_delay(self) -> int:
-        return self.signal_delay_s or max(1, min(300, self.seconds // 4))
-
-    def check(self) -> "Resources":
-        for name in ("nodes", "max_timeouts"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"resources: {name} must be >= 1 (got {getattr(self, name)})")
-        for name in ("gpus_per_node", "tasks_per_node", "cpus_per_task", "signal_delay_s", "array_parallelism"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"resources: {name} must be >= 0 (got {getattr(self, name)})")
-        if self.gpus_per_node and self.tasks_per_node and self.tasks_per_node != self.gpus_per_node:
-            raise ValueError(f"resources: one task per GPU: tasks_per_node ({self.tasks_per_node}) must equal "
-                             f"gpus_per_node ({self.gpus_per_node}) or be left at 0")
-        if self.signal_delay >= self.seconds:
-            raise ValueError(f"resources: signal_delay_s ({self.signal_delay}) must be shorter than the time "
-                             f"limit ({self.time} = {self.seconds} s)")
-        return self
-
-    @classmethod
-    def from_dict(cls, data: dict, base: Optional["Resources"] = None, src: str = "resources") -> "Resources":
-        names = {f.name: f.type for f in fields(cls)}
-        unknown = sorted(set(data) - set(names))
-        if unknown:
-            raise ValueError(f"{src}: unknown key(s) {', '.join(unknown)} (allowed: {', '.join(names)})")
-        out = {}
-        for k, v in data.items():
-            want = int if names[k] in ("int", int) else str
-            if want is int and (isinstance(v, bool) or not isinstance(v, int)):
-                raise ValueError(f"{src}: '{k}' must be an integer, got {v!r}")
-            out[k] = v if want is int else str(v)
-        return replace(base or cls(), **out)
-
-
-def add_resource_args(p: argparse.ArgumentParser, defaults: bool = True) -> None:
-    """Resource flags, shared by `submit` (defaults: Resources()) and `pipeline` (defaults=False: a flag given
-    overrides that resource for every stage, the pipeline file's value otherwise)."""
-    d = Resources()
-
-    def arg(flag: str, name: str, text: str, typ: type = str, shown: Any = None) -> None:
-        if defaults:
-            text += f" (default {shown if shown is not None else getattr(d, name)})"
-        g.add_argument(flag, dest=name, type=typ, default=getattr(d, name) if defaults else None, help=text)
-
-    g = p.add_argument_group("resources" if defaults else "resources (override every stage's)")
-    arg("--nodes", "nodes", "nodes", int)
-    arg("--gpus-per-node", "gpus_per_node", "GPUs per node; one task per GPU", int, "0: CPU tasks, gloo")
-    arg("--tasks-per-node", "tasks_per_node", "tasks per node", int, "the GPU count, or 1 without GPUs")
-    arg("--cpus-per-task", "cpus_per_task", "CPUs per task", int, "the cluster's")
-    arg("--time", "time", "time limit, SLURM syntax: minutes, HH:MM:SS or D-HH:MM:SS")
-    arg("--mem", "mem", "memory per node, SLURM syntax, e.g. 64G", str, "the cluster's")
-    arg("--partition", "partition", "SLURM partition", str, "the cluster's")
-    arg("--account", "account", "SLURM account", str, "yours")
-    arg("--qos", "qos", "SLURM quality of service", str, "the cluster's")
-    arg("--constraint", "constraint", "SLURM node constraint, e.g. a100", str, "none")
-    arg("--signal-delay", "signal_delay_s", "ask for a checkpoint this many seconds before the time limit", int,
-        "min(300, limit/4)")
-    arg("--max-timeouts", "max_timeouts", "resubmissions after a time limit before giving up (preemptions do "
-        "not count)", int)
-    if defaults:
-        arg("--slurm-array-parallelism", "array_parallelism",
-            "with several --config (one SLURM array): at most this many run at once", int, "all")
-
-
-def resources_from_args(args: argparse.Namespace, base: Optional[Resources] = None) -> Resources:
-    """Flags given on the command line (not None) over `base`."""
-    given = {f.name: getattr(args, f.name) for f in fields(Resources) if getattr(args, f.name, None) is not None}
-    return replace(base or Resources(), **given)
 
 
 # ---- executors ------------------------------------------------------------------------------------------
@@ -206,6 +79,8 @@ def make_executor(kind: str, folder: str | Path, res: Resources, name: str,
         # The batch script runs on the allocation's first node, where rank 0 (and its TCP store) runs: the
         # rendezvous port is probed free there, as slurm/common.sh does (asset_dist.launch.contract).
         extra: dict[str, Any] = {"requeue": True}  # submitit requeues with `scontrol requeue`
+        if res.nodes_spec != str(res.nodes):  # MIN-MAX: submitit itself counts tasks from the most nodes
+            extra["nodes"] = res.nodes_spec
         deps = [dependency] if dependency else []
         if after:
             deps.append("afterok:" + ":".join(str(j) for j in after))
@@ -401,7 +276,7 @@ class TrainJob(submitit.helpers.Checkpointable):
         finally:
             self._stop()
         if rc == 0:
-            return {"rank": place.rank, "exit_code": 0, "run_dir": self.run_dir}
+            return {"rank": place.rank, "exit_code": 0, "run_dir": self.run_dir, "world_size": place.world_size}
         if rc in (EXIT_REQUEUE, -signal.SIGTERM):  # saved on a signal, or killed by TERM while starting
             if place.rank != 0:
                 # rank 0 saw the same: it resubmits the whole job, or not (scancel)
@@ -525,7 +400,10 @@ def job_outcome(job: Any) -> tuple[bool, str]:
     from submitit.core.utils import pickle_load
 
     tasks = [job] if job.num_tasks == 1 else [job.task(t) for t in range(job.num_tasks)]
+    world = len(tasks)
     for t, task in enumerate(tasks):
+        if t >= world:  # a MIN-MAX job that ran on fewer nodes: these tasks never existed
+            break
         path = task.paths.result_pickle
         if not path.exists():
             return False, f"task {t} left no result (killed, or still requeued?); see {log_path(job)}"
@@ -533,6 +411,8 @@ def job_outcome(job: Any) -> tuple[bool, str]:
         if outcome != "success":
             lines = str(value).strip().splitlines()
             return False, f"task {t} failed: {lines[-1] if lines else value}; see {log_path(job)}"
+        if isinstance(value, dict) and isinstance(value.get("world_size"), int):
+            world = min(world, value["world_size"])
     return True, "completed"
 
 
