@@ -139,3 +139,22 @@ def test_collective_timeout_bounds_a_silent_peer(tmp_path):
             p.kill()
             p.wait()
     assert "collective failed" in out and "3000ms" in out, out
+
+
+def test_preempt_mode_partition_first_then_cluster(monkeypatch):
+    answers = {("show", "partition", "-o", "scav"): "PartitionName=scav PreemptMode=CANCEL GraceTime=30",
+               ("show", "partition", "-o", "debug"): "PartitionName=debug PreemptMode=(null)",
+               ("show", "config"): "PreemptMode             = REQUEUE\nPreemptType = preempt/partition_prio"}
+    monkeypatch.setattr(C, "_scontrol", lambda *a: answers.get(a, ""))
+    assert C.preempt_mode({"Partition": "scav"}) == "CANCEL"
+    assert C.preempt_mode({"Partition": "debug"}) == "REQUEUE"  # the partition says nothing: the cluster's
+    assert C.preemption_requeues()
+
+
+@pytest.mark.parametrize("mode, active", [("REQUEUE", True), ("CANCEL", False), ("OFF", False)])
+def test_a_preempted_job_is_waited_for_only_where_it_comes_back(monkeypatch, mode, active):
+    from asset_dist.launch import submit
+
+    monkeypatch.setattr(C, "_scontrol", lambda *a: f"PreemptMode = {mode}\n" if a == ("show", "config") else "")
+    assert submit.state_active("PREEMPTED") is active
+    assert submit.state_active("PENDING") and not submit.state_active("COMPLETED")
