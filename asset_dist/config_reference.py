@@ -83,8 +83,8 @@ def render() -> str:
 
 
 def render_launch() -> str:
-    """Pipeline files and job resources (asset_dist/launch/spec.py): not part of a stage config."""
-    from asset_dist.launch import spec
+    """Pipeline files and job resources (asset_dist/jobspec.py): not part of a stage config."""
+    from asset_dist import jobspec as spec
 
     parser = argparse.ArgumentParser()
     spec.add_resource_args(parser)

@@ -31,7 +31,7 @@ import submitit
 import torch
 
 from asset_dist.config import load_config
-from asset_dist.launch.spec import Resources
+from asset_dist.jobspec import Resources
 from asset_dist.launch.submit import TrainJob, job_outcome, submit_jobs, wait_job
 from asset_dist.models.transformer import AssetTransformer
 from asset_dist.artifacts import read_export

@@ -21,7 +21,7 @@ import submitit
 from asset_dist.cli import main as cli_main
 from asset_dist.launch import pipeline as pl
 from asset_dist.distenv import EXIT_REQUEUE, dist_env
-from asset_dist.launch.spec import Resources, time_seconds
+from asset_dist.jobspec import Resources, time_seconds
 from asset_dist.launch.submit import TASK_PYTHON, TrainJob, child_env, make_executor, submit_jobs, task_place, wait_job
 
 REPO = Path(__file__).resolve().parents[1]

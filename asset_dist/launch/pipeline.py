@@ -2,7 +2,7 @@
 
 A pipeline file (configs/pipelines/landscape.yaml, configs/pipelines/tiny.yaml; every key in docs/CONFIG.md)
 lists the stages. Each names its stage config (relative to the pipeline file), its run folder, its resources
-(asset_dist/launch/spec.py), and `inputs`: which config keys take which parent stage's export
+(asset_dist/jobspec.py), and `inputs`: which config keys take which parent stage's export
 (RUN/export/<stage>.pt). A stage runs after its parents: on SLURM as a submitit job with
 `--dependency=afterok:<parent jobs>`; with the local executor one after the other on this machine.
 
@@ -21,7 +21,7 @@ from typing import Any, Optional, Sequence
 
 import yaml
 
-from asset_dist.launch.spec import PIPELINE_KEYS, STAGE_KEYS, Resources
+from asset_dist.jobspec import PIPELINE_KEYS, STAGE_KEYS, Resources
 from asset_dist.launch.submit import (EXECUTORS, TrainJob, add_resource_args, log_path, resolve_executor, slurm_state,
                                       state_active, submit_jobs, wait_job)
 

@@ -42,7 +42,7 @@ from asset_dist.distenv import DistEnv, export_torch_env, slurm_master_port
 from asset_dist.exitcodes import EXIT_BAD_INPUT, EXIT_REQUEUE
 from asset_dist.launch.contract import (RDZV_VAR, STALE_VARS, decide, describe_exit, free_port, preempt_mode,
                                         preemption_requeues, progress, scontrol_job, slurm_time)
-from asset_dist.launch.spec import Resources, add_resource_args, resources_from_args
+from asset_dist.jobspec import Resources, add_resource_args, resources_from_args
 
 EXECUTORS = ("auto", "local", "slurm")
 TRAIN_COMMAND = (sys.executable, "-m", "asset_dist.cli", "train")

@@ -1,7 +1,8 @@
 """What a job asks for (`Resources`: the submit/pipeline flags and a pipeline file's `resources:`) and the keys
 of a pipeline file: the one description the launchers, their --help and docs/CONFIG.md share.
 
-No submitit import: asset_dist.config_reference renders these into docs/CONFIG.md.
+Ground layer, like config.py (no submitit import): asset_dist.config_reference renders these into
+docs/CONFIG.md, asset_dist/launch/ submits jobs with them.
 """
 from __future__ import annotations
 
