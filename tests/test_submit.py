@@ -84,6 +84,9 @@ def test_sbatch_text_carries_every_resource_and_dependency(tmp_path, slurm_execu
                  "--kill-on-invalid-dep=yes", "--open-mode=append"]:
         assert f"#SBATCH {flag}" in lines, (flag, lines)
     assert not any("--error" in x for x in lines)  # stderr goes to the task's log with stdout
+    # the batch script probes the rendezvous port on the first node before srun starts the tasks
+    setup = next(i for i, x in enumerate(lines) if "asset_dist.launch.contract rendezvous" in x)
+    assert setup < next(i for i, x in enumerate(lines) if x.startswith("srun "))
     srun = next(x for x in lines if x.startswith("srun "))
     assert srun.endswith(f"{TASK_PYTHON} -u -m submitit.core._submit {tmp_path}")
     assert ex._executor.max_num_timeout == 7
