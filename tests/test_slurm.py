@@ -81,7 +81,8 @@ def timeout_job(slurm_cluster: SlurmCluster, tmp_path_factory):
     """A trainer that misses the warning (USR1 ignored): only the TERM at the time limit stops it."""
     tmp = tmp_path_factory.mktemp("timeout")
     job, run_dir = _submit(slurm_cluster, tmp, "asset-test-timeout",
-                           f"train.max_steps={TIMEOUT_STEPS} fake.step_seconds=0.25 fake.dist=false fake.ignore_usr1=true",
+                           f"train.max_steps={TIMEOUT_STEPS} fake.step_seconds=0.25 fake.dist=false "
+                           "fake.ignore_usr1=true",
                            "-t", "00:01:00")
     yield job, run_dir, tmp
     slurm_cluster.cancel(job)
@@ -235,9 +236,9 @@ def test_time_limit_term_still_requeues(slurm_cluster: SlurmCluster, timeout_job
 def test_preemption_checkpoints_and_requeues_only_where_preemptmode_says_so(slurm_cluster: SlurmCluster, tmp_path,
                                                                            partition):
     """A job in `urgent` preempts the run (local_slurm.sh: PreemptMode REQUEUE for `debug`, CANCEL for
-    `scavenger`; preempt_send_user_signal). The batch shell gets the USR1 warning at once and passes it to the
-    tasks through srun; on 22.05 the tasks get TERM from their own slurmstepd), every rank saves; in `debug` the job is requeued and resumes, in `scavenger` the
-    preemption is final."""
+    `scavenger`, a GraceTime, preempt_send_user_signal). The tasks are told at once (on 22.05: TERM from their
+    own slurmstepd; elsewhere the batch shell's USR1 warning, passed on through srun), every rank saves; in
+    `debug` the job is requeued and resumes, in `scavenger` the preemption is final."""
     if len(slurm_cluster.nodes) < 2:
         pytest.skip("needs a node of its own: start the cluster with ASSET_SLURM_NODES>=2")
     node = slurm_cluster.nodes[-1]

@@ -8,9 +8,10 @@ bridge), with the real trainer and edit-batch on tiny configs.
   is killed (link cut first, so the survivors hear nothing: a power cut, not a clean exit). The surviving
   training rank fails its collective within `dist.timeout_s` instead of hanging; slurmctld finds the node
   DOWN after SlurmdTimeout and requeues both `--requeue` jobs. The training job resumes on the two other
-  nodes from its last checkpoint (nothing lost beyond the checkpoint interval) and finishes; the edit batch
-  redoes the lost node's edits once the node is back, with every edit done exactly once and its images equal
-  to a one-process run.
+  nodes from its last checkpoint (nothing lost beyond the checkpoint interval) and finishes; the edit batch,
+  three ranks submitted with `--nodes=2-3 -n 3`, started on three nodes and comes back on the two left (same
+  world size, two ranks on one node): it redoes the edits nobody finished, every edit exactly once, its images
+  equal to a one-process run.
 
 The killed node comes back at the end (revive-node), so later modules have all three. Expect ~4-5 minutes.
 """
@@ -112,8 +113,8 @@ def _edit_set(out: Path) -> list[str]:
 @pytest.fixture(scope="module")
 def node_loss(cluster: SlurmCluster, sflckr_shards, tmp_path_factory):
     """Both jobs started, one shared node killed mid-way, requeued, the node revived; returns what the tests
-    check. The training job goes first; the edit batch is pinned to the training job's second node and the
-    third node, so one kill hits both (and neither the training job's batch shell)."""
+    check. The training job goes first (two nodes); the edit batch then takes all three (`--nodes=2-3 -n 3`:
+    as many nodes as it can), so killing the training job's second node hits both (and neither batch shell)."""
     tmp = tmp_path_factory.mktemp("nodeloss")
     seg_sets = [f"data.train_shards={sflckr_shards}", "data.batch_size=1", f"train.max_steps={LOSS_STEPS}",
                 f"train.ckpt_every={CKPT_EVERY}", "logging.image_every=0", "logging.log_every=1",
@@ -131,13 +132,15 @@ def node_loss(cluster: SlurmCluster, sflckr_shards, tmp_path_factory):
         _wait(lambda: cluster.job(seg)["JobState"] == "RUNNING", "the training job to start", 120)
         seg_nodes = _nodes(cluster, seg)
         victim = seg_nodes[1]  # rank 1's node; rank 0 and the batch shell stay alive on seg_nodes[0]
-        third = next(n for n in cluster.nodes if n not in seg_nodes)
-        edit = cluster.sbatch("-w", f"{victim},{third}", *TWO_NODES, "-J", "asset-test-edit-nodeloss",
-                              "-t", "00:20:00", f"--output={tmp}/edit-%j.out", "slurm/edit_batch.sh",
-                              "infer.batch_size=2", env=_env(RUN_DIR=str(edit_run), CONFIG=str(cfg),
+        # three ranks on 2 or 3 nodes: it starts on all three and comes back on the two left
+        edit = cluster.sbatch("--nodes=2-3", "-n", "3", "--gpus-per-node=0", "-c1", "-J",
+                              "asset-test-edit-nodeloss", "-t", "00:20:00", f"--output={tmp}/edit-%j.out",
+                              "slurm/edit_batch.sh", "infer.batch_size=2", env=_env(RUN_DIR=str(edit_run), CONFIG=str(cfg),
                                                                OVERRIDES=f"infer.edits={tmp / 'edits'}"))
         jobs.append(edit)
-        report.update(edit=edit, victim=victim, seg_nodes=seg_nodes)
+        _wait(lambda: cluster.job(edit)["JobState"] == "RUNNING", "the edit batch to start", 120)
+        report.update(edit=edit, victim=victim, seg_nodes=seg_nodes, edit_nodes=_nodes(cluster, edit))
+        assert victim in report["edit_nodes"], report
 
         def records() -> int:
             return sum(1 for _ in edit_run.glob("*/record.json"))
@@ -160,12 +163,12 @@ def node_loss(cluster: SlurmCluster, sflckr_shards, tmp_path_factory):
         _wait(lambda: all(int(cluster.job(j).get("Restarts", "0")) >= 1 for j in jobs), "the requeues", 180)
         report["down_after_s"] = time.time() - report["killed_at"]
         report["victim_state"] = cluster.node_state(victim)
-        # the training job comes back on the two nodes left, before the lost node returns
-        _wait(lambda: cluster.job(seg)["JobState"] in ("RUNNING", "COMPLETED"), "the training job's restart", 180)
-        report["seg_nodes_after"] = _nodes(cluster, seg)
-        cluster.script("revive-node", victim)  # the edit batch asked for it by name
+        # both come back on the two nodes left while the lost node is still down
+        _wait(lambda: all(cluster.job(j)["JobState"] in ("RUNNING", "COMPLETED") for j in jobs), "the restarts", 180)
+        report["seg_nodes_after"], report["edit_nodes_after"] = _nodes(cluster, seg), _nodes(cluster, edit)
         report["seg_info"] = cluster.wait(seg, timeout=600)
         report["edit_info"] = cluster.wait(edit, timeout=600)
+        cluster.script("revive-node", victim)
         yield report
     finally:
         for j in jobs:
@@ -225,10 +228,15 @@ def test_node_loss_edit_batch_redoes_the_lost_edits_exactly_once(cluster: SlurmC
     info = r["edit_info"]
     assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), log[-6000:]
     assert int(info["Restarts"]) >= 1
+    # another node count after the requeue: three nodes, then the two left, three ranks on both
+    assert len(r["edit_nodes"]) == 3 and len(r["edit_nodes_after"]) == 2 and r["victim"] not in r["edit_nodes_after"]
+    assert set(re.findall(r"\[rank \d+/(\d+)\] \d+ edit\(s\) of", log)) == {"3"}
+    assert re.search(r"job \d+ restart 1 on \S+: 3 task\(s\), 2 node\(s\)", log), log[-4000:]
     manifest = [json.loads(x) for x in (out / "manifest.jsonl").read_text().splitlines()]
     assert [m["edit"] for m in manifest] == sorted(ids)  # every edit once, none twice
     assert {m["status"] for m in manifest} == {"ok"}
-    done = [json.loads(x)["edit"] for rank in (0, 1) for x in (out / "logs" / f"rank{rank}.jsonl").read_text().splitlines()]
+    done = [json.loads(x)["edit"] for p in sorted((out / "logs").glob("rank*.jsonl"))
+            for x in p.read_text().splitlines()]
     assert sorted(done) == sorted(ids)  # each edit computed to its record exactly once, across both runs
     assert r["records_at_kill"] < len(ids)
     for eid in ids:

@@ -198,7 +198,8 @@ def decide(rc: int, *, signal_seen: str = "", term_at: Optional[float] = None, e
     itself got TERM) or ''. term_at/end_time: epoch seconds of that TERM and of the job's time limit.
     progress_*: `progress()` at the start of this run and now (None: unknown, not checked)."""
     killed_by = -rc if rc < 0 else (rc - 128 if rc > 128 else 0)
-    if (signal_seen == "usr1" and killed_by == signal.SIGUSR1) or (signal_seen == "term" and killed_by == signal.SIGTERM):
+    asked = {"usr1": signal.SIGUSR1, "term": signal.SIGTERM}.get(signal_seen)
+    if asked is not None and killed_by == asked:
         # killed by the very signal that asked for a checkpoint (no handler yet, or already exiting):
         # `--resume auto` continues from the last checkpoint, or finds the run finished
         rc = EXIT_REQUEUE
@@ -276,8 +277,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(progress(a.run_dir))
     else:
         res = decide_for_job(a.rc, os.environ.get("SLURM_JOB_ID", ""), signal_seen=a.signal, term_at=a.term_at,
-                             end_time=a.end_at, progress_before=a.progress_before, run_dir=a.run_dir, restarts=a.restarts,
-                             max_restarts=a.max_restarts)
+                             end_time=a.end_at, progress_before=a.progress_before, run_dir=a.run_dir,
+                             restarts=a.restarts, max_restarts=a.max_restarts)
         print(res.reason)
         return 0 if res.requeue else 1
     return 0

@@ -86,11 +86,11 @@ def make_executor(kind: str, folder: str | Path, res: Resources, name: str,
             deps.append("afterok:" + ":".join(str(j) for j in after))
             # a failed parent cancels its dependents instead of leaving them pending forever
             extra["kill-on-invalid-dep"] = "yes"
+        rdzv = f'eval "$({shlex.quote(sys.executable)} -m asset_dist.launch.contract rendezvous)"'
         params: dict[str, Any] = dict(name=name, timeout_min=res.minutes, nodes=res.nodes,
                                       tasks_per_node=res.tasks, stderr_to_stdout=True,
                                       slurm_signal_delay_s=res.signal_delay, slurm_additional_parameters=extra,
-                                      slurm_setup=[f"eval \"$({shlex.quote(sys.executable)} -m asset_dist.launch.contract "
-                                                   "rendezvous)\""])
+                                      slurm_setup=[rdzv])
         if res.gpus_per_node:
             params["gpus_per_node"] = res.gpus_per_node
         if res.cpus_per_task:
