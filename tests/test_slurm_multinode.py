@@ -136,7 +136,8 @@ def node_loss(cluster: SlurmCluster, sflckr_shards, tmp_path_factory):
         edit = cluster.sbatch("--nodes=2-3", "-n", "3", "--gpus-per-node=0", "-c1", "-J",
                               "asset-test-edit-nodeloss", "-t", "00:20:00", f"--output={tmp}/edit-%j.out",
                               "slurm/edit_batch.sh", "infer.batch_size=2",
-                              env=_env(RUN_DIR=str(edit_run), CONFIG=str(cfg), OVERRIDES=f"infer.edits={tmp / 'edits'}"))
+                              env=_env(RUN_DIR=str(edit_run), CONFIG=str(cfg),
+                                       OVERRIDES=f"infer.edits={tmp / 'edits'}"))
         jobs.append(edit)
         _wait(lambda: cluster.job(edit)["JobState"] == "RUNNING", "the edit batch to start", 120)
         report.update(edit=edit, victim=victim, seg_nodes=seg_nodes, edit_nodes=_nodes(cluster, edit))
