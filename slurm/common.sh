@@ -17,8 +17,8 @@
 #   their own slurmstepd; the trainer checkpoints on it too (within the cluster's KillWait, 30 s by
 #   default). A TERM to the batch shell well before the time limit is a user's scancel: not requeued. A
 #   preemption is requeued only where the cluster's PreemptMode has REQUEUE (CANCEL makes it final).
-# - A run that made no progress since it started (same checkpoint, same edit records) is not requeued
-#   again: a time limit shorter than start-up plus the warning would loop forever.
+# - The second run in a row that made no progress (same checkpoint, same edit records as at its start) is
+#   not requeued: a time limit shorter than start-up plus the warning would loop forever.
 # - A node that dies (or stops answering) is SLURM's business: after SlurmdTimeout it is DOWN and a
 #   `--requeue` job is requeued by slurmctld itself; the surviving ranks fail their next collective within
 #   `dist.timeout_s` instead of hanging, and the restart resumes from the last checkpoint.

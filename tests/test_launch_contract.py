@@ -78,7 +78,9 @@ R = exitcodes.EXIT_REQUEUE
      True, "preempted"),
     (R, {"preempted": True, "mode": "CANCEL"}, False, "PreemptMode=CANCEL makes preemption final"),
     (R, {"signal_seen": "usr1", "progress_before": "step_00000010/0", "progress_after": "step_00000010/0"},
-     False, "no progress since this run started"),
+     True, "no progress in this run, 1 of 2 allowed"),  # one slow start is forgiven
+    (R, {"signal_seen": "usr1", "progress_before": "step_00000010/0", "progress_after": "step_00000010/0",
+         "stalled_before": 1}, False, "no progress in 2 runs in a row"),
     (R, {"signal_seen": "usr1", "progress_before": "-/3", "progress_after": "-/5"}, True, "requeueing"),
     (R, {"signal_seen": "usr1", "restarts": 5, "max_restarts": 5}, False, "limit of 5"),
 ])
@@ -92,12 +94,15 @@ def test_decide_command_line_answers_with_its_exit_status(tmp_path):
         return subprocess.run([sys.executable, "-m", "asset_dist.launch.contract", "decide", *args],
                               capture_output=True, text=True, env={"PATH": "/usr/bin:/bin"})
 
-    p = run("--rc", str(R), "--signal", "usr1", "--run-dir", str(tmp_path), "--progress-before=-/0")
-    assert p.returncode == 1 and "no progress" in p.stdout  # nothing saved since the start
+    for stalled, rc in ((1, 0), (2, 1)):  # nothing saved since the start: once forgiven, then stopped
+        p = run("--rc", str(R), "--signal", "usr1", "--run-dir", str(tmp_path), "--progress-before=-/0")
+        assert p.returncode == rc and "no progress in" in p.stdout, p.stdout
+        assert (tmp_path / C.STALLED_FILE).read_text().strip() == str(stalled)  # counted in the run folder
     (tmp_path / "checkpoints").mkdir()
     (tmp_path / "checkpoints" / "latest").write_text("step_00000004\n")
     p = run("--rc", str(R), "--signal", "usr1", "--run-dir", str(tmp_path), "--progress-before=-/0")
-    assert p.returncode == 0 and "requeueing" in p.stdout
+    assert p.returncode == 0 and "requeueing" in p.stdout and "no progress" not in p.stdout
+    assert not (tmp_path / C.STALLED_FILE).exists()  # progress resets the count
     p = run("--rc", "2", "--run-dir", str(tmp_path))
     assert p.returncode == 1 and "bad config" in p.stdout
 

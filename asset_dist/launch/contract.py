@@ -14,8 +14,9 @@
       - a TERM to the batch shell well before the time limit that is not a preemption: a user's scancel, stop;
       - a preemption (the job record has a PreemptTime) where the cluster's PreemptMode has no REQUEUE
         (e.g. CANCEL): preemption is final there, stop;
-      - no progress since this run started (same checkpoint, same number of edit records): the time limit
-        leaves no room between start-up and the warning, stop instead of looping;
+      - no progress since this run started (same checkpoint, same number of edit records) for the second
+        run in a row (RUN/.asset_dist.stalled counts them; one slow start is forgiven): the time limit leaves
+        no room between start-up and the warning, stop instead of looping;
       - `max_restarts` restarts already: stop;
       - otherwise requeue (the job keeps its id and run folder; `--resume auto` continues).
 
@@ -188,15 +189,39 @@ def describe_exit(rc: int) -> str:
 class Decision:
     requeue: bool
     reason: str
+    stalled: int = 0  # consecutive runs without progress, this one included (kept in the run folder)
+
+
+STALLED_FILE = ".asset_dist.stalled"  # in the run folder: consecutive runs that ended without progress
+MAX_STALLED = 2  # the second run in a row without progress stops (one slow start is forgiven)
+
+
+def stalled_runs(run_dir: str | os.PathLike) -> int:
+    try:
+        return int((Path(run_dir) / STALLED_FILE).read_text().strip() or 0)
+    except (OSError, ValueError):
+        return 0
+
+
+def record_stalled(run_dir: str | os.PathLike, n: int) -> None:
+    from asset_dist.utils import atomic_write_text
+
+    path = Path(run_dir) / STALLED_FILE
+    if n:
+        atomic_write_text(path, f"{n}\n")
+    else:
+        path.unlink(missing_ok=True)
 
 
 def decide(rc: int, *, signal_seen: str = "", term_at: Optional[float] = None, end_time: Optional[float] = None,
            preempted: bool = False, mode: str = "OFF", progress_before: Optional[str] = None,
-           progress_after: Optional[str] = None, restarts: int = 0, max_restarts: int = 100) -> Decision:
+           progress_after: Optional[str] = None, restarts: int = 0, max_restarts: int = 100,
+           stalled_before: int = 0, max_stalled: int = MAX_STALLED) -> Decision:
     """Requeue or stop, and why. rc: the tasks' exit status (shell style: 128+N for a signal; Popen style -N
     is accepted too). signal_seen: 'usr1' (the checkpoint request went to the tasks), 'term' (the launcher
     itself got TERM) or ''. term_at/end_time: epoch seconds of that TERM and of the job's time limit.
-    progress_*: `progress()` at the start of this run and now (None: unknown, not checked)."""
+    progress_*: `progress()` at the start of this run and now (None: unknown, not checked); stalled_before:
+    how many runs in a row before this one ended without progress."""
     killed_by = -rc if rc < 0 else (rc - 128 if rc > 128 else 0)
     asked = {"usr1": signal.SIGUSR1, "term": signal.SIGTERM}.get(signal_seen)
     if asked is not None and killed_by == asked:
@@ -212,27 +237,38 @@ def decide(rc: int, *, signal_seen: str = "", term_at: Optional[float] = None, e
     if preempted and "REQUEUE" not in mode:
         return Decision(False, f"preempted, and this cluster's PreemptMode={mode} makes preemption final: not "
                                "requeued; submit the same command again to resume")
+    stalled = 0
     if progress_before is not None and progress_after is not None and progress_after == progress_before:
-        return Decision(False, f"no progress since this run started (still at {progress_before}: checkpoint/"
-                               "edit records): the time limit leaves no time between start-up and the warning; "
-                               "not requeued. Raise the time limit or lower the warning time (--signal)")
+        stalled = stalled_before + 1
+        if stalled >= max_stalled:
+            return Decision(False, f"no progress in {stalled} runs in a row (still at {progress_before}: "
+                                   "checkpoint/edit records): the time limit leaves no time between start-up and "
+                                   "the warning; not requeued. Raise the time limit or lower the warning time "
+                                   "(--signal)", stalled)
     if restarts >= max_restarts:
-        return Decision(False, f"restart {restarts} reached the limit of {max_restarts}: not requeued")
+        return Decision(False, f"restart {restarts} reached the limit of {max_restarts}: not requeued", stalled)
     why = "preempted" if preempted else ("time limit" if at_limit or signal_seen == "usr1" else "signal")
-    return Decision(True, f"checkpoint written ({why}); requeueing")
+    if stalled:
+        why += f"; no progress in this run, {stalled} of {max_stalled} allowed in a row"
+    return Decision(True, f"checkpoint written ({why}); requeueing", stalled)
 
 
 def decide_for_job(rc: int, job_id: str, *, signal_seen: str = "", term_at: Optional[float] = None,
                    end_time: Optional[float] = None, progress_before: Optional[str] = None, run_dir: str = "",
                    restarts: int = 0, max_restarts: int = 100) -> Decision:
-    """decide() with preemption and PreemptMode read from slurmctld. end_time: the time limit as read when the
-    run started (a scancel moves the job's EndTime to the moment of the cancel)."""
+    """decide() with preemption and PreemptMode read from slurmctld, and the count of runs without progress kept
+    in the run folder. end_time: the time limit as read when the run started (a scancel moves the job's
+    EndTime to the moment of the cancel)."""
     job = scontrol_job(job_id) if job_id else {}
     preempted = slurm_time(job.get("PreemptTime", "")) is not None
-    return decide(rc, signal_seen=signal_seen, term_at=term_at, end_time=end_time,
-                  preempted=preempted, mode=preempt_mode(job) if preempted else "OFF",
-                  progress_before=progress_before, progress_after=progress(run_dir) if run_dir else None,
-                  restarts=restarts, max_restarts=max_restarts)
+    res = decide(rc, signal_seen=signal_seen, term_at=term_at, end_time=end_time,
+                 preempted=preempted, mode=preempt_mode(job) if preempted else "OFF",
+                 progress_before=progress_before, progress_after=progress(run_dir) if run_dir else None,
+                 restarts=restarts, max_restarts=max_restarts,
+                 stalled_before=stalled_runs(run_dir) if run_dir else 0)
+    if run_dir:
+        record_stalled(run_dir, res.stalled)
+    return res
 
 
 # ---- command line (the batch shell) ----------------------------------------------------------------------

@@ -41,7 +41,8 @@ import submitit
 from asset_dist.distenv import DistEnv, export_torch_env, slurm_master_port
 from asset_dist.exitcodes import EXIT_BAD_INPUT, EXIT_REQUEUE
 from asset_dist.launch.contract import (RDZV_VAR, STALE_VARS, decide, describe_exit, free_port, preempt_mode,
-                                        preemption_requeues, progress, scontrol_job, slurm_time)
+                                        preemption_requeues, progress, record_stalled, scontrol_job, slurm_time,
+                                        stalled_runs)
 from asset_dist.jobspec import Resources, add_resource_args, resources_from_args
 
 EXECUTORS = ("auto", "local", "slurm")
@@ -301,10 +302,14 @@ class TrainJob(submitit.helpers.Checkpointable):
 
     def _decide(self, rc: int, signal_seen: str, term_at: Optional[float] = None):
         preempted, mode = job_preemption()
-        return decide(rc, signal_seen=signal_seen, term_at=term_at, end_time=self._end_time, preempted=preempted,
-                      mode=mode, progress_before=self._progress,
-                      progress_after=progress(self.run_dir) if self.run_dir else None,
-                      restarts=0, max_restarts=1)  # submitit counts the restarts itself (max_timeouts)
+        verdict = decide(rc, signal_seen=signal_seen, term_at=term_at, end_time=self._end_time,
+                         preempted=preempted, mode=mode, progress_before=self._progress,
+                         progress_after=progress(self.run_dir) if self.run_dir else None,
+                         restarts=0, max_restarts=1,  # submitit counts the restarts itself (max_timeouts)
+                         stalled_before=stalled_runs(self.run_dir) if self.run_dir else 0)
+        if self.run_dir:
+            record_stalled(self.run_dir, verdict.stalled)
+        return verdict
 
     def _stop(self) -> None:
         """Reap the trainer; if it still runs (this task is being stopped), let it save first."""
