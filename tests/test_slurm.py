@@ -281,6 +281,6 @@ def test_a_run_without_progress_stops_requeueing(slurm_cluster: SlurmCluster, st
     info = slurm_cluster.wait(job, timeout=420)
     log = next(tmp.glob("*.out")).read_text()
     assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("FAILED", "99:0", "1"), (info, log)
-    assert log.count("SIGUSR1 at step 5: saved") == 2, log
+    assert log.count("rank 0: SIGUSR1 at step 5: saved") == 2, log  # once per run
     assert "no progress in this run, 1 of 2 allowed in a row); requeueing job" in log, log
     assert "no progress in 2 runs in a row (still at step_00000005/0" in log, log
