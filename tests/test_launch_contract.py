@@ -163,3 +163,13 @@ def test_a_preempted_job_is_waited_for_only_where_it_comes_back(monkeypatch, mod
     monkeypatch.setattr(C, "_scontrol", lambda *a: f"PreemptMode = {mode}\n" if a == ("show", "config") else "")
     assert submit.state_active("PREEMPTED") is active
     assert submit.state_active("PENDING") and not submit.state_active("COMPLETED")
+
+
+def test_a_job_slurm_requeued_itself_is_left_to_slurm(monkeypatch, tmp_path):
+    """`scontrol requeue` (or a node failure) moves the job's Restarts on at once: the launcher must not decide
+    anything (neither requeue it again nor call it a scancel)."""
+    monkeypatch.setattr(C, "scontrol_job", lambda job_id: {"Restarts": "3", "JobState": "COMPLETING"})
+    d = C.decide_for_job(R, "7", signal_seen="term", term_at=1.0, end_time=9999.0, run_dir=str(tmp_path), restarts=2)
+    assert not d.requeue and "SLURM has requeued this job itself" in d.reason
+    d = C.decide_for_job(R, "7", signal_seen="term", term_at=1.0, end_time=9999.0, run_dir=str(tmp_path), restarts=3)
+    assert not d.requeue and "scancel" in d.reason

@@ -232,6 +232,30 @@ def test_time_limit_term_still_requeues(slurm_cluster: SlurmCluster, timeout_job
         assert 0 < first["start_step"] < TIMEOUT_STEPS
 
 
+def test_scontrol_requeue_checkpoints_and_resumes(slurm_cluster: SlurmCluster, tmp_path):
+    """`scontrol requeue` of a running job: every rank gets TERM from its slurmstepd and saves; SLURM brings the
+    job back and it resumes from that step (the launcher leaves the requeue to SLURM)."""
+    run_dir, steps = tmp_path / "run", 120
+    env = _env(tmp_path, RUN_DIR=str(run_dir), OVERRIDES=f"train.max_steps={steps} fake.step_seconds=0.1")
+    job = slurm_cluster.sbatch(*CPU, "-J", "asset-test-scontrol-requeue", "-t", "00:10:00",
+                               f"--output={tmp_path}/%j.out", "--open-mode=append", "slurm/train_sga.sh", env=env)
+    try:
+        _wait_steps(slurm_cluster, job, run_dir, 5)
+        slurm_cluster.run("scontrol", "requeue", str(job))
+        info = slurm_cluster.wait(job, timeout=300)
+        log = (tmp_path / f"{job}.out").read_text()
+        assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "1"), log
+        assert "SLURM has requeued this job itself" in log and "scancel" not in log, log
+        saved = re.findall(r"rank 0: SIGTERM at step (\d+): saved, exit 99", log)
+        assert len(saved) == 1, log
+        for r in (0, 1):
+            assert _steps(run_dir, r) == list(range(1, steps + 1))  # nothing lost, nothing redone
+            first = json.loads((run_dir / "launches" / f"restart1-rank{r}.json").read_text())
+            assert first["start_step"] == int(saved[0])
+    finally:
+        slurm_cluster.cancel(job)
+
+
 @pytest.mark.parametrize("partition", ["debug", "scavenger"])
 def test_preemption_checkpoints_and_requeues_only_where_preemptmode_says_so(slurm_cluster: SlurmCluster, tmp_path,
                                                                            partition):

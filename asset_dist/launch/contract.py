@@ -253,6 +253,14 @@ def decide(rc: int, *, signal_seen: str = "", term_at: Optional[float] = None, e
     return Decision(True, f"checkpoint written ({why}); requeueing", stalled)
 
 
+def requeued_by_slurm(job: Mapping[str, str], restarts: int) -> bool:
+    """Has slurmctld requeued the job while this run was stopping? Its Restarts count moves on at once."""
+    try:
+        return int(job.get("Restarts", "0")) > restarts
+    except ValueError:
+        return False
+
+
 def decide_for_job(rc: int, job_id: str, *, signal_seen: str = "", term_at: Optional[float] = None,
                    end_time: Optional[float] = None, progress_before: Optional[str] = None, run_dir: str = "",
                    restarts: int = 0, max_restarts: int = 100) -> Decision:
@@ -260,6 +268,11 @@ def decide_for_job(rc: int, job_id: str, *, signal_seen: str = "", term_at: Opti
     in the run folder. end_time: the time limit as read when the run started (a scancel moves the job's
     EndTime to the moment of the cancel)."""
     job = scontrol_job(job_id) if job_id else {}
+    if requeued_by_slurm(job, restarts):
+        if run_dir:
+            record_stalled(run_dir, 0)
+        return Decision(False, "SLURM has requeued this job itself (scontrol requeue, a node failure or a "
+                               "preemption): it comes back by itself and resumes")
     preempted = slurm_time(job.get("PreemptTime", "")) is not None
     res = decide(rc, signal_seen=signal_seen, term_at=term_at, end_time=end_time,
                  preempted=preempted, mode=preempt_mode(job) if preempted else "OFF",

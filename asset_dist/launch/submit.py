@@ -41,8 +41,8 @@ import submitit
 from asset_dist.distenv import DistEnv, export_torch_env, slurm_master_port
 from asset_dist.exitcodes import EXIT_BAD_INPUT, EXIT_REQUEUE
 from asset_dist.launch.contract import (RDZV_VAR, STALE_VARS, decide, describe_exit, free_port, preempt_mode,
-                                        preemption_requeues, progress, record_stalled, scontrol_job, slurm_time,
-                                        stalled_runs)
+                                        preemption_requeues, progress, record_stalled, requeued_by_slurm,
+                                        scontrol_job, slurm_time, stalled_runs)
 from asset_dist.jobspec import Resources, add_resource_args, resources_from_args
 
 EXECUTORS = ("auto", "local", "slurm")
@@ -283,8 +283,11 @@ class TrainJob(submitit.helpers.Checkpointable):
                 # rank 0 saw the same: it resubmits the whole job, or not (scancel)
                 log(f"rank {place.rank}: trainer stopped ({describe_exit(rc)}); rank 0 decides on resubmission")
                 sys.exit(EXIT_REQUEUE)
-            # Nobody asked rank 0 for a checkpoint: the trainer stopped on a TERM (time limit, scancel or
-            # preemption). The shared rule (asset_dist.launch.contract.decide) tells which.
+            # Nobody asked rank 0 for a checkpoint: the trainer stopped on a TERM (time limit, scancel,
+            # `scontrol requeue`, preemption). The shared rule (asset_dist.launch.contract.decide) tells which.
+            if self._requeued_by_slurm():
+                log(f"trainer stopped ({describe_exit(rc)}); SLURM has requeued the job itself: it comes back")
+                sys.exit(EXIT_REQUEUE)
             verdict = self._decide(rc, "term", term_at=time.time())
             if verdict.requeue:
                 # resubmit through submitit's own handler, as if its warning had arrived now
@@ -299,6 +302,12 @@ class TrainJob(submitit.helpers.Checkpointable):
             raise TrainingFailed(f"trainer stopped by TERM ({describe_exit(rc)}), run folder {self.run_dir}: "
                                  f"{verdict.reason}")
         raise TrainingFailed(f"trainer failed: {describe_exit(rc)}; logs in this job's submitit folder")
+
+    def _requeued_by_slurm(self) -> bool:
+        job_id = os.environ.get("SLURM_JOB_ID")
+        if not job_id or os.environ.get("SUBMITIT_EXECUTOR") != "slurm":
+            return False
+        return requeued_by_slurm(scontrol_job(job_id), int(os.environ.get("SLURM_RESTART_COUNT") or 0))
 
     def _decide(self, rc: int, signal_seen: str, term_at: Optional[float] = None):
         preempted, mode = job_preemption()
