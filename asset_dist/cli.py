@@ -2,11 +2,16 @@
 
 Subcommands register lazily (module path + function), so `asset-dist --help` stays fast and a
 missing optional dependency of one command does not break the others.
+
+Bad input (a config value, a missing or unreadable file, a bad edit set, a held output-folder lock, an output
+folder that cannot be written) ends every command the same way: `error: <message naming it>` on stderr and
+exit code 2, no traceback. ASSET_DIST_TRACEBACK=1 shows the traceback as well (for bug reports).
 """
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # name -> (module, function that adds arguments, function that runs, one-line help)
@@ -46,8 +51,29 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     mod, _add, run, _h = COMMANDS[args.command]
-    rc = getattr(importlib.import_module(mod), run)(args)
+    from asset_dist.runlock import LockHeld
+
+    try:
+        rc = getattr(importlib.import_module(mod), run)(args)
+    except (ValueError, OSError, LockHeld) as e:  # InputError and ConfigError are ValueErrors
+        if os.environ.get("ASSET_DIST_TRACEBACK") == "1":
+            raise
+        return report_error(e)
     return int(rc or 0)
+
+
+def error_text(e: BaseException) -> str:
+    """One line for an error: an OSError as 'path: reason', anything else as its message."""
+    if isinstance(e, OSError) and e.filename is not None:
+        return f"{e.filename}: {e.strerror or e}"
+    return str(e) or type(e).__name__
+
+
+def report_error(e: BaseException) -> int:
+    from asset_dist.exitcodes import EXIT_BAD_INPUT
+
+    print(f"error: {error_text(e)}", file=sys.stderr, flush=True)
+    return EXIT_BAD_INPUT
 
 
 if __name__ == "__main__":

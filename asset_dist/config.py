@@ -1,7 +1,9 @@
 """Typed configuration: YAML files -> nested dataclasses, with `--set a.b.c=value` overrides.
 
 Every command loads its config through `load_config`, so errors look the same everywhere: unknown keys,
-wrong types and missing required values fail at start-up with the full key path and the file name.
+wrong types, missing required values and values out of range (each section's `validate`, then the checks across
+sections in `Config.validate`) fail at start-up, before any heavy work, with the key path, the value, what is
+allowed and the file name. Commands print them as `error: ...` and exit 2.
 A YAML file may name a parent with `base: other.yaml` (relative to itself); the child overrides it.
 """
 from __future__ import annotations
@@ -15,13 +17,43 @@ from typing import Any, Optional
 
 import yaml
 
+from asset_dist.utils import InputError
+
 MISSING = "???"  # a required value; YAML files set it, or `--set` must
 # sga_attention kernels ("auto" = fastest measured per device); kept here so config stays torch-free.
 ATTENTION_IMPLS = ("auto", "gather", "sdpa_gather", "flex", "flex_eager", "dense_mask")
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError):
     """A config problem, with the key path and the file it came from."""
+
+
+STAGES = ("vqgan", "seg", "guide", "sga")
+PRECISIONS = ("fp32", "bf16", "fp16")
+INFER_PRECISIONS = ("fp32", "bf16", "fp16", "fp64")
+TOKEN = 16  # pixels per token: every tokenizer downsamples by 16 (5 levels of ch_mult)
+
+
+class Checks:
+    """Problems found while validating one config; each names the key, the value and what is allowed."""
+
+    def __init__(self) -> None:
+        self.problems: list[str] = []
+
+    def bad(self, key: str, value: Any, allowed: str) -> None:
+        self.problems.append(f"'{key}' must be {allowed} (got {value!r})")
+
+    def at_least(self, key: str, value: Any, lo: float) -> None:
+        if not value >= lo:  # also catches NaN
+            self.bad(key, value, f">= {lo}")
+
+    def within(self, key: str, value: Any, lo: float, hi: float, hi_open: bool = False) -> None:
+        if not (lo <= value < hi if hi_open else lo <= value <= hi):
+            self.bad(key, value, f"in [{lo:g}, {hi:g}{')' if hi_open else ']'}")
+
+    def one_of(self, key: str, value: Any, options: typing.Sequence[str]) -> None:
+        if value not in options:
+            self.bad(key, value, "one of " + ", ".join(options))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -51,12 +83,32 @@ class VQConfig:
     legacy_downsample: bool = False  # pad-then-conv downsample (seg model) vs. mask-aware padding
     decoder_res_blocks: Optional[int] = None  # None: num_res_blocks + 1, as the paper
 
+    def validate(self, c: Checks, at: str) -> None:
+        for key in ("in_channels", "out_channels", "z_channels", "embed_dim", "resolution"):
+            c.at_least(f"{at}.{key}", getattr(self, key), 1)
+        c.at_least(f"{at}.n_embed", self.n_embed, 2)
+        if self.ch < 32 or self.ch % 32:
+            c.bad(f"{at}.ch", self.ch, "a positive multiple of 32 (GroupNorm / RegionNorm use 32 groups)")
+        if len(self.ch_mult) != 5 or min(self.ch_mult) < 1:
+            c.bad(f"{at}.ch_mult", self.ch_mult, f"5 positive integers (4 halvings: a factor-{TOKEN} tokenizer)")
+        c.at_least(f"{at}.num_res_blocks", self.num_res_blocks, 0)
+        if self.decoder_res_blocks is not None:
+            c.at_least(f"{at}.decoder_res_blocks", self.decoder_res_blocks, 0)
+        if any(r < 1 for r in self.attn_resolutions):
+            c.bad(f"{at}.attn_resolutions", self.attn_resolutions, "a list of positive feature-map sides")
+        c.within(f"{at}.dropout", self.dropout, 0.0, 1.0, hi_open=True)
+        c.one_of(f"{at}.region_norm", self.region_norm, ("true", "official"))
+
 
 @dataclass
 class DiscConfig:
     in_channels: int = 3  # PatchGAN discriminator input channels
     ndf: int = 64  # its base width
     n_layers: int = 3  # its stride-2 conv layers
+
+    def validate(self, c: Checks, at: str) -> None:
+        for key in ("in_channels", "ndf", "n_layers"):
+            c.at_least(f"{at}.{key}", getattr(self, key), 1)
 
 
 @dataclass
@@ -86,6 +138,30 @@ class TransformerConfig:
     # whole own block, causal blocks 0-4 dense), asset_dist.attention.official; for imported official weights.
     sga_semantics: str = "union"
 
+    def validate(self, c: Checks, at: str) -> None:
+        for key in ("vocab_size", "cond_vocab_size", "d_model", "n_heads", "ffn_dim", "encoder_layers",
+                    "decoder_layers", "peg_kernel"):
+            c.at_least(f"{at}.{key}", getattr(self, key), 1)
+        if self.n_heads >= 1 and self.d_model % self.n_heads:
+            c.bad(f"{at}.n_heads", self.n_heads, f"a divisor of d_model={self.d_model}")
+        if len(self.block_grid) != 2 or min(self.block_grid) < 1:
+            c.bad(f"{at}.block_grid", self.block_grid, "[rows, cols], two positive integers")
+        c.at_least(f"{at}.guide_k", self.guide_k, 1)
+        c.at_least(f"{at}.max_position_embeddings", self.max_position_embeddings, 0)
+        if self.peg_kernel % 2 == 0:
+            c.bad(f"{at}.peg_kernel", self.peg_kernel, "odd (a centred depthwise conv)")
+        for item in self.peg:
+            side, _, which = item.partition("_")
+            n = {"E": self.encoder_layers, "D": self.decoder_layers}.get(side, 0)
+            if not n or not (which == "all" or (which.isdigit() and int(which) < n)):
+                c.bad(f"{at}.peg", item, f"E_all, E_<i> (i < {self.encoder_layers}), D_all or D_<i> "
+                                         f"(i < {self.decoder_layers})")
+        c.within(f"{at}.dropout", self.dropout, 0.0, 1.0, hi_open=True)
+        c.within(f"{at}.attention_dropout", self.attention_dropout, 0.0, 1.0, hi_open=True)
+        c.one_of(f"{at}.causal_picks", self.causal_picks, ("fixed", "official"))
+        c.one_of(f"{at}.sga_semantics", self.sga_semantics, ("union", "official"))
+        c.one_of(f"{at}.attention_impl", self.attention_impl, ATTENTION_IMPLS)
+
 
 @dataclass
 class ModelConfig:
@@ -96,12 +172,23 @@ class ModelConfig:
     disc: DiscConfig = field(default_factory=DiscConfig)
     transformer: TransformerConfig = field(default_factory=TransformerConfig)
 
+    def validate(self, c: Checks, at: str) -> None:
+        for name in ("vqgan", "seg", "disc", "transformer"):
+            getattr(self, name).validate(c, f"{at}.{name}")
+
 
 @dataclass
 class MaskConfig:
     kind: str = "landscape"  # landscape (dilated segment) | coco (dilated segment or bounding box)
     max_ratio: float = 0.6  # largest masked fraction of the image; bigger segments are halved until below
     sample_resolution: int = 0  # 0: min(data.resolution, 512), as the paper (the 1024 stage samples at 512)
+
+    def validate(self, c: Checks, at: str) -> None:
+        c.one_of(f"{at}.kind", self.kind, ("landscape", "coco"))
+        if not 0.0 < self.max_ratio <= 1.0:
+            c.bad(f"{at}.max_ratio", self.max_ratio, "in (0, 1]")
+        if self.sample_resolution < 0 or self.sample_resolution % TOKEN:
+            c.bad(f"{at}.sample_resolution", self.sample_resolution, f"0 or a positive multiple of {TOKEN}")
 
 
 @dataclass
@@ -119,7 +206,32 @@ class DataConfig:
     drop_last: bool = False  # drop each worker's short last batch of an epoch
     max_corrupt_fraction: float = 0.01  # stop with an error naming the shard above this fraction of corrupt samples
     seed: int = 23  # shuffling, crops and masks (with the epoch and sample key)
+    # shard sources starting with `pipe:` run a shell command (webdataset): refused unless this is true
+    allow_pipe: bool = False
+    # check training and edit shards against their manifest: size at start-up, sha256 when a process first reads one
+    verify: bool = True
     mask: MaskConfig = field(default_factory=MaskConfig)
+
+    def validate(self, c: Checks, at: str) -> None:
+        if self.resolution <= 0 or self.resolution % TOKEN:
+            c.bad(f"{at}.resolution", self.resolution, f"a positive multiple of {TOKEN}")
+        elif not 0 < self.guide_resolution <= self.resolution:
+            c.bad(f"{at}.guide_resolution", self.guide_resolution, f"in 1..resolution={self.resolution}")
+        if self.resize_short_side and self.resize_short_side < self.resolution:
+            c.bad(f"{at}.resize_short_side", self.resize_short_side, f"0 or >= resolution={self.resolution}")
+        c.within(f"{at}.num_classes", self.num_classes, 1, 256)
+        c.at_least(f"{at}.batch_size", self.batch_size, 1)
+        c.at_least(f"{at}.num_workers", self.num_workers, 0)
+        c.at_least(f"{at}.shuffle_buffer", self.shuffle_buffer, 0)
+        if not 0 <= self.label_shift <= 255:
+            c.bad(f"{at}.label_shift", self.label_shift, "in 0..255")
+        c.within(f"{at}.max_corrupt_fraction", self.max_corrupt_fraction, 0.0, 1.0)
+        for key in ("train_shards", "val_shards"):
+            spec = getattr(self, key)  # "" is fine here (editing needs no shards); training checks it
+            if not self.allow_pipe and any(u.strip().startswith("pipe:") for u in spec.split("::")):
+                c.bad(f"{at}.{key}", spec, f"a path: a 'pipe:' source runs a shell command, allowed only with "
+                                           f"{at}.allow_pipe=true")
+        self.mask.validate(c, f"{at}.mask")
 
 
 @dataclass
@@ -137,6 +249,12 @@ class LossConfig:
     # for setups where that weight is partitioned (ZeRO-3) and autograd.grad cannot see it whole.
     adaptive_weight: bool = True
     seg_recon: str = "ce"  # seg tokenizer: "ce" cross-entropy | "bce" official BCE-with-logits on one-hot
+
+    def validate(self, c: Checks, at: str) -> None:
+        for key in ("codebook_weight", "beta", "pixel_weight", "perceptual_weight", "disc_weight", "disc_factor",
+                    "disc_start"):
+            c.at_least(f"{at}.{key}", getattr(self, key), 0)
+        c.one_of(f"{at}.seg_recon", self.seg_recon, ("ce", "bce"))
 
 
 @dataclass
@@ -166,6 +284,23 @@ class TrainConfig:
     # token hole: "any" = a token is unknown if any pixel of its patch is masked; "nearest" = official
     token_hole: str = "any"
 
+    def validate(self, c: Checks, at: str) -> None:
+        c.one_of(f"{at}.stage", self.stage, STAGES)
+        for key in ("max_steps", "grad_accum", "ckpt_every", "keep_last"):
+            c.at_least(f"{at}.{key}", getattr(self, key), 1)
+        if not self.lr > 0 or self.lr == float("inf"):
+            c.bad(f"{at}.lr", self.lr, "a finite number > 0")
+        c.one_of(f"{at}.optimizer", self.optimizer, ("adam", "adamw"))
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            c.bad(f"{at}.betas", self.betas, "[beta1, beta2], each in [0, 1)")
+        for key in ("weight_decay", "warmup_steps", "grad_clip"):
+            c.at_least(f"{at}.{key}", getattr(self, key), 0)
+        c.one_of(f"{at}.schedule", self.schedule, ("constant", "cosine"))
+        c.within(f"{at}.min_lr_ratio", self.min_lr_ratio, 0.0, 1.0)
+        c.one_of(f"{at}.precision", self.precision, PRECISIONS)
+        c.one_of(f"{at}.token_hole", self.token_hole, ("any", "nearest"))
+        self.loss.validate(c, f"{at}.loss")
+
 
 @dataclass
 class DeepSpeedConfig:
@@ -174,6 +309,9 @@ class DeepSpeedConfig:
     overlap_comm: bool = False  # overlap gradient reduction with backward
     extra: dict[str, Any] = field(default_factory=dict)  # merged into the generated DeepSpeed JSON
 
+    def validate(self, c: Checks, at: str) -> None:
+        c.within(f"{at}.zero_stage", self.zero_stage, 0, 3)
+
 
 @dataclass
 class LoggingConfig:
@@ -181,10 +319,18 @@ class LoggingConfig:
     log_every: int = 10  # steps between scalar logs
     image_every: int = 200  # steps between image grids (0 = never)
 
+    def validate(self, c: Checks, at: str) -> None:
+        c.at_least(f"{at}.log_every", self.log_every, 1)
+        c.at_least(f"{at}.image_every", self.image_every, 0)
+
 
 @dataclass
 class PathsConfig:
     run_dir: str = "runs/default"  # checkpoints, exports, logs and the resolved config go here
+
+    def validate(self, c: Checks, at: str) -> None:
+        if not self.run_dir.strip():
+            c.bad(f"{at}.run_dir", self.run_dir, "a folder (empty would write into the current folder)")
 
 
 @dataclass
@@ -212,6 +358,16 @@ class InferConfig:
     class_names: str = ""  # class table file: one name per line (0-based) or JSON {name: id}; "" = COCO-Stuff
     classes: dict[str, int] = field(default_factory=dict)  # extra name -> id (model convention), wins
 
+    def validate(self, c: Checks, at: str) -> None:
+        c.one_of(f"{at}.precision", self.precision, INFER_PRECISIONS)
+        for key, lo in (("samples", 1), ("batch_size", 1), ("blend_levels", 1), ("top_k", 0), ("blend_band", 0),
+                        ("preview_size", 16)):
+            c.at_least(f"{at}.{key}", getattr(self, key), lo)
+        c.at_least(f"{at}.temperature", self.temperature, 0.0)
+        for name, cid in self.classes.items():
+            if not isinstance(cid, int) or isinstance(cid, bool) or cid < -1:
+                c.bad(f"{at}.classes.{name}", cid, "a class id (an integer >= -1; -1 = none)")
+
 
 @dataclass
 class DistConfig:
@@ -225,6 +381,10 @@ class DistConfig:
     # --requeue job; this bound covers what SLURM does not see (a frozen process, a cut link between nodes).
     timeout_s: float = 600.0
 
+    def validate(self, c: Checks, at: str) -> None:
+        if not self.timeout_s > 0:  # also catches NaN
+            c.bad(f"{at}.timeout_s", self.timeout_s, "> 0 seconds")
+
 
 @dataclass
 class Config:
@@ -237,6 +397,33 @@ class Config:
     paths: PathsConfig = field(default_factory=PathsConfig)
     infer: InferConfig = field(default_factory=InferConfig)
     dist: DistConfig = field(default_factory=DistConfig)
+
+    def validate(self, c: Checks) -> None:
+        """Each section, then what must agree across sections (the model with the data and with itself)."""
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if dataclasses.is_dataclass(v):
+                v.validate(c, f.name)
+        m, d, t = self.model, self.data, self.model.transformer
+        if t.vocab_size < m.vqgan.n_embed:
+            c.bad("model.transformer.vocab_size", t.vocab_size,
+                  f">= model.vqgan.n_embed={m.vqgan.n_embed} (the transformer predicts the VQGAN's codes)")
+        if t.cond_vocab_size < m.seg.n_embed:
+            c.bad("model.transformer.cond_vocab_size", t.cond_vocab_size,
+                  f">= model.seg.n_embed={m.seg.n_embed} (the encoder reads the seg tokenizer's codes)")
+        if m.seg.in_channels != d.num_classes:
+            c.bad("model.seg.in_channels", m.seg.in_channels,
+                  f"data.num_classes={d.num_classes} (the seg tokenizer reads one-hot label maps)")
+        if m.seg.out_channels != m.seg.in_channels:
+            c.bad("model.seg.out_channels", m.seg.out_channels, f"model.seg.in_channels={m.seg.in_channels}")
+        if self.train.stage in ("guide", "sga") and len(t.block_grid) == 2 and min(t.block_grid) >= 1:
+            sides = {"data.resolution": d.resolution} | ({"data.guide_resolution": d.guide_resolution}
+                                                          if self.train.stage == "sga" else {})
+            for key, side in sides.items():
+                n = side // TOKEN
+                if side % TOKEN or n % t.block_grid[0] or n % t.block_grid[1]:
+                    c.bad(key, side, f"a multiple of {TOKEN} whose {TOKEN}-px token grid splits into "
+                                     f"model.transformer.block_grid={t.block_grid}")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -367,35 +554,14 @@ def _check_required(obj: Any, prefix: str, src: str) -> None:
             _check_required(v, where, src)
 
 
-def _validate(cfg: Config, src: str) -> None:
-    def bad(key: str, msg: str) -> None:
-        raise ConfigError(f"{src}: '{key}' {msg}")
-
-    if cfg.train.stage not in ("vqgan", "seg", "guide", "sga"):
-        bad("train.stage", f"must be one of vqgan, seg, guide, sga (got {cfg.train.stage!r})")
-    if cfg.train.precision not in ("fp32", "bf16", "fp16"):
-        bad("train.precision", f"must be fp32, bf16 or fp16 (got {cfg.train.precision!r})")
-    if cfg.deepspeed.zero_stage not in (0, 1, 2, 3):
-        bad("deepspeed.zero_stage", f"must be 0-3 (got {cfg.deepspeed.zero_stage})")
-    if cfg.data.resolution % 16 != 0 or cfg.data.resolution <= 0:
-        bad("data.resolution", f"must be a positive multiple of 16 (got {cfg.data.resolution})")
-    if cfg.train.schedule not in ("constant", "cosine"):
-        bad("train.schedule", f"must be constant or cosine (got {cfg.train.schedule!r})")
-    if cfg.model.transformer.causal_picks not in ("fixed", "official"):
-        bad("model.transformer.causal_picks", "must be 'fixed' or 'official'")
-    if cfg.model.transformer.sga_semantics not in ("union", "official"):
-        bad("model.transformer.sga_semantics", "must be 'union' or 'official'")
-    if cfg.model.transformer.attention_impl not in ATTENTION_IMPLS:
-        bad("model.transformer.attention_impl", f"must be one of {', '.join(ATTENTION_IMPLS)}")
-    for sec in ("vqgan", "seg"):
-        if getattr(cfg.model, sec).region_norm not in ("true", "official"):
-            bad(f"model.{sec}.region_norm", "must be 'true' or 'official'")
-    if cfg.data.mask.kind not in ("landscape", "coco"):
-        bad("data.mask.kind", "must be 'landscape' or 'coco'")
-    if cfg.train.grad_accum < 1:
-        bad("train.grad_accum", "must be >= 1")
-    if not cfg.dist.timeout_s > 0:
-        bad("dist.timeout_s", f"must be > 0 seconds (got {cfg.dist.timeout_s})")
+def validate(cfg: Any, src: str = "<config>", at: str = "") -> None:
+    """Every problem of `cfg` (a Config, or one section of it found at key `at`, e.g. a DataConfig at "data")
+    in one ConfigError naming key, value and what is allowed; nothing when all is well."""
+    c = Checks()
+    cfg.validate(c) if isinstance(cfg, Config) else cfg.validate(c, at)
+    if c.problems:
+        head = f"{src}: " + ("" if len(c.problems) == 1 else f"{len(c.problems)} problems: ")
+        raise ConfigError(head + "; ".join(c.problems))
 
 
 def load_config(path: Optional[str | os.PathLike] = None, overrides: Optional[list[str]] = None,
@@ -407,7 +573,7 @@ def load_config(path: Optional[str | os.PathLike] = None, overrides: Optional[li
     cfg = _build(Config, data, "", src)
     if require:
         _check_required(cfg, "", src)
-        _validate(cfg, src)
+        validate(cfg, src)
     return cfg
 
 
@@ -429,6 +595,60 @@ def save_config(cfg: Config, path: str | os.PathLike) -> None:
 
 def add_config_args(parser) -> None:
     """The standard `--config` / `--set` pair every command takes."""
-    parser.add_argument("--config", required=True, help="YAML config file (see configs/)")
+    parser.add_argument("--config", required=True, type=path_arg, help="YAML config file (see configs/)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. --set train.max_steps=10 (repeatable)")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Command-line values: argparse `type=` checkers, so a bad value fails at parse time (argparse's usage error,
+# exit 2) with the option, the value and what is allowed.
+
+
+def int_arg(lo: int, hi: Optional[int] = None, multiple: int = 1):
+    """type= for an integer option in [lo, hi] (hi None: no upper bound) that is a multiple of `multiple`."""
+    import argparse
+
+    allowed = f">= {lo}" if hi is None else f"in {lo}..{hi}"
+    if multiple > 1:
+        allowed += f" and a multiple of {multiple}"
+
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer {allowed} (got {text!r})") from None
+        if v < lo or (hi is not None and v > hi) or v % multiple:
+            raise argparse.ArgumentTypeError(f"must be {allowed} (got {v})")
+        return v
+
+    parse.__name__ = "integer"
+    return parse
+
+
+def float_arg(lo: float, hi: float, lo_open: bool = False):
+    """type= for a float option in [lo, hi] ((lo, hi] with lo_open)."""
+    import argparse
+
+    allowed = f"in {'(' if lo_open else '['}{lo:g}, {hi:g}]"
+
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a number {allowed} (got {text!r})") from None
+        if not ((lo < v if lo_open else lo <= v) and v <= hi):
+            raise argparse.ArgumentTypeError(f"must be {allowed} (got {v:g})")
+        return v
+
+    parse.__name__ = "number"
+    return parse
+
+
+def path_arg(text: str) -> str:
+    """type= for a file or folder option: not empty (an empty --out would write into the current folder)."""
+    import argparse
+
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must name a file or folder (got an empty path)")
+    return text

@@ -25,6 +25,8 @@ def field_comments(cls: type) -> dict[str, str]:
     above: list[str] = []
     for line in inspect.getsource(cls).splitlines()[1:]:
         s = line.strip()
+        if s.startswith(("def ", "@")):
+            break  # the fields come first; methods (validation) follow
         if s.startswith("#"):
             above.append(s.lstrip("# ").strip())
             continue

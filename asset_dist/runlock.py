@@ -12,14 +12,17 @@ a lock is stale, and is taken over, when
 """
 from __future__ import annotations
 
+import contextlib
+import datetime
 import json
 import os
 import socket
+import sys
 import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 LOCK_NAME = ".asset_dist.lock"
 
@@ -143,3 +146,87 @@ class RunLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# A lock for a whole job (torchrun / srun: several processes write into one folder)
+
+HANDSHAKE_TIMEOUT_S = 600.0  # every rank must reach the lock within this of the others
+JOB_WAIT = datetime.timedelta(days=30)  # rank 0 keeps the lock until the slowest rank is done
+
+
+@contextlib.contextmanager
+def job_lock(folder: str | os.PathLike, what: str, env=None) -> Iterator[Optional[RunLock]]:
+    """Hold `folder`'s lock for every process of this job (rank and world size from asset_dist.distenv).
+
+    One process: a plain RunLock. Several: rank 0 alone takes it (one holder per job, so the stale-lock rules
+    hold), every rank learns the outcome over a small gloo group and, if the folder is held by another run, all
+    of them raise LockHeld with the holder's description; at the end rank 0 waits for every rank before it
+    releases, so a second run can never start while a slow rank still writes. Yields rank 0's RunLock (None on
+    the other ranks). A mode in which extra workers join a running job on purpose would replace the rank-0 take
+    (`_take`) by a check that a live holder of the same kind owns the folder."""
+    from asset_dist.distenv import dist_env
+
+    env = env or dist_env()
+    if env.world_size <= 1:
+        with RunLock(folder, what) as lock:
+            yield lock
+        return
+    group = _Handshake(env)
+    lock, err = (_take(folder, what) if env.rank == 0 else (None, None))
+    err = group.broadcast(err)
+    if err is not None:
+        group.close()
+        raise LockHeld(err)
+    try:
+        yield lock
+    finally:
+        group.wait_for_all()
+        if lock is not None:
+            lock.release()
+        group.close()
+
+
+def _take(folder: str | os.PathLike, what: str) -> tuple[Optional[RunLock], Optional[str]]:
+    """(the lock, None) or (None, why not) - never raises, so every rank hears the answer."""
+    try:
+        return RunLock(folder, what).acquire(), None
+    except LockHeld as e:
+        return None, str(e)
+    except OSError as e:
+        return None, f"{folder}: cannot take the output-folder lock ({e.strerror or e})"
+
+
+class _Handshake:
+    """A gloo group for the lock's two collectives (the outcome, the final wait); our own when none exists."""
+
+    def __init__(self, env) -> None:
+        import torch.distributed as dist
+
+        from asset_dist.distenv import init_process_group
+
+        self.dist = dist
+        self.owned = not dist.is_initialized()
+        if self.owned:
+            init_process_group(env, "cpu", timeout_s=HANDSHAKE_TIMEOUT_S)
+            self.group = None  # the default group, gloo
+        else:
+            self.group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=HANDSHAKE_TIMEOUT_S))
+
+    def broadcast(self, err: Optional[str]) -> Optional[str]:
+        box = [err]
+        self.dist.broadcast_object_list(box, src=0, group=self.group)
+        return box[0]
+
+    def wait_for_all(self) -> None:
+        try:
+            self.dist.monitored_barrier(group=self.group, timeout=JOB_WAIT, wait_all_ranks=True)
+        except Exception as e:  # noqa: BLE001 - a rank that died: nothing left to wait for
+            print(f"lock: not every rank finished cleanly ({type(e).__name__}: {str(e).splitlines()[0]}); "
+                  "releasing the output folder", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.owned and self.dist.is_initialized():
+            self.dist.destroy_process_group()
+        elif self.group is not None:
+            self.dist.destroy_process_group(self.group)

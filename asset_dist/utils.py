@@ -1,11 +1,78 @@
-"""Small shared helpers: atomic writes, safe loading, logging setup."""
+"""Small shared helpers (the ground layer): input errors, safe names and paths inside an output folder,
+atomic writes with the permissions a plain open() gives, weights-only loading."""
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
+
+
+class InputError(ValueError):
+    """Bad input (a config value, a file, a name read from data): the message names it and says what is allowed.
+    Commands turn it into `error: <message>` and exit code 2 (exitcodes.EXIT_BAD_INPUT), with no traceback."""
+
+
+class UnsafeName(InputError):
+    """A name read from data (an edit id, a file name in a record) that could leave its output folder."""
+
+
+# Ids that become file or folder names: letters, digits, '_' and '-', starting with a letter or digit. No '.'
+# (webdataset splits a member's extension at the first one), no separator, never absolute, never '..'.
+SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,199}")
+# File names inside an edit's folder (sample_0.png): the id rule plus dotted extensions.
+SAFE_FILE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,199}(\.[A-Za-z0-9_-]{1,20}){0,3}")
+
+
+def check_id(value: Any, what: str = "edit id") -> str:
+    """`value` if it is a safe id (SAFE_ID), else UnsafeName naming it and the rule."""
+    if not isinstance(value, str) or not SAFE_ID.fullmatch(value):
+        raise UnsafeName(f"unsafe {what} {value!r}: it becomes a file name, so use 1-200 of [A-Za-z0-9_-] "
+                         "starting with a letter or digit (no '.', '/', '..' or absolute path)")
+    return value
+
+
+def check_file_name(value: Any, what: str = "file name") -> str:
+    if not isinstance(value, str) or not SAFE_FILE.fullmatch(value):
+        raise UnsafeName(f"unsafe {what} {value!r}: not a plain file name (letters, digits, '_', '-', an extension)")
+    return value
+
+
+def inside(folder: str | os.PathLike, *parts: str) -> Path:
+    """folder/parts..., refused (UnsafeName) unless it lies inside `folder` once '..' and symbolic links are
+    resolved: every output path built from data goes through here, so nothing is written elsewhere."""
+    root = Path(folder)
+    path = root.joinpath(*parts)
+    real_root, real = os.path.realpath(root), os.path.realpath(path)
+    if os.path.commonpath([real_root, real]) != real_root or (parts and real == real_root):
+        raise UnsafeName(f"{path} would lie outside the output folder {root} (resolves to {real})")
+    return path
+
+
+def nonempty_path(value: Any, what: str) -> str:
+    if not isinstance(value, (str, os.PathLike)) or not str(value).strip():
+        raise InputError(f"{what} is empty: name a folder (an empty path would write into the current folder)")
+    return str(value)
+
+
+def writable_dir(path: str | os.PathLike, what: str = "output folder") -> Path:
+    """Create `path` (with parents) and check a file can be created in it, before any heavy work: a read-only,
+    full or mistyped output folder is an InputError naming it, not an OSError traceback hours later."""
+    p = Path(nonempty_path(path, what))
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".write_test.", dir=p)
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as e:
+        reason = e.strerror or str(e)
+        if e.errno == errno.EEXIST or (p.exists() and not p.is_dir()):
+            reason = "it exists and is not a folder"
+        raise InputError(f"{what} {p}: cannot write there ({reason})") from None
+    return p
 
 
 def current_umask() -> int:

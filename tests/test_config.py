@@ -5,8 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from asset_dist.config import ConfigError, DataConfig, MaskConfig, load_config
-from asset_dist.data.loader import validate_data_config
+from asset_dist.config import ConfigError, DataConfig, MaskConfig, load_config, validate
 
 OK = "train: {stage: vqgan}\ndata: {train_shards: shards/}\n"
 
@@ -84,7 +83,7 @@ def test_set_overrides(tmp_path):
     assert "'data.resolution' must be int, got str 'big'" in _error(p, ["data.resolution=big"])
     assert "expected key.path=value" in _error(p, ["data.batch_size"])
     assert "'batch_size' is not a section" in _error(p, ["data.batch_size=2", "data.batch_size.x=1"])
-    assert "'data.mask.kind' must be 'landscape' or 'coco'" in _error(p, ["data.mask.kind=strokes"])
+    assert "'data.mask.kind' must be one of landscape, coco (got 'strokes')" in _error(p, ["data.mask.kind=strokes"])
 
 
 @pytest.mark.parametrize("field,value,text", [
@@ -96,6 +95,6 @@ def test_set_overrides(tmp_path):
 ])
 def test_data_section_validation(field, value, text):
     with pytest.raises(ConfigError, match=text.replace("[", r"\[").replace("]", r"\]").replace(".", r"\.")):
-        validate_data_config(DataConfig(train_shards="x", **{field: value}))
+        validate(DataConfig(train_shards="x", **{field: value}), "test", "data")
     with pytest.raises(ConfigError, match=r"'data\.mask\.max_ratio' must be in \(0, 1\]"):
-        validate_data_config(DataConfig(train_shards="x", mask=MaskConfig(max_ratio=0.0)))
+        validate(DataConfig(train_shards="x", mask=MaskConfig(max_ratio=0.0)), "test", "data")

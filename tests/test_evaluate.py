@@ -403,8 +403,12 @@ def test_fid_command_with_a_local_extractor(tmp_path, capsys):
                              for im in ims]) for name, ims in sets.items()}
     want = M.frechet_distance(feats["real"].mean(0), np.cov(feats["real"], rowvar=False),
                               feats["fake"].mean(0), np.cov(feats["fake"], rowvar=False))
+    capsys.readouterr()
     assert run_cli("fid", "--real", tmp_path / "real", "--fake", tmp_path / "fake", "--extractor",
-                   tmp_path / "feat.pt", "--out", tmp_path / "o") == 0
+                   tmp_path / "feat.pt", "--out", tmp_path / "o") == 2  # a program: only when trusted
+    assert "--trust-extractor" in capsys.readouterr().err and not (tmp_path / "o").exists()
+    assert run_cli("fid", "--real", tmp_path / "real", "--fake", tmp_path / "fake", "--extractor",
+                   tmp_path / "feat.pt", "--trust-extractor", "--out", tmp_path / "o") == 0
     got = json.loads((tmp_path / "o" / "eval_fid.json").read_text())
     assert got["n_real"] == got["n_fake"] == 8 and got["feature_dim"] == 6
     assert math.isclose(got["fid"], want, rel_tol=1e-6) and want > 1

@@ -51,6 +51,7 @@ def test_two_ranks_equal_one_rank_other_batch(runs):
 
 
 def test_each_edit_done_once_across_ranks(runs):
+    assert not (runs["two"] / ".asset_dist.lock").exists()  # the job's lock is released once every rank is done
     logs = [json.loads(line) for r in (0, 1)
             for line in (runs["two"] / "logs" / f"rank{r}.jsonl").read_text().splitlines()]
     done = [entry["edit"] for entry in logs]

@@ -18,7 +18,7 @@ from PIL import Image
 from asset_dist.config import DataConfig, MaskConfig
 from asset_dist.data import build_loader, iter_forever, make_views, sample_mask, sample_rng
 from asset_dist.data.loader import finalize_batch
-from asset_dist.data.shards import Shard, reader_parts, resolve_shards
+from asset_dist.data.shards import DataError, Shard, reader_parts, resolve_shards
 from asset_dist.data.shardwriter import run_sharding, write_tar
 
 torch.set_num_threads(1)
@@ -135,7 +135,7 @@ def test_coco_label_shift_and_wrong_convention_error(coco_shards, sample_data):
             zeros += 0 in got
             n += 1
     assert n == 35 and zeros > 0  # 255 (unlabeled) became 0
-    with pytest.raises(RuntimeError, match=r"train-\d{6}\.tar: label value 255 >= data.num_classes=182.*label_shift=1"):
+    with pytest.raises(DataError, match=r"train-\d{6}\.tar: label value 255 >= data.num_classes=182.*label_shift=1"):
         list(build_loader(_cfg(coco_shards, batch_size=5), "train", 0, 1))
 
 
@@ -239,12 +239,12 @@ def test_corrupt_samples_are_counted_then_stop_the_run(tmp_path):
     again = build_loader(_cfg(pattern, max_corrupt_fraction=0.5), "train", 0, 1)
     again.load_state_dict(json.loads(json.dumps(loader.state_dict())))
     assert again.stats["corrupt"] == 2 and again.stats["samples"] == 4
-    with pytest.raises(RuntimeError, match=r"2 of 6 samples corrupt.*a-000000\.tar"):
+    with pytest.raises(DataError, match=r"2 of 6 samples corrupt.*a-000000\.tar"):
         list(build_loader(_cfg(pattern, max_corrupt_fraction=0.1), "train", 0, 1))
     # a truncated shard file: the lost samples count as corrupt and the error names the shard
     data = (tmp_path / "a-000001.tar").read_bytes()
     (tmp_path / "a-000001.tar").write_bytes(data[: len(data) // 2])
-    with pytest.raises(RuntimeError, match=r"a-000001\.tar.*unreadable shard"):
+    with pytest.raises(DataError, match=r"a-000001\.tar.*unreadable shard"):
         list(build_loader(_cfg(str(tmp_path / "a-000001.tar"), max_corrupt_fraction=0.1), "train", 0, 1))
 
 
@@ -295,3 +295,44 @@ def test_without_torchs_use_count_batches_are_copied_out(sflckr_shards, monkeypa
     assert len(held) == 20
     for b in held:
         assert all(torch.equal(b[k], ref[b["key"][0]][k]) for k in ("image", "seg", "mask", "image_lr")), b["key"]
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_shards_are_checked_against_their_manifest(tmp_path, sflckr_shards, workers):
+    """A shard of another size is refused at start; one of the same size but other bytes (another valid tar) on
+    first read, through a worker too, as a DataError naming it; data.verify=false skips the sha256 only."""
+    import shutil
+
+    d = tmp_path / "s"
+    shutil.copytree(sflckr_shards, d)
+    name = json.loads((d / "manifest.json").read_text())["splits"]["train"]["shards"][2]["name"]
+    data = bytearray((d / name).read_bytes())
+    with tarfile.open(d / name) as tf:  # flip one byte of the first image: same size, still a valid tar
+        first = next(m for m in tf.getmembers() if m.name.endswith(".jpg"))
+    data[first.offset_data + first.size // 2] ^= 0xFF
+    (d / name).write_bytes(bytes(data))
+    with pytest.raises(DataError, match=rf"{name}: sha256 .* differs from its manifest"):
+        list(build_loader(_cfg(d, num_workers=workers), "train", 0, 1))
+    assert len(list(build_loader(_cfg(d, num_workers=workers, verify=False), "train", 0, 1))) > 0
+    (d / name).write_bytes(bytes(data[:-512]))
+    with pytest.raises(DataError, match=rf"{name}: \d+ bytes, its manifest says \d+"):
+        build_loader(_cfg(d, num_workers=workers), "train", 0, 1)
+
+
+def test_pipe_sources_need_the_config_switch(tmp_path):
+    marker = tmp_path / "ran"
+    with pytest.raises(ValueError, match="runs a shell command.*data.allow_pipe=true"):
+        build_loader(_cfg(f"pipe:touch {marker}"), "train", 0, 1)
+    assert not marker.exists()
+    assert resolve_shards(f"pipe:cat {tmp_path}/x.tar", "train", allow_pipe=True)[0].url.startswith("pipe:")
+
+
+def test_workers_report_the_shards_they_verified(sflckr_shards):
+    """A worker hashes a shard once; the key reaches the main process with the next batch, so the next epoch's
+    workers (forked from it) do not hash the shard again."""
+    from asset_dist.data import shards as S
+
+    S._VERIFIED.clear()
+    loader = build_loader(_cfg(sflckr_shards, num_workers=2), "train", 0, 1)
+    assert len(list(loader)) > 0
+    assert {k[0] for k in S._VERIFIED} == {s.url for s in loader.shards}

@@ -9,7 +9,7 @@ import importlib
 
 _EXPORTS = {
     "build_loader": "loader", "iter_forever": "loader", "ShardLoader": "loader", "decode_sample": "loader",
-    "finalize_batch": "loader", "validate_data_config": "loader",
+    "finalize_batch": "loader", "check_sources": "loader",
     "make_views": "views", "crop_views": "views", "sample_rng": "views", "sample_mask": "masks",
     "run_sharding": "shardwriter", "write_tar": "shardwriter", "safe_key": "shardwriter",
     "resolve_shards": "shards", "read_manifest": "shards",

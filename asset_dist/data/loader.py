@@ -32,8 +32,9 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import tarfile_samples
 
-from asset_dist.config import ConfigError, DataConfig
-from asset_dist.data.shards import Part, Shard, reader_parts, resolve_shards
+from asset_dist.config import DataConfig, validate
+from asset_dist.data.shards import (DataError, Part, Shard, reader_parts, remember_verified, resolve_shards,
+                                   verify_shard)
 from asset_dist.data.buffers import BufferPool, MainSlots, WorkerSlots, batch_nbytes, batch_views, convert_into
 from asset_dist.data.views import copy_plane, fill_views, sample_rng, unit_, warm_up
 
@@ -102,15 +103,20 @@ class _Corruption:
         denom = max(self.expected or 0, self.seen, 1)
         if self.bad > self.max_fraction * denom:
             worst = ", ".join(f"{u}: {n}" for u, n in self.per_shard.most_common(5))
-            raise RuntimeError(f"data: {self.bad} of {denom} samples corrupt, above data.max_corrupt_fraction="
+            raise DataError(f"data: {self.bad} of {denom} samples corrupt, above data.max_corrupt_fraction="
                                f"{self.max_fraction}; last in shard {self.last[0]}: {self.last[1]} "
                                f"(corrupt per shard: {worst})")
 
 
-def _read_parts(parts: list[Part], corruption: _Corruption) -> Iterator[dict]:
-    """Raw samples (undecoded bytes) of the reader's parts, in order, via webdataset's tar iterator."""
+def _read_parts(parts: list[Part], corruption: _Corruption, verify: bool, verified: list) -> Iterator[dict]:
+    """Raw samples (undecoded bytes) of the reader's parts, in order, via webdataset's tar iterator. verify: check
+    each shard's sha256 against its manifest the first time this process reads it (DataError if it differs);
+    the keys of shards checked here go to `verified` (sent to the main process with the next batch)."""
     for part in parts:
         url, got = part.shard.url, 0
+        key = verify_shard(part.shard, sha256=verify)
+        if key is not None:
+            verified.append(key)
         try:
             for i, sample in enumerate(tarfile_samples([{"url": url}])):
                 if i % part.stride == part.offset:
@@ -167,12 +173,21 @@ class _ReaderStream(IterableDataset):
                             world_size=self.world_size, worker=worker, num_workers=self.num_workers)
 
     def __iter__(self) -> Iterator[dict]:
+        """A DataError becomes a message (and the end of this reader): raised in a DataLoader worker it would
+        reach the training process wrapped in the worker's traceback; ShardLoader raises it again, clean."""
+        try:
+            yield from self._batches()
+        except DataError as e:
+            yield {"_error": str(e)}
+
+    def _batches(self) -> Iterator[dict]:
         cfg, info = self.cfg, get_worker_info()
         w = ((info.id if info else 0) + self.rotation) % self.num_workers
         parts = self.parts(w)
         known = [p.samples for p in parts]
         corruption = _Corruption(cfg.max_corrupt_fraction, None if None in known else sum(known))
-        raw = _read_parts(parts, corruption)
+        verified: list = []
+        raw = _read_parts(parts, corruption, cfg.verify, verified)
         if self.train and cfg.shuffle_buffer > 1:
             seed = [cfg.seed % 2**63, self.epoch, self.rank, self.world_size, w, self.num_workers]
             raw = _shuffled(raw, cfg.shuffle_buffer, np.random.default_rng(seed))
@@ -203,49 +218,26 @@ class _ReaderStream(IterableDataset):
             keys.append(key)
             n += 1
             if n == cap:
-                msg = _message(batch, n, keys, w, pos, stats)
+                msg = _message(batch, n, keys, w, pos, stats, verified)
                 n, keys, stats, batch, rows, out = 0, [], Counter(), None, None, None  # drop our views of it
                 yield msg
                 del msg
         corruption.check(final=True)
         if n and not cfg.drop_last:
-            yield _message(batch, n, keys, w, pos, stats)
+            yield _message(batch, n, keys, w, pos, stats, verified)
 
 
 def _message(batch: tuple[int, torch.Tensor, bool], n: int, keys: list[str], w: int, pos: int,
-             stats: Counter) -> dict:
-    """What a reader sends per batch; a slot's buffer only the first time (then the main process has it)."""
+             stats: Counter, verified: list) -> dict:
+    """What a reader sends per batch; a slot's buffer only the first time (then the main process has it), and
+    the shards it verified since the last batch (so that the next epoch's workers do not hash them again)."""
     slot, buf, first = batch
-    msg = {"_slot": slot, "_n": n, "key": keys, "_worker": w, "_pos": pos, "_stats": dict(stats)}
+    msg = {"_slot": slot, "_n": n, "key": keys, "_worker": w, "_pos": pos, "_stats": dict(stats),
+           "_verified": list(verified)}
+    verified.clear()
     if first:
         msg["_buf"] = buf
     return msg
-
-
-def validate_data_config(cfg: DataConfig, src: str = "data") -> None:
-    def bad(key: str, msg: str) -> None:
-        raise ConfigError(f"{src}: 'data.{key}' {msg}")
-
-    if cfg.resolution % 16 or cfg.resolution <= 0:
-        bad("resolution", f"must be a positive multiple of 16 (got {cfg.resolution})")
-    if cfg.guide_resolution <= 0 or cfg.guide_resolution > cfg.resolution:
-        bad("guide_resolution", f"must be in 1..resolution={cfg.resolution} (got {cfg.guide_resolution})")
-    if cfg.resize_short_side and cfg.resize_short_side < cfg.resolution:
-        bad("resize_short_side", f"must be 0 or >= resolution={cfg.resolution} (got {cfg.resize_short_side})")
-    if cfg.batch_size < 1:
-        bad("batch_size", f"must be >= 1 (got {cfg.batch_size})")
-    if cfg.num_workers < 0:
-        bad("num_workers", f"must be >= 0 (got {cfg.num_workers})")
-    if not 0 <= cfg.label_shift <= 255:
-        bad("label_shift", f"must be in 0..255 (got {cfg.label_shift})")
-    if not 0.0 <= cfg.max_corrupt_fraction <= 1.0:
-        bad("max_corrupt_fraction", f"must be in [0, 1] (got {cfg.max_corrupt_fraction})")
-    if cfg.mask.kind not in ("landscape", "coco"):
-        bad("mask.kind", f"must be 'landscape' or 'coco' (got {cfg.mask.kind!r})")
-    if not 0.0 < cfg.mask.max_ratio <= 1.0:
-        bad("mask.max_ratio", f"must be in (0, 1] (got {cfg.mask.max_ratio})")
-    if cfg.mask.sample_resolution < 0 or cfg.mask.sample_resolution % 16:
-        bad("mask.sample_resolution", f"must be 0 or a positive multiple of 16 (got {cfg.mask.sample_resolution})")
 
 
 class ShardLoader:
@@ -262,7 +254,7 @@ class ShardLoader:
             raise ValueError(f"split must be 'train' or 'val' (got {split!r})")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world size {world_size}")
-        validate_data_config(cfg)
+        validate(cfg, "data", "data")
         spec = cfg.train_shards if split == "train" else cfg.val_shards
         if split == "val" and not spec:
             if not (Path(cfg.train_shards).is_dir() or cfg.train_shards.endswith(".json")):
@@ -274,7 +266,9 @@ class ShardLoader:
             warnings.warn("data: pin_memory needs CUDA; ignored", stacklevel=3)
             pin_memory = False
         self.rank, self.world_size, self.pin_memory, self.convert = rank, world_size, pin_memory, convert
-        self.shards = resolve_shards(spec, split)
+        self.shards = resolve_shards(spec, split, allow_pipe=cfg.allow_pipe)
+        for shard in self.shards:  # sizes now (cheap); each sha256 when a reader first opens the shard
+            verify_shard(shard, sha256=False)
         warm_up()  # Pillow self-checks once here, not in every (forked) worker of every epoch
         self.workers = max(1, cfg.num_workers)  # logical readers per rank (0 = one, in-process)
         self.epoch = epoch
@@ -321,7 +315,10 @@ class ShardLoader:
             packed = next(it, None)
             if packed is None:
                 break
+            if "_error" in packed:
+                raise DataError(packed["_error"])
             w, pos, stats = packed["_worker"], packed["_pos"], packed["_stats"]
+            remember_verified(packed["_verified"])
             if workers == 0:  # a fresh buffer per batch, owned by the caller
                 key, buf, lend = None, packed["_buf"], False
             else:
@@ -384,6 +381,18 @@ class ShardLoader:
                          int(state["samples"]))
 
 
+def check_sources(cfg: DataConfig) -> None:
+    """Before any heavy work: the training shards exist, are allowed (data.allow_pipe) and have their manifest's
+    sizes. Raises InputError / DataError naming the source or shard."""
+    validate(cfg, "data", "data")
+    try:
+        shards = resolve_shards(cfg.train_shards, "train", allow_pipe=cfg.allow_pipe)
+    except ValueError as e:
+        raise DataError(f"data.train_shards: {e}") from None
+    for shard in shards:
+        verify_shard(shard, sha256=False)
+
+
 def build_loader(cfg: DataConfig, split: str, rank: int, world_size: int, epoch: int = 0,
                  pin_memory: bool = False, convert: bool = True) -> ShardLoader:
     """The loader of `split` ('train' or 'val') for one rank. convert=False yields uint8 batches (images
@@ -401,7 +410,7 @@ def iter_forever(loader: ShardLoader) -> Iterator[dict]:
             n += 1
             yield batch
         if n == 0 and not resumed:
-            raise RuntimeError(f"data: rank {loader.rank} got no batches in epoch {loader.epoch} "
+            raise DataError(f"data: rank {loader.rank} got no batches in epoch {loader.epoch} "
                                f"({len(loader.shards)} shard(s); batch_size={loader.cfg.batch_size}, "
                                f"drop_last={loader.cfg.drop_last})")
         loader.set_epoch(loader.epoch + 1)

@@ -34,7 +34,7 @@ import numpy as np
 from PIL import Image
 
 from asset_dist import __version__
-from asset_dist.utils import atomic_write, atomic_write_json
+from asset_dist.utils import atomic_write, atomic_write_json, check_id
 
 MANIFEST = "manifest.json"
 PLAN = ".shard_plan.json"
@@ -67,8 +67,7 @@ def safe_key(stem: str) -> str:
 
 
 def check_key(key: str) -> None:
-    if not key or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", key):
-        raise ValueError(f"unsafe shard key {key!r}: use only [A-Za-z0-9_-], starting with a letter or digit")
+    check_id(key, "shard key")
 
 
 class _HashingWriter:
@@ -102,7 +101,6 @@ def write_tar(path: str | os.PathLike, samples: Iterable[tuple[str, dict[str, by
     result: dict[str, Any] = {}
 
     def writer(f) -> None:
-        os.fchmod(f.fileno(), 0o666 & ~_umask())
         hw = _HashingWriter(f)
         with tarfile.open(fileobj=hw, mode="w", format=tarfile.PAX_FORMAT) as tar:
             for key, parts in samples:
@@ -115,17 +113,6 @@ def write_tar(path: str | os.PathLike, samples: Iterable[tuple[str, dict[str, by
 
     atomic_write(path, writer, "wb")
     return result["bytes"], result["sha256"]
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _make_readable(path: Path) -> None:
-    """Temp files are created 0600; shards and manifests are data for other users and jobs: use the umask."""
-    os.chmod(path, 0o666 & ~_umask())
 
 
 def _sha256_file(path: Path) -> str:
@@ -390,7 +377,6 @@ def run_sharding(images: str | os.PathLike, labels: str | os.PathLike, out: str 
         state = {"format": FORMAT, "fingerprint": _fingerprint(args), "plan": plan,
                  "skipped": [vars(s) for s in skipped]}
         atomic_write_json(plan_path, state)
-        _make_readable(plan_path)
     elif strict and state["skipped"]:
         raise ShardError(f"--strict: the saved plan lists {len(state['skipped'])} bad input(s)")
 
@@ -430,6 +416,5 @@ def run_sharding(images: str | os.PathLike, labels: str | os.PathLike, out: str 
         "skipped": state["skipped"],
     }
     atomic_write_json(out / MANIFEST, manifest)
-    _make_readable(out / MANIFEST)
     log(f"wrote {len(done)} shard(s), {len(all_samples)} samples, {len(state['skipped'])} skipped -> {out / MANIFEST}")
     return manifest

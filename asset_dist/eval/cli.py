@@ -9,10 +9,12 @@ import argparse
 import sys
 from pathlib import Path
 
-from asset_dist.config import ConfigError, add_config_args
+from asset_dist.config import ConfigError, add_config_args, int_arg, path_arg
+from asset_dist.exitcodes import EXIT_BAD_INPUT, EXIT_FAILED as EXIT_CHECK_FAILED
+from asset_dist.utils import InputError, writable_dir
 
-EXIT_CHECK_FAILED = 1
-from asset_dist.exitcodes import EXIT_BAD_INPUT
+TRUST_HELP = ("the extractor file is a program (TorchScript, or a torch.export .pt2 that is unpickled): loading it "
+              "runs code stored in it. Required with an extractor; pass it only for files you trust")
 
 
 def _device(p: argparse.ArgumentParser) -> None:
@@ -22,9 +24,10 @@ def _device(p: argparse.ArgumentParser) -> None:
 
 def _data_args(p: argparse.ArgumentParser) -> None:
     add_config_args(p)
-    p.add_argument("--max-samples", type=int, default=0,
+    p.add_argument("--max-samples", type=int_arg(0), default=0,
                    help="evaluate at most N val samples in total (0 = the whole val split)")
-    p.add_argument("--out", default=None, help="folder for eval_*.json / eval_*.md (default paths.run_dir)")
+    p.add_argument("--out", default=None, type=path_arg,
+                   help="folder for eval_*.json / eval_*.md (default paths.run_dir)")
     _device(p)
 
 
@@ -40,7 +43,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
                                    "masked); seg tokenizer: pixel accuracy, mIoU; both: codebook usage and "
                                    "perplexity. On the val split at data.resolution.")
     _data_args(t)
-    t.add_argument("--weights", default=None,
+    t.add_argument("--weights", default=None, type=path_arg,
                    help="one vqgan or seg export (its stage decides); default: train.vqgan_weights and "
                         "train.seg_weights, each that is set")
 
@@ -50,7 +53,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
                                    "and the dense guide at 256 for reference. The config is the SGA stage's "
                                    "(train.vqgan_weights, seg_weights, guide_weights).")
     _data_args(m)
-    m.add_argument("--weights", default=None,
+    m.add_argument("--weights", default=None, type=path_arg,
                    help="the SGA export to evaluate (default infer.sga_weights, else paths.run_dir/export/sga.pt); "
                         "a guide export works too (SGA's starting point)")
     m.add_argument("--settings", default="guided,window,random,guide256",
@@ -63,29 +66,34 @@ def add_args(p: argparse.ArgumentParser) -> None:
                                    "diversity between samples inside the mask (pixel L1; LPIPS with local "
                                    "weights), timings per phase from OUT/manifest.jsonl, FID with a local "
                                    "feature extractor.")
-    e.add_argument("--edit-out", required=True, help="the edit-batch output folder (holds manifest.jsonl)")
-    e.add_argument("--edits", default=None,
+    e.add_argument("--edit-out", required=True, type=path_arg,
+                   help="the edit-batch output folder (holds manifest.jsonl)")
+    e.add_argument("--edits", default=None, type=path_arg,
                    help="the edit inputs given to edit-batch (shards folder or manifest); default: infer.edits of "
                         "EDIT_OUT/config.yaml")
-    e.add_argument("--band", type=int, default=None,
+    e.add_argument("--band", type=int_arg(0), default=None,
                    help="blend band in pixels (default: blend_band of EDIT_OUT/run.json)")
-    e.add_argument("--out", default=None, help="folder for eval_edits.json / .md (default EDIT_OUT)")
+    e.add_argument("--out", default=None, type=path_arg, help="folder for eval_edits.json / .md (default EDIT_OUT)")
     e.add_argument("--lpips-weights", default="",
                    help="LPIPS weights file(s), comma-separated (default: the torch hub cache, if present)")
-    e.add_argument("--fid-extractor", default=None,
-                   help="TorchScript feature extractor for FID inputs-vs-samples (e.g. inception-2015-12-05.pt)")
+    e.add_argument("--fid-extractor", default=None, type=path_arg,
+                   help="TorchScript (.pt) or torch.export (.pt2) feature extractor for FID inputs-vs-samples (e.g. "
+                        "inception-2015-12-05.pt); needs --trust-extractor")
+    e.add_argument("--trust-extractor", action="store_true", help=TRUST_HELP)
     _device(e)
 
     f = sub.add_parser("fid", help="FID between two image folders or feature files",
                        description="Frechet distance between the feature statistics of REAL and FAKE: each a .npy "
                                    "[N, D] feature file or an image folder (then --extractor is needed). No "
                                    "network access: the extractor is a local TorchScript file.")
-    f.add_argument("--real", required=True, help=".npy features or image folder")
-    f.add_argument("--fake", required=True, help=".npy features or image folder")
-    f.add_argument("--extractor", default=None,
-                   help="TorchScript feature extractor, called as model(x, return_features=True) on float "
-                        "[N,3,H,W] in 0..255 (e.g. inception-2015-12-05.pt)")
-    f.add_argument("--out", default=None, help="also write eval_fid.json / .md here")
+    f.add_argument("--real", required=True, type=path_arg, help=".npy features (read without pickle) or image folder")
+    f.add_argument("--fake", required=True, type=path_arg, help=".npy features (read without pickle) or image folder")
+    f.add_argument("--extractor", default=None, type=path_arg,
+                   help="TorchScript (.pt) or torch.export (.pt2) feature extractor, called as "
+                        "model(x, return_features=True) on float [N,3,H,W] in 0..255 (e.g. inception-2015-12-05.pt); "
+                        "needs --trust-extractor")
+    f.add_argument("--trust-extractor", action="store_true", help=TRUST_HELP)
+    f.add_argument("--out", default=None, type=path_arg, help="also write eval_fid.json / .md here")
     _device(f)
 
 
@@ -110,7 +118,7 @@ def _run_body(args) -> int:
         from asset_dist.config import load_config
 
         cfg = load_config(args.config, args.overrides)
-        out = args.out or cfg.paths.run_dir
+        out = writable_dir(args.out or cfg.paths.run_dir, "evaluate --out")
         try:
             if args.eval_command == "tokenizer":
                 from asset_dist.eval.tokenizer import evaluate_tokenizer, tokenizer_markdown
@@ -132,12 +140,18 @@ def _run_body(args) -> int:
         finally:
             C.finish()
         return 0
+    extractor = args.fid_extractor if args.eval_command == "edits" else args.extractor
+    if extractor and not args.trust_extractor:
+        raise InputError(f"feature extractor {extractor}: loading it runs code stored in the file (TorchScript, or a "
+                         "torch.export program that is unpickled); pass --trust-extractor if you trust where it "
+                         "comes from")
     if args.eval_command == "edits":
         from asset_dist.eval.edits import edits_markdown, evaluate_edits, load_extractor, load_lpips
 
+        writable_dir(args.out or args.edit_out, "evaluate edits --out")
         dev = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
         lpips, note = load_lpips(args.lpips_weights, dev)
-        ext = load_extractor(args.fid_extractor, dev) if args.fid_extractor else None
+        ext = load_extractor(args.fid_extractor, dev, args.trust_extractor) if args.fid_extractor else None
         rep = evaluate_edits(args.edit_out, args.edits, args.band, lpips, ext, lpips_note=note)
         md = edits_markdown(rep)
         print(md, flush=True)
@@ -151,7 +165,9 @@ def _run_body(args) -> int:
     from asset_dist.eval.edits import evaluate_fid
 
     dev = "cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu"
-    rep = evaluate_fid(args.real, args.fake, args.extractor, dev)
+    if args.out:
+        writable_dir(args.out, "evaluate fid --out")
+    rep = evaluate_fid(args.real, args.fake, args.extractor, dev, args.trust_extractor)
     md = (f"# FID\n\n{C.fmt(rep['fid'])} ({rep['n_real']} real, {rep['n_fake']} fake, {rep['feature_dim']}-d "
           f"features)\n")
     print(md, flush=True)

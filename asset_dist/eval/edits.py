@@ -93,12 +93,12 @@ class EditInputs:
             raise EvalError(f"edit inputs {spec!r}: {e}") from None
 
     def get(self, edit_id: str):
-        from asset_dist.infer.edits import decode_edit
+        from asset_dist.infer.edits import decode_edit, meta_int
 
         if edit_id not in self.eset.refs:
             raise EvalError(f"edit {edit_id!r} is in the manifest but not in the edit inputs (wrong --edits?)")
         files = self.eset.load(edit_id)
-        return decode_edit(files, int(files.meta.get("num_classes", 256)), side_multiple=1)
+        return decode_edit(files, meta_int(edit_id, files.meta, "num_classes", 256), side_multiple=1)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -117,11 +117,14 @@ def load_lpips(weights: str = "", device: torch.device = torch.device("cpu")):
         raise EvalError(f"LPIPS weights: {e}") from None
 
 
-def load_extractor(path: str, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
+def load_extractor(path: str, device: torch.device, trust: bool = False) -> Callable[[torch.Tensor], torch.Tensor]:
     """A TorchScript (or torch.export .pt2) feature extractor file -> fn(images float [N,3,H,W] in 0..255) ->
     features [N, D]. Tried as model(x, return_features=True) first (the Inception-v3 TorchScript files), then
-    model(x). Loading a TorchScript file runs its code: use files you trust."""
+    model(x). Either file is a program (a .pt2 is even unpickled): refused unless trust=True (--trust-extractor)."""
     p = Path(path)
+    if not trust:
+        raise EvalError(f"feature extractor {p}: loading it runs code stored in the file; pass --trust-extractor "
+                        "(trust=True) only for files you trust")
     if not p.is_file():
         raise EvalError(f"feature extractor {p} not found")
     try:
@@ -202,8 +205,9 @@ def features_of(spec: str, fn: Optional[Callable]) -> np.ndarray:
     raise EvalError(f"{p}: not a .npy feature file or an image folder")
 
 
-def evaluate_fid(real: str, fake: str, extractor: Optional[str] = None, device: str = "cpu") -> dict:
-    fn = load_extractor(extractor, torch.device(device)) if extractor else None
+def evaluate_fid(real: str, fake: str, extractor: Optional[str] = None, device: str = "cpu",
+                 trust_extractor: bool = False) -> dict:
+    fn = load_extractor(extractor, torch.device(device), trust_extractor) if extractor else None
     fr, ff = features_of(real, fn), features_of(fake, fn)
     return {"kind": "fid", "fid": fid_from_features(fr, ff), "real": real, "fake": fake, "n_real": len(fr),
             "n_fake": len(ff), "feature_dim": int(fr.shape[1]), "extractor": extractor}
@@ -264,7 +268,10 @@ def evaluate_edits(edit_out: str | Path, edits: Optional[str] = None, band: Opti
         keep = dilate(edit.mask, band)
         samples = []
         n = r.get("samples")
-        n = int(n) if n is not None else sum(1 for o in r.get("outputs") or [] if str(o).startswith("sample_"))
+        n = n if n is not None else sum(1 for o in r.get("outputs") or [] if str(o).startswith("sample_"))
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            problems.append(f"{eid}: the record's sample count {n!r} is not a count")
+            continue
         if n == 0:
             problems.append(f"{eid}: the record lists no samples")
         for k in range(n):

@@ -22,11 +22,12 @@ import numpy as np
 
 from asset_dist.config import MaskConfig
 from asset_dist.data.loader import CorruptSample, decode_sample
-from asset_dist.data.shards import resolve_shards
+from asset_dist.data.shards import resolve_shards, verify_shard
 from asset_dist.data.shardwriter import pair_files, safe_key
 from asset_dist.data.views import crop_views, sample_rng
 from asset_dist.infer.classes import ClassTable
 from asset_dist.infer.edits import EditError, EditFiles, decode_edit, make_record, png_bytes, write_edit_shards
+from asset_dist.utils import InputError, check_id
 
 CONVENTIONS = {"landscape": (182, 0), "coco": (183, 1)}  # (classes, label shift), docs/ASSET_NOTES.md §8
 OFFICIAL = {  # the official test cases and the README's classes
@@ -119,14 +120,26 @@ def read_list(path: Path) -> list[dict]:
     for n, r in enumerate(rows, 1):
         if not isinstance(r, dict) or not all(r.get(k) for k in ("image", "seg", "mask")):
             raise BuildError(f"{path}: row {n} needs image, seg and mask (and class or new_seg): {r}")
+        bad = [k for k in ("image", "seg", "mask", "new_seg") if r.get(k) is not None and not isinstance(r[k], str)]
+        if bad:
+            raise BuildError(f"{path}: row {n}: {', '.join(bad)} must be file paths (strings): {r}")
     return rows
 
 
 def from_list(b: Builder, path: Path, seg_shift: int = 0) -> None:
     base = path.parent
     p = lambda v: None if not v else (Path(v) if Path(v).is_absolute() else base / v)  # noqa: E731
-    for r in read_list(path):
-        eid = safe_key(str(r.get("id") or Path(r["image"]).stem))
+    for n, r in enumerate(read_list(path), 1):
+        raw = r.get("id")
+        if raw is None or raw == "":
+            eid = safe_key(Path(r["image"]).stem)  # a file name made safe; a given id must be safe as it is
+        else:
+            try:
+                eid = check_id(str(raw) if isinstance(raw, int) and not isinstance(raw, bool) else raw)
+            except InputError as e:
+                b.failed.append({"edit": str(raw), "error": f"{path} row {n}: {e}"})
+                b.log(f"failed: {path} row {n}: {e}")
+                continue
         cls = r.get("class")
         b.from_files(eid, p(r["image"]), p(r["seg"]), p(r["mask"]), None if cls in (None, "") else str(cls),
                      p(r.get("new_seg")), seg_shift)
@@ -214,12 +227,16 @@ def _dataset_samples(shards: Optional[str], split: str, images: Optional[Path], 
 
     if shards:
         for s in sorted(resolve_shards(shards, split), key=lambda s: s.url):
+            verify_shard(s)
             groups: dict[str, dict] = {}
-            with tarfile.open(s.url, "r") as tar:
-                for ti in tar:
-                    if ti.isfile():
-                        key, _, ext = ti.name.partition(".")
-                        groups.setdefault(key, {})[ext] = tar.extractfile(ti).read()
+            try:
+                with tarfile.open(s.url, "r") as tar:
+                    for ti in tar:
+                        if ti.isfile():
+                            key, _, ext = ti.name.partition(".")
+                            groups.setdefault(key, {})[ext] = tar.extractfile(ti).read()
+            except (OSError, tarfile.TarError) as e:
+                raise BuildError(f"{s.url}: cannot read the shard ({e})") from None
             yield from groups.items()
     else:
         pairs, _ = pair_files(images, labels)

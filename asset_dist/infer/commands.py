@@ -5,16 +5,17 @@ import argparse
 import sys
 from pathlib import Path
 
-from asset_dist.config import add_config_args, load_config
+from asset_dist.config import add_config_args, int_arg, load_config, path_arg
+from asset_dist.utils import InputError, check_id
 
 
 def _common(p: argparse.ArgumentParser, edits_required: bool = True) -> None:
     add_config_args(p)
     if edits_required:
-        p.add_argument("--edits", default=None,
+        p.add_argument("--edits", default=None, type=path_arg,
                        help="edit shards (folder with manifest.json, a manifest, or tar paths/brace patterns) made "
                             "by data_tools/make_edits.py; default infer.edits")
-    p.add_argument("--samples", type=int, default=None, help="samples per edit (default infer.samples)")
+    p.add_argument("--samples", type=int_arg(1), default=None, help="samples per edit (default infer.samples)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="auto: the local rank's GPU when CUDA is available, else CPU")
 
@@ -26,7 +27,7 @@ def _cfg(args):
 def _edits(args, cfg) -> str:
     spec = args.edits or cfg.infer.edits
     if not spec:
-        raise SystemExit("error: no edits: pass --edits or set infer.edits")
+        raise InputError("no edits: pass --edits or set infer.edits")
     return spec
 
 
@@ -39,7 +40,8 @@ def add_precompute_args(p: argparse.ArgumentParser) -> None:
                      "OUT/<edit_id>/guide_<k>.npz. Distributed over ranks (torchrun/srun); resumable: "
                      "valid files are kept.")
     _common(p)
-    p.add_argument("--out", required=True, help="folder for the block picks (pass it to edit-batch --guides)")
+    p.add_argument("--out", required=True, type=path_arg,
+                   help="folder for the block picks (pass it to edit-batch --guides)")
 
 
 def precompute_main(args) -> int:
@@ -57,9 +59,10 @@ def add_batch_args(p: argparse.ArgumentParser) -> None:
                      "slurm/edit_batch.sh), each edit done once. Writes OUT/<edit_id>/sample_<k>.png, a preview and "
                      "OUT/manifest.jsonl. Restart the same command to finish a killed run.")
     _common(p)
-    p.add_argument("--guides", default=None, help="precomputed block picks (precompute-guides --out); missing or "
-                                                  "stale ones are computed on the fly. Default infer.guides")
-    p.add_argument("--out", default=None, help="output folder (default paths.run_dir)")
+    p.add_argument("--guides", default=None, type=path_arg,
+                   help="precomputed block picks (precompute-guides --out); missing or stale ones are computed "
+                        "on the fly. Default infer.guides")
+    p.add_argument("--out", default=None, type=path_arg, help="output folder (default paths.run_dir)")
     p.add_argument("--retry-failed", action="store_true", help="redo edits recorded as failed")
 
 
@@ -85,8 +88,8 @@ def add_edit_args(p: argparse.ArgumentParser) -> None:
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--class", dest="class_name", help="class painted into the mask (name, id, or None)")
     g.add_argument("--new-seg", help="edited label map instead of --class")
-    p.add_argument("--id", default=None, help="edit id (default: the input file name)")
-    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--id", default=None, help="edit id: [A-Za-z0-9_-] (default: the input file name, made safe)")
+    p.add_argument("--out", required=True, type=path_arg, help="output folder")
 
 
 def edit_main(args) -> int:
@@ -98,7 +101,7 @@ def edit_main(args) -> int:
 
     cfg = _cfg(args)
     table = table_for_config(cfg)
-    eid = safe_key(args.id or Path(args.input).stem)
+    eid = check_id(args.id, "--id") if args.id is not None else safe_key(Path(args.input).stem)
     try:
         files = {k: Path(getattr(args, k)).read_bytes() for k in ("input", "seg", "mask")}
         new_seg = Path(args.new_seg).read_bytes() if args.new_seg else None

@@ -30,9 +30,9 @@ import numpy as np
 from PIL import Image
 
 from asset_dist.data.masks import resize_nearest
-from asset_dist.data.shards import resolve_shards
+from asset_dist.data.shards import resolve_shards, verify_shard
 from asset_dist.data.shardwriter import FORMAT, MANIFEST, check_key, write_tar
-from asset_dist.utils import atomic_write_json
+from asset_dist.utils import InputError, atomic_write_json, check_id
 
 SPLIT = "edits"
 KIND = "edits"
@@ -122,6 +122,16 @@ def read_labels(edit_id: str, what: str, data: bytes, side: int, num_classes: in
     return resize_nearest(a, side, side)
 
 
+def meta_int(eid: str, meta: dict, key: str, default: int) -> int:
+    """An integer field of an edit's metadata; anything else is that edit's EditError (never a crash)."""
+    v = meta.get(key, default)
+    if isinstance(v, float) and v.is_integer():
+        v = int(v)
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise EditError(f"edit {eid!r}: metadata field {key!r} must be an integer (got {v!r})")
+    return v
+
+
 def decode_edit(files: EditFiles, num_classes: int, side_multiple: int = 256, token_hole: str = "any",
                 label_shift: Optional[int] = None) -> Edit:
     """Decode and check one edit. Raises EditError naming the edit and the problem.
@@ -131,12 +141,14 @@ def decode_edit(files: EditFiles, num_classes: int, side_multiple: int = 256, to
     label_shift: when given, an edit built for another label convention is rejected."""
     eid = files.edit_id
     meta = files.meta
-    if "num_classes" in meta and int(meta["num_classes"]) != num_classes:
+    if "num_classes" in meta and meta_int(eid, meta, "num_classes", num_classes) != num_classes:
         raise EditError(f"edit {eid!r}: built for {meta['num_classes']}-class label maps, but the model's seg "
                         f"tokenizer has {num_classes} classes (landscape = 182, COCO = 183)")
-    if label_shift is not None and "label_shift" in meta and int(meta["label_shift"]) != label_shift:
+    if label_shift is not None and "label_shift" in meta and \
+            meta_int(eid, meta, "label_shift", label_shift) != label_shift:
         raise EditError(f"edit {eid!r}: built with label shift {meta['label_shift']}, the config uses "
                         f"data.label_shift={label_shift}")
+    cid = meta_int(eid, meta, "class_id", -1)
     im = _open(eid, "image", files.image)
     w, h = im.size
     if w != h:
@@ -162,7 +174,6 @@ def decode_edit(files: EditFiles, num_classes: int, side_multiple: int = 256, to
         raise EditError(f"edit {eid!r}: the mask yields no hole token under the 'nearest' token-hole rule "
                         "(it misses every token's top-left pixel); enlarge it or use train.token_hole=any")
     seg = read_labels(eid, "label map", files.seg, w, num_classes)
-    cid = int(meta.get("class_id", -1))
     if not -1 <= cid < num_classes:
         raise EditError(f"edit {eid!r}: class id {cid} is outside the model's {num_classes} classes")
     if files.new_seg is not None:
@@ -255,10 +266,7 @@ def write_edit_shards(out: str | Path, records: Iterable[EditFiles], *, samples_
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "args": args or {},
                 "total_samples": len(ids), "splits": {SPLIT: {"samples": len(ids), "shards": shards}} if ids else {},
                 "edit_ids": ids, "failed_count": len(failed or []), "failed": failed or []}
-    atomic_write_json(out / MANIFEST, manifest)
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(out / MANIFEST, 0o666 & ~mask)  # temp files are 0600; the manifest is data for other jobs
+    atomic_write_json(out / MANIFEST, manifest)  # with the umask's permissions: data for other users and jobs
     return manifest
 
 
@@ -275,18 +283,21 @@ class EditRef:
 
 class EditSet:
     """Every edit of a shard set, by id, read lazily. `spec`: a folder with manifest.json, a manifest, or
-    shard paths / brace patterns (as `resolve_shards`)."""
+    shard paths / brace patterns (as `resolve_shards`). Edit ids come from tar member names: each must be a
+    safe id (utils.check_id) and unique in the set, else the set is refused naming the shard. Shards listed in a
+    manifest are checked against it (size; sha256 too with verify=True, the config's data.verify)."""
 
-    def __init__(self, spec: str):
+    def __init__(self, spec: str, verify: bool = True):
         try:
             shards = resolve_shards(spec, SPLIT)
         except ValueError as e:
-            raise ValueError(f"{e} (edit sets are made by data_tools/make_edits.py)") from None
+            raise InputError(f"{e} (edit sets are made by data_tools/make_edits.py)") from None
         self.refs: dict[str, EditRef] = {}
         for s in shards:
+            verify_shard(s, sha256=verify)
             for ref in _index(s.url):
                 if ref.edit_id in self.refs:
-                    raise ValueError(f"edit id {ref.edit_id!r} appears in {self.refs[ref.edit_id].shard} and "
+                    raise InputError(f"edit id {ref.edit_id!r} appears in {self.refs[ref.edit_id].shard} and "
                                      f"{ref.shard}: edit ids must be unique")
                 self.refs[ref.edit_id] = ref
 
@@ -305,22 +316,39 @@ class EditSet:
                 for ext, off, size in ref.members:
                     f.seek(off)
                     parts[ext] = f.read(size)
+                    if len(parts[ext]) != size:
+                        raise EditError(f"edit {edit_id!r}: {ref.shard} is truncated (member .{ext} is cut short)")
         except OSError as e:
             raise EditError(f"edit {edit_id!r}: cannot read {ref.shard} ({e})") from None
         return files_from_members(edit_id, parts)
 
 
 def _index(path: str) -> list[EditRef]:
+    """Members of one edit tar grouped by edit id (a sample's members are consecutive, as webdataset writes
+    them); an unsafe or repeated id, or a tar cut short, is an InputError naming the shard."""
     groups: dict[str, list[tuple[str, int, int]]] = {}
+    last = None
     try:
+        size = os.path.getsize(path)
         with tarfile.open(path, "r") as tar:
             for ti in tar:
                 if not ti.isfile():
                     continue
                 key, _, ext = ti.name.partition(".")
+                try:
+                    check_id(key)
+                except InputError as e:
+                    raise InputError(f"{path}: member {ti.name!r}: {e}") from None
+                if (key != last and key in groups) or ext in {m[0] for m in groups.get(key, ())}:
+                    raise InputError(f"{path}: edit id {key!r} appears twice in the shard (member {ti.name!r}): "
+                                     "edit ids must be unique")
+                if ti.offset_data + ti.size > size:
+                    raise InputError(f"{path}: truncated: member {ti.name!r} ends at byte {ti.offset_data + ti.size}"
+                                     f" of a {size}-byte file")
                 groups.setdefault(key, []).append((ext, ti.offset_data, ti.size))
+                last = key
     except (OSError, tarfile.TarError) as e:
-        raise ValueError(f"{path}: cannot read the edit shard ({e})") from None
+        raise InputError(f"{path}: cannot read the edit shard ({e})") from None
     return [EditRef(k, path, tuple(v)) for k, v in groups.items()]
 
 

@@ -18,7 +18,9 @@ from PIL import Image, ImageDraw
 
 from asset_dist.infer.edits import EditError, EditSet, read_labels, decode_edit, png_bytes
 from asset_dist.infer.runner import PALETTE, read_record
-from asset_dist.utils import atomic_write_bytes, atomic_write_text
+from asset_dist.runlock import RunLock
+from asset_dist.utils import (InputError, atomic_write_bytes, atomic_write_text, check_file_name, check_id, inside,
+                              writable_dir)
 
 FIXED = ("input", "labels before", "labels after", "mask")
 
@@ -56,12 +58,21 @@ def build_row(edits: EditSet, eid: str, results: Path, num_classes: int, size: i
     if rec["status"] != "ok":
         row.error, row.info = rec.get("error") or "failed", f"class: {target}"
         return row
-    for name in rec["outputs"]:
-        if name.startswith("sample_"):
-            row.tiles[Path(name).stem.replace("_", " ")] = thumb(np.asarray(Image.open(results / eid / name)), size)
-    t = rec.get("timings_s", {})
-    row.info = (f"class: {target}; {rec['size']} px, {rec['hole_tokens']} hole tokens, {rec['samples']} samples; "
-                + ", ".join(f"{k} {v:.1f} s" for k, v in t.items()))
+    problems = []
+    for name in rec.get("outputs") or []:
+        if str(name).startswith("sample_"):
+            try:  # names come from the record (data): plain file names inside the edit's folder only
+                path = inside(results, check_id(eid), check_file_name(name, "output"))
+                tile = thumb(np.asarray(Image.open(path)), size)
+            except (ValueError, OSError) as err:
+                problems.append(str(err))
+                continue
+            row.tiles[Path(name).stem.replace("_", " ")] = tile
+    row.error = "; ".join(problems) or None
+    t = rec.get("timings_s") if isinstance(rec.get("timings_s"), dict) else {}
+    row.info = (f"class: {target}; {rec.get('size')} px, {rec.get('hole_tokens')} hole tokens, "
+                f"{rec.get('samples')} samples; "
+                + ", ".join(f"{k} {v:.1f} s" for k, v in t.items() if isinstance(v, (int, float))))
     return row
 
 
@@ -86,9 +97,12 @@ def contact_sheet(rows: list[Row], columns: list[str], size: int) -> np.ndarray:
 
 
 def write_gallery(edits_spec: str, results: Path, out: Path, num_classes: int, size: int = 192,
-                  title: str = "asset_dist edits") -> dict:
-    """Build the page and the sheet; returns {"rows", "ok", "failed", "html", "sheet"}."""
-    edits = EditSet(edits_spec)
+                  title: str = "asset_dist edits", verify: bool = True) -> dict:
+    """Build the page and the sheet; returns {"rows", "ok", "failed", "html", "sheet"}. verify: check the edit
+    shards' sha256 against their manifest (data.verify)."""
+    if size < 1:
+        raise InputError(f"tile size must be >= 1 (got {size})")
+    edits = EditSet(edits_spec, verify=verify)
     rows = [build_row(edits, eid, results, num_classes, size) for eid in edits.ids]
     n_samples = max([sum(k.startswith("sample") for k in r.tiles) for r in rows] + [0])
     columns = list(FIXED) + [f"sample {k}" for k in range(n_samples)]
@@ -105,7 +119,7 @@ def write_gallery(edits_spec: str, results: Path, out: Path, num_classes: int, s
         for c in columns:
             if c in r.tiles:
                 name = f"{r.edit_id}/{c.replace(' ', '_')}.png"
-                atomic_write_bytes(tiles_dir / name, png_bytes(r.tiles[c]))
+                atomic_write_bytes(inside(tiles_dir, check_id(r.edit_id), name.split("/")[1]), png_bytes(r.tiles[c]))
                 cells.append(f"<td><img src='gallery/{html.escape(name)}' width={size} height={size}></td>")
             else:
                 cells.append("<td></td>")
@@ -125,15 +139,16 @@ def write_gallery(edits_spec: str, results: Path, out: Path, num_classes: int, s
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
-    from asset_dist.config import add_config_args
+    from asset_dist.config import add_config_args, int_arg, path_arg
 
     p.description = ("Write gallery.html and contact_sheet.png for an edit-batch output: per edit the input, "
                      "the label map before and after, the mask and the samples.")
     add_config_args(p)
-    p.add_argument("--edits", default=None, help="the edit set given to edit-batch (default infer.edits)")
-    p.add_argument("--results", required=True, help="the edit-batch --out folder")
-    p.add_argument("--out", default=None, help="where to write the gallery (default: --results)")
-    p.add_argument("--size", type=int, default=192, help="tile side in pixels (default 192)")
+    p.add_argument("--edits", default=None, type=path_arg,
+                   help="the edit set given to edit-batch (default infer.edits)")
+    p.add_argument("--results", required=True, type=path_arg, help="the edit-batch --out folder")
+    p.add_argument("--out", default=None, type=path_arg, help="where to write the gallery (default: --results)")
+    p.add_argument("--size", type=int_arg(8, 2048), default=192, help="tile side in pixels, 8-2048 (default 192)")
 
 
 def main(args) -> int:
@@ -143,11 +158,14 @@ def main(args) -> int:
     cfg = load_config(args.config, args.overrides)
     spec = args.edits or cfg.infer.edits
     if not spec:
-        raise SystemExit("error: no edits: pass --edits or set infer.edits")
+        raise InputError("no edits: pass --edits or set infer.edits")
     results = Path(args.results)
     if not results.is_dir():
-        raise SystemExit(f"error: {results}: no such folder (the edit-batch --out)")
-    res = write_gallery(spec, results, Path(args.out or results), table_for_config(cfg).num_classes, args.size)
+        raise InputError(f"{results}: no such folder (the edit-batch --out)")
+    out = writable_dir(args.out or results, "gallery --out")
+    # its own lock below OUT: two galleries never interleave, and an edit-batch still writing OUT is no obstacle
+    with RunLock(out / "gallery", "gallery"):
+        res = write_gallery(spec, results, out, table_for_config(cfg).num_classes, args.size, verify=cfg.data.verify)
     print(f"gallery: {res['html']} ({res['ok']} of {res['rows']} edits with samples); sheet: {res['sheet']}")
     if res["failed"]:
         print(f"without samples: {', '.join(res['failed'])}")

@@ -23,7 +23,7 @@ import torch
 
 from asset_dist.models.transformer import GUIDE_KEYS, AssetTransformer, Guides, guides_from_maps
 from asset_dist.infer.sampler import SampleStats, sample_cached
-from asset_dist.utils import atomic_write
+from asset_dist.utils import atomic_write, check_id, inside
 
 GUIDE_SIDE = 256
 
@@ -60,7 +60,8 @@ def stack_picks(rows: Sequence[Guides], device=None) -> Guides:
 
 
 def picks_path(root: str | Path, edit_id: str, sample: int) -> Path:
-    return Path(root) / edit_id / f"guide_{sample}.npz"
+    """ROOT/<edit_id>/guide_<k>.npz; an unsafe id or a path leaving ROOT is refused (UnsafeName)."""
+    return inside(root, check_id(edit_id), f"guide_{int(sample)}.npz")
 
 
 def save_picks(path: str | Path, picks: Guides, tokens: torch.Tensor, fingerprint: dict) -> None:

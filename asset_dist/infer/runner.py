@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from asset_dist.config import Config, save_config
+from asset_dist.config import Config, save_config, validate
 from asset_dist.data.views import make_views
 from asset_dist.infer import guides as G
 from asset_dist.infer.blend import composite
@@ -42,26 +42,13 @@ from asset_dist.infer.sampler import row_generator, sample_cached
 from asset_dist.distenv import EXIT_REQUEUE, DistEnv, dist_env, pick_device
 from asset_dist.models.tokens import FACTOR, Tokenizers, load_weights
 from asset_dist.models.transformer import AssetTransformer
-from asset_dist.utils import atomic_write_bytes, atomic_write_json, atomic_write_text
+from asset_dist.runlock import job_lock
+from asset_dist.utils import (InputError, atomic_write_bytes, atomic_write_json, atomic_write_text, check_id, inside,
+                              writable_dir)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
 RECORD = "record.json"
 MANIFEST = "manifest.jsonl"
-
-
-def check_infer_config(cfg: Config) -> None:
-    i = cfg.infer
-    problems = []
-    if i.precision not in DTYPES:
-        problems.append(f"infer.precision must be one of {', '.join(DTYPES)} (got {i.precision!r})")
-    for key, lo in (("samples", 1), ("batch_size", 1), ("blend_levels", 1), ("top_k", 0), ("blend_band", 0),
-                    ("preview_size", 16)):
-        if getattr(i, key) < lo:
-            problems.append(f"infer.{key} must be >= {lo} (got {getattr(i, key)})")
-    if i.temperature < 0:
-        problems.append(f"infer.temperature must be >= 0 (got {i.temperature})")
-    if problems:
-        raise ValueError("; ".join(problems))
 
 
 def weight_paths(cfg: Config) -> dict[str, str]:
@@ -254,7 +241,7 @@ class EditRunner:
     # -------------------------------------------------------------------------------------------- outputs
 
     def finish(self, p: Prepared, out: Path, env: DistEnv) -> dict:
-        d = out / p.edit_id
+        d = edit_dir(out, p.edit_id)
         if p.error is not None:
             return failed_record(p.edit_id, p.error, env)
         t0 = time.perf_counter()
@@ -297,7 +284,7 @@ def preview(edit: Edit, samples: list[np.ndarray], size: int) -> np.ndarray:
 
 def read_record(out: Path, edit_id: str) -> Optional[dict]:
     try:
-        rec = json.loads((out / edit_id / RECORD).read_text())
+        rec = json.loads((edit_dir(out, edit_id) / RECORD).read_text())
         return rec if isinstance(rec, dict) and rec.get("status") in ("ok", "failed") else None
     except (OSError, ValueError):
         return None
@@ -358,12 +345,35 @@ def run_batch_edits(cfg: Config, edits: str, out: str | Path, *, guides_dir: Opt
                     samples: Optional[int] = None, device: str = "auto", retry_failed: bool = False,
                     redo: bool = False, env: Optional[DistEnv] = None, edit_set=None) -> int:
     """edit-batch: this rank's share of the edits; returns 0, or EXIT_REQUEUE when stopped by a signal.
-    edit_set: anything with `.ids` and `.load(id)` instead of shards; redo: ignore existing records."""
-    check_infer_config(cfg)
-    env = env or dist_env()
-    samples = samples or cfg.infer.samples
-    out = Path(out)
-    eset = edit_set if edit_set is not None else EditSet(edits)
+    edit_set: anything with `.ids` and `.load(id)` instead of shards; redo: ignore existing records.
+    Checks come first (config, --samples, a writable output folder, the weight files), then the output folder's
+    lock for the whole job (another run writing there is refused with LockHeld), then the work."""
+    env, samples, out = start_run(cfg, out, samples, env, "edit-batch --out")
+    with job_lock(out, "edit-batch", env):
+        return _batch_edits(cfg, edits, out, guides_dir, samples, device, retry_failed, redo, env, edit_set)
+
+
+def start_run(cfg: Config, out: str | Path, samples: Optional[int], env: Optional[DistEnv], what: str,
+              need_sga: bool = True) -> tuple[DistEnv, int, Path]:
+    """The checks every editing command makes before any heavy work -> (env, samples, output folder)."""
+    validate(cfg, "config")
+    if samples is not None and samples < 1:
+        raise InputError(f"samples must be >= 1 (got {samples})")
+    for key, path in weight_paths(cfg).items():
+        if path and (key != "sga" or need_sga) and not Path(path).is_file():
+            raise InputError(f"{key} weights {path}: no such file (infer.{key}_weights"
+                             + (")" if key == "sga" else f" or train.{key}_weights)"))
+    return env or dist_env(), samples or cfg.infer.samples, writable_dir(out, what)
+
+
+def edit_dir(out: Path, edit_id: str) -> Path:
+    """OUT/<edit_id>, refused (UnsafeName) unless the id is safe and the folder lies inside OUT."""
+    return inside(out, check_id(edit_id))
+
+
+def _batch_edits(cfg: Config, edits: str, out: Path, guides_dir: Optional[str], samples: int, device: str,
+                 retry_failed: bool, redo: bool, env: DistEnv, edit_set) -> int:
+    eset = edit_set if edit_set is not None else EditSet(edits, verify=cfg.data.verify)
     all_ids = eset.ids
     mine = split_for_rank(all_ids, env.rank, env.world_size)
     out.mkdir(parents=True, exist_ok=True)
@@ -418,18 +428,21 @@ def _run_pending(cfg: Config, eset, pending: list[str], out: Path, samples: int,
             return True, n_crashed
         preps, recs = [], {}
         for eid in pending[c:c + per_chunk]:
-            for tmp in (out / eid).glob(".*.tmp"):  # left by a killed run: never complete
+            for tmp in edit_dir(out, eid).glob(".*.tmp"):  # left by a killed run: never complete
                 tmp.unlink(missing_ok=True)
             try:
                 preps.append(runner.prepare(eset.load(eid)))
             except EditError as e:
                 recs[eid] = failed_record(eid, str(e), env)
+            except Exception as e:  # noqa: BLE001 - one edit never stops the batch; counted as a crash
+                recs[eid] = failed_record(eid, f"edit {eid!r}: {type(e).__name__}: {e}", env)
+                n_crashed += 1
         runner.run_rows([(p, k) for p in preps for k in range(samples)], runner.sample_batch)
         n_crashed += sum(p.error is not None for p in preps)
         recs.update({p.edit_id: runner.finish(p, out, env) for p in preps})
         for eid in pending[c:c + per_chunk]:
             rec = recs[eid]
-            atomic_write_json(out / eid / RECORD, rec)
+            atomic_write_json(edit_dir(out, eid) / RECORD, rec)
             with open(log_path, "a") as f:
                 f.write(json.dumps({"edit": eid, "status": rec["status"], "rank": env.rank,
                                     "world_size": env.world_size, "time": time.time()}) + "\n")
@@ -445,13 +458,15 @@ def _run_pending(cfg: Config, eset, pending: list[str], out: Path, samples: int,
 def run_precompute(cfg: Config, edits: str, out: str | Path, *, samples: Optional[int] = None,
                    device: str = "auto", env: Optional[DistEnv] = None) -> int:
     """precompute-guides: picks for every (edit, sample) of this rank's share; existing valid files are kept."""
+    env, samples, out = start_run(cfg, out, samples, env, "precompute-guides --out", need_sga=False)
+    with job_lock(out, "precompute-guides", env):
+        return _precompute(cfg, edits, out, samples, device, env)
+
+
+def _precompute(cfg: Config, edits: str, out: Path, samples: int, device: str, env: DistEnv) -> int:
     from tqdm import tqdm
 
-    check_infer_config(cfg)
-    env = env or dist_env()
-    samples = samples or cfg.infer.samples
-    out = Path(out)
-    eset = EditSet(edits)
+    eset = EditSet(edits, verify=cfg.data.verify)
     mine = split_for_rank(eset.ids, env.rank, env.world_size)
     models = load_models(cfg, pick_device(env, device), need_sga=False)
     runner = EditRunner(cfg, models, samples, guides_dir=str(out))
@@ -468,19 +483,20 @@ def run_precompute(cfg: Config, edits: str, out: str | Path, *, samples: Optiona
                     n_kept += 1  # resumable: this edit is complete already (cheap check, before tokenizing)
                     continue
                 preps.append(runner.prepare(files, need_hr=False))
-            except EditError as e:
+            except Exception as e:  # noqa: BLE001 - a bad edit (EditError) or any other error: that edit fails
+                msg = str(e) if isinstance(e, EditError) else f"edit {eid!r}: {type(e).__name__}: {e}"
                 n_failed += 1
-                atomic_write_json(out / eid / "failed.json", failed_record(eid, str(e), env))
-                _log(f"[rank {env.rank}] FAILED {e}")
+                atomic_write_json(edit_dir(out, eid) / "failed.json", failed_record(eid, msg, env))
+                _log(f"[rank {env.rank}] FAILED {msg}")
         runner.run_rows([(p, k) for p in preps for k in range(samples)],
                         lambda rows: runner.guide_batch(rows, store=str(out)))
         for p in preps:
             if p.error is not None:
                 n_failed += 1
-                atomic_write_json(out / p.edit_id / "failed.json", failed_record(p.edit_id, p.error, env))
+                atomic_write_json(edit_dir(out, p.edit_id) / "failed.json", failed_record(p.edit_id, p.error, env))
                 _log(f"[rank {env.rank}] FAILED {p.error}")
             else:
-                (out / p.edit_id / "failed.json").unlink(missing_ok=True)
+                (edit_dir(out, p.edit_id) / "failed.json").unlink(missing_ok=True)
         bar.update(len(mine[c:c + per_chunk]))
     bar.close()
     _log(f"[rank {env.rank}/{env.world_size}] guides: {len(mine)} edit(s), {n_kept} already complete, "

@@ -35,7 +35,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 import yaml
 
-from asset_dist.config import Config, apply_overrides, config_from_dict, load_config, to_dict
+from asset_dist.config import Config, apply_overrides, config_from_dict, load_config, path_arg, to_dict
 from asset_dist.models.official import IGNORED_NAMES, IGNORED_PREFIXES, official_vq_state_dict
 from asset_dist.models.official_transformer import convert_official_state_dict
 from asset_dist.models.seg_vq import SegVQModel
@@ -365,7 +365,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seg", metavar="CKPT", help="seg VQ: standalone (landscape_VQ_seg_model.ckpt) or cond_stage_model.*")
     p.add_argument("--guide", metavar="CKPT", help="guiding-transformer checkpoint (e.g. landscape_guiding.ckpt)")
     p.add_argument("--sga", metavar="CKPT", help="SGA checkpoint (e.g. landscape_1024.ckpt, coco_512.ckpt)")
-    p.add_argument("--out", required=True, metavar="DIR", help="output folder for the exports and config.yaml")
+    p.add_argument("--out", required=True, metavar="DIR", type=path_arg,
+                   help="output folder for the exports and config.yaml")
     p.add_argument("--official-config", metavar="FILE",
                    help="official model config (YAML of the release, e.g. landscape_1024.yaml, or JSON): head count, "
                         "block grid, resolutions; without it they are the paper's (64-dim heads, 16x4 blocks)")

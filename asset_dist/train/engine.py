@@ -22,7 +22,7 @@ from typing import Any, Iterator, Optional
 import torch
 import torch.distributed as dist
 
-from asset_dist.config import Config, ConfigError, add_config_args, load_config, save_config, to_dict
+from asset_dist.config import Config, ConfigError, add_config_args, load_config, path_arg, save_config, to_dict
 from asset_dist.distenv import DeviceError, dist_env, export_torch_env, pick_device
 from asset_dist.exitcodes import EXIT_BAD_INPUT, EXIT_NONFINITE, EXIT_REQUEUE
 from asset_dist.train import checkpoint as ckpt
@@ -317,15 +317,20 @@ class Trainer:
 
 def add_args(p: argparse.ArgumentParser) -> None:
     add_config_args(p)
-    p.add_argument("--resume", default="auto",
+    p.add_argument("--resume", default="auto", type=path_arg,
                    help="'auto': continue from RUN/checkpoints/latest if it exists (default); 'none': start "
                         "fresh; or a run folder to continue from")
 
 
 def main(args: argparse.Namespace) -> int:
-    try:
+    try:  # every check that needs no model or process group, before any heavy work
         cfg = load_config(args.config, args.overrides)
-    except ConfigError as e:
+        from asset_dist.data import check_sources
+        from asset_dist.utils import writable_dir
+
+        check_sources(cfg.data)
+        writable_dir(cfg.paths.run_dir, "paths.run_dir")
+    except ValueError as e:  # ConfigError, InputError, DataError
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     try:
@@ -339,7 +344,7 @@ def main(args: argparse.Namespace) -> int:
     except NonFiniteLoss as e:
         print(f"error: {e}. Nothing was saved over the last good checkpoint.", file=sys.stderr, flush=True)
         return EXIT_NONFINITE
-    except (ConfigError, DeviceError, FileNotFoundError, ValueError) as e:
+    except (ConfigError, DeviceError, OSError, ValueError) as e:  # bad input, a shard gone bad, an unwritable disk
         print(f"error: {e}", file=sys.stderr, flush=True)
         return EXIT_BAD_INPUT
     finally:
