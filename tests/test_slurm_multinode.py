@@ -18,6 +18,7 @@ The killed node comes back at the end (revive-node), so later modules have all t
 from __future__ import annotations
 
 import json
+import os
 import re
 import time
 from pathlib import Path
@@ -27,11 +28,11 @@ import pytest
 from asset_dist.artifacts import read_export
 
 try:
-    from .slurm_cluster import REPO, SlurmCluster, slurm_cluster  # noqa: F401
+    from .slurm_cluster import SlurmCluster, slurm_cluster  # noqa: F401
     from .test_infer_common import check, cli, make_exports, png, rect_mask, square
     from .train_utils import make_tiny_parents, metrics
 except ImportError:
-    from slurm_cluster import REPO, SlurmCluster, slurm_cluster  # noqa: F401
+    from slurm_cluster import SlurmCluster, slurm_cluster  # noqa: F401
     from test_infer_common import check, cli, make_exports, png, rect_mask, square
     from train_utils import make_tiny_parents, metrics
 
@@ -72,8 +73,11 @@ def _wait(cond, what: str, timeout: float, poll: float = 1.0):
 @pytest.fixture(scope="module")
 def cluster(slurm_cluster: SlurmCluster) -> SlurmCluster:
     if len(slurm_cluster.nodes) < 3:
-        pytest.fail(f"the multi-node tests need 3 nodes, the cluster has {slurm_cluster.nodes}: "
-                    "ASSET_SLURM_NODES=3 bash scripts/local_slurm.sh start")
+        msg = (f"the multi-node tests need 3 nodes, the cluster has {slurm_cluster.nodes}: "
+               "ASSET_SLURM_NODES=3 bash scripts/local_slurm.sh start (root, network namespaces)")
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(msg + " (CI is set: this must work)")
+        pytest.skip(msg)
     return slurm_cluster
 
 
