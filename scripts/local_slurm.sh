@@ -338,8 +338,8 @@ stop_pidfile() {  # stop_pidfile FILE NAME: TERM, wait, then KILL the process na
     rm -f "$f"
 }
 
-stop_nodes() {  # every node this folder's cluster may have made, whatever ASSET_SLURM_NODES says now
-    local f n
+stop_nodes() {  # the nodes this folder's slurm.conf names, whatever ASSET_SLURM_NODES says now
+    local f n namespaced=0
     for f in "$DIR"/slurmd.*.pid; do
         [[ -e $f ]] || continue
         n=${f#"$DIR/slurmd."}
@@ -347,13 +347,14 @@ stop_nodes() {  # every node this folder's cluster may have made, whatever ASSET
         stop_pidfile "$f" "slurmd $n"
     done
     stop_pidfile "$DIR/slurmd.pid" slurmd  # the one-node layout of earlier versions
-    for n in $(ip netns list 2>/dev/null | awk '{print $1}' | grep -E "^$PREFIX[0-9]+$" || true); do
+    for n in $(conf_nodes); do
+        [[ $n =~ ^$PREFIX[0-9]+$ ]] || continue
+        namespaced=1
         remove_node "$n"
     done
-    for f in $(ip -o link show 2>/dev/null | awk -F': ' '{print $2}' | sed 's/@.*//' | grep -E '^asset-v[0-9]+$' || true); do
-        ip link del "$f" 2>/dev/null || true
-    done
-    ip link del "$BRIDGE" 2>/dev/null || true
+    # the bridge serves the namespaced nodes only: a one-node cluster in another folder leaves it alone
+    [[ $namespaced == 1 ]] && ip link del "$BRIDGE" 2>/dev/null
+    return 0
 }
 
 do_stop() {
