@@ -137,7 +137,7 @@ def node_loss(cluster: SlurmCluster, sflckr_shards, tmp_path_factory):
         seg_nodes = _nodes(cluster, seg)
         victim = seg_nodes[1]  # rank 1's node; rank 0 and the batch shell stay alive on seg_nodes[0]
         # three ranks on 2 or 3 nodes: it starts on all three and comes back on the two left
-        edit = cluster.sbatch("--nodes=2-3", "-n", "3", "--gpus-per-node=0", "-c1", "-J",
+        edit = cluster.sbatch("--nodes=2-3", "-n", "3", "--ntasks-per-node=2", "--gpus-per-node=0", "-c1", "-J",
                               "asset-test-edit-nodeloss", "-t", "00:20:00", f"--output={tmp}/edit-%j.out",
                               "slurm/edit_batch.sh", "infer.batch_size=2",
                               env=_env(RUN_DIR=str(edit_run), CONFIG=str(cfg),

@@ -218,7 +218,7 @@ def test_time_limit_requeue_resumes_to_the_uninterrupted_weights(slurm_cluster: 
     log, run = _log(tmp), tmp / "run"
     assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), log
     restarts = int(info["Restarts"])
-    assert restarts >= 1 and "checkpoint written; requeueing job" in log, log
+    assert restarts >= 1 and "checkpoint written (time limit); requeueing job" in log, log
     assert "signal received: checkpointed at step" in log and "resumed from" in log, log
     assert len((run / "launches.tsv").read_text().splitlines()) == restarts + 1
 
