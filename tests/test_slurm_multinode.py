@@ -117,8 +117,8 @@ def _edit_set(out: Path) -> list[str]:
 @pytest.fixture(scope="module")
 def node_loss(cluster: SlurmCluster, sflckr_shards, tmp_path_factory):
     """Both jobs started, one shared node killed mid-way, requeued, the node revived; returns what the tests
-    check. The training job goes first (two nodes); the edit batch then takes all three (`--nodes=2-3 -n 3`:
-    as many nodes as it can), so killing the training job's second node hits both (and neither batch shell)."""
+    check. The training job goes first (two nodes); the edit batch then takes all three (`--nodes=2-3 -n 3
+    --ntasks-per-node=2`: as many nodes as it can, at most two ranks on one), so killing the training job's second node hits both (and neither batch shell)."""
     tmp = tmp_path_factory.mktemp("nodeloss")
     seg_sets = [f"data.train_shards={sflckr_shards}", "data.batch_size=1", f"train.max_steps={LOSS_STEPS}",
                 f"train.ckpt_every={CKPT_EVERY}", "logging.image_every=0", "logging.log_every=1",
@@ -137,8 +137,8 @@ def node_loss(cluster: SlurmCluster, sflckr_shards, tmp_path_factory):
         seg_nodes = _nodes(cluster, seg)
         victim = seg_nodes[1]  # rank 1's node; rank 0 and the batch shell stay alive on seg_nodes[0]
         # three ranks on 2 or 3 nodes: it starts on all three and comes back on the two left
-        edit = cluster.sbatch("--nodes=2-3", "-n", "3", "--ntasks-per-node=2", "--gpus-per-node=0", "-c1", "-J",
-                              "asset-test-edit-nodeloss", "-t", "00:20:00", f"--output={tmp}/edit-%j.out",
+        edit = cluster.sbatch("--nodes=2-3", "-n", "3", "--ntasks-per-node=2", "--gpus-per-node=0", "-c1",
+                              "-J", "asset-test-edit-nodeloss", "-t", "00:20:00", f"--output={tmp}/edit-%j.out",
                               "slurm/edit_batch.sh", "infer.batch_size=2",
                               env=_env(RUN_DIR=str(edit_run), CONFIG=str(cfg),
                                        OVERRIDES=f"infer.edits={tmp / 'edits'}"))
