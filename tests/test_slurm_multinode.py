@@ -118,7 +118,8 @@ def _edit_set(out: Path) -> list[str]:
 def node_loss(cluster: SlurmCluster, sflckr_shards, tmp_path_factory):
     """Both jobs started, one shared node killed mid-way, requeued, the node revived; returns what the tests
     check. The training job goes first (two nodes); the edit batch then takes all three (`--nodes=2-3 -n 3
-    --ntasks-per-node=2`: as many nodes as it can, at most two ranks on one), so killing the training job's second node hits both (and neither batch shell)."""
+    --ntasks-per-node=2`: as many nodes as it can, at most two ranks on one), so killing the training job's
+    second node hits both (and neither batch shell)."""
     tmp = tmp_path_factory.mktemp("nodeloss")
     seg_sets = [f"data.train_shards={sflckr_shards}", "data.batch_size=1", f"train.max_steps={LOSS_STEPS}",
                 f"train.ckpt_every={CKPT_EVERY}", "logging.image_every=0", "logging.log_every=1",
