@@ -33,6 +33,7 @@
 #   TRAIN_CMD       the command each task runs (word-split); default: the script's DEFAULT_CMD
 #   SRUN_ARGS       extra srun flags (word-split), e.g. "--kill-on-bad-exit=1"
 #   MAX_RESTARTS    stop requeueing after this many restarts (default 100)
+#   ASSET_NODES     MIN-MAX: the node range to come back with after a requeue (see _restore_node_range)
 #   ASSET_PYTHON    the python that has asset_dist (default: python on PATH)
 #   ASSET_DIST_ROOT repository root, if the scripts cannot find it themselves
 
@@ -74,6 +75,23 @@ _on_usr1() {
     else
         _log "USR1: time limit near (or preemption notice); passed to the tasks once they have started"
     fi
+}
+
+# SLURM (22.05) pins a requeued job to the node and task counts of its first run, whatever range it was
+# submitted with. ASSET_NODES=MIN-MAX (the range given to `sbatch --nodes=MIN-MAX -n TASKS`) puts the range
+# back after every requeue this shell sees, with this run's task count: the job keeps its world size and may
+# come back on fewer nodes (where a node has room for more tasks) or more.
+_restore_node_range() {
+    [[ -n ${ASSET_NODES:-} && -n ${SLURM_JOB_ID:-} ]] || return 0
+    local i
+    for i in $(seq 20); do
+        if scontrol update JobId="$SLURM_JOB_ID" NumNodes="$ASSET_NODES" NumTasks="${SLURM_NTASKS:-1}" 2>/dev/null; then
+            _log "the next run may use $ASSET_NODES nodes for its ${SLURM_NTASKS:-1} task(s) (ASSET_NODES)"
+            return 0
+        fi
+        sleep 0.5
+    done
+    _log "could not put the node range ASSET_NODES=$ASSET_NODES back: the next run asks for $SLURM_JOB_NUM_NODES nodes"
 }
 
 _on_term() {
@@ -219,6 +237,11 @@ asset_main() {
                ${ASSET_JOB_END:+--end-at "$ASSET_JOB_END"} --run-dir "$run_dir" --progress-before="$ASSET_PROGRESS" \
                --restarts "$restarts" --max-restarts "${MAX_RESTARTS:-100}")
     local requeue=$?
+    if [[ $requeue == 3 ]]; then  # slurmctld requeued it (scontrol requeue, node failure, preemption)
+        _log "$decision"
+        _restore_node_range
+        return "$rc"
+    fi
     if [[ $requeue -ne 0 ]]; then
         [[ $rc -ne 0 ]] && _log "${decision:-no requeue decision (the helper exited $requeue)}"
         return "$rc"
@@ -234,5 +257,6 @@ asset_main() {
         _log "scontrol requeue failed; resubmit by hand (the run folder is $run_dir)"
         return "$rc"
     fi
+    _restore_node_range
     return 0
 }

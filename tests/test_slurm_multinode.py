@@ -9,9 +9,9 @@ bridge), with the real trainer and edit-batch on tiny configs.
   training rank fails its collective within `dist.timeout_s` instead of hanging; slurmctld finds the node
   DOWN after SlurmdTimeout and requeues both `--requeue` jobs. The training job resumes on the two other
   nodes from its last checkpoint (nothing lost beyond the checkpoint interval) and finishes; the edit batch,
-  three ranks submitted with `--nodes=2-3 -n 3`, started on three nodes and comes back on the two left (same
-  world size, two ranks on one node): it redoes the edits nobody finished, every edit exactly once, its images
-  equal to a one-process run.
+  three ranks submitted with `--nodes=2-3 -n 3` (and ASSET_NODES=2-3), started on three nodes and comes back
+  on the two left (same world size, two ranks on one node): it redoes the edits nobody finished, every edit
+  exactly once, its images equal to a one-process run.
 
 The killed node comes back at the end (revive-node), so later modules have all three. Expect ~4-5 minutes.
 """
@@ -117,9 +117,9 @@ def _edit_set(out: Path) -> list[str]:
 @pytest.fixture(scope="module")
 def node_loss(cluster: SlurmCluster, sflckr_shards, tmp_path_factory):
     """Both jobs started, one shared node killed mid-way, requeued, the node revived; returns what the tests
-    check. The training job goes first (two nodes); the edit batch then takes all three (`--nodes=2-3 -n 3
-    --ntasks-per-node=2`: as many nodes as it can, at most two ranks on one), so killing the training job's
-    second node hits both (and neither batch shell)."""
+    check. The training job goes first (two nodes); the edit batch then takes all three (`--nodes=2-3 -n 3`:
+    as many nodes as it can; ASSET_NODES=2-3 gives the range back after SLURM's requeue, which pins the first
+    run's count), so killing the training job's second node hits both (and neither batch shell)."""
     tmp = tmp_path_factory.mktemp("nodeloss")
     seg_sets = [f"data.train_shards={sflckr_shards}", "data.batch_size=1", f"train.max_steps={LOSS_STEPS}",
                 f"train.ckpt_every={CKPT_EVERY}", "logging.image_every=0", "logging.log_every=1",
@@ -138,10 +138,10 @@ def node_loss(cluster: SlurmCluster, sflckr_shards, tmp_path_factory):
         seg_nodes = _nodes(cluster, seg)
         victim = seg_nodes[1]  # rank 1's node; rank 0 and the batch shell stay alive on seg_nodes[0]
         # three ranks on 2 or 3 nodes: it starts on all three and comes back on the two left
-        edit = cluster.sbatch("--nodes=2-3", "-n", "3", "--ntasks-per-node=2", "--gpus-per-node=0", "-c1",
+        edit = cluster.sbatch("--nodes=2-3", "-n", "3", "--ntasks-per-node=4", "--gpus-per-node=0", "-c1",
                               "-J", "asset-test-edit-nodeloss", "-t", "00:20:00", f"--output={tmp}/edit-%j.out",
                               "slurm/edit_batch.sh", "infer.batch_size=2",
-                              env=_env(RUN_DIR=str(edit_run), CONFIG=str(cfg),
+                              env=_env(RUN_DIR=str(edit_run), CONFIG=str(cfg), ASSET_NODES="2-3",
                                        OVERRIDES=f"infer.edits={tmp / 'edits'}"))
         jobs.append(edit)
         _wait(lambda: cluster.job(edit)["JobState"] == "RUNNING", "the edit batch to start", 120)
@@ -238,6 +238,7 @@ def test_node_loss_edit_batch_redoes_the_lost_edits_exactly_once(cluster: SlurmC
     assert len(r["edit_nodes"]) == 3 and len(r["edit_nodes_after"]) == 2 and r["victim"] not in r["edit_nodes_after"]
     assert set(re.findall(r"\[rank \d+/(\d+)\] \d+ edit\(s\) of", log)) == {"3"}
     assert re.search(r"job \d+ restart 1 on \S+: 3 task\(s\), 2 node\(s\)", log), log[-4000:]
+    assert "the next run may use 2-3 nodes for its 3 task(s)" in log, log[-4000:]
     manifest = [json.loads(x) for x in (out / "manifest.jsonl").read_text().splitlines()]
     assert [m["edit"] for m in manifest] == sorted(ids)  # every edit once, none twice
     assert {m["status"] for m in manifest} == {"ok"}

@@ -190,6 +190,7 @@ class Decision:
     requeue: bool
     reason: str
     stalled: int = 0  # consecutive runs without progress, this one included (kept in the run folder)
+    by_slurm: bool = False  # slurmctld requeued the job itself: it comes back without us
 
 
 STALLED_FILE = ".asset_dist.stalled"  # in the run folder: consecutive runs that ended without progress
@@ -272,7 +273,7 @@ def decide_for_job(rc: int, job_id: str, *, signal_seen: str = "", term_at: Opti
         if run_dir:
             record_stalled(run_dir, 0)
         return Decision(False, "SLURM has requeued this job itself (scontrol requeue, a node failure or a "
-                               "preemption): it comes back by itself and resumes")
+                               "preemption): it comes back by itself and resumes", by_slurm=True)
     preempted = slurm_time(job.get("PreemptTime", "")) is not None
     res = decide(rc, signal_seen=signal_seen, term_at=term_at, end_time=end_time,
                  preempted=preempted, mode=preempt_mode(job) if preempted else "OFF",
@@ -299,7 +300,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     st.add_argument("run_dir")
     pr = sub.add_parser("progress", help="print what a restart of RUN_DIR would continue from")
     pr.add_argument("run_dir")
-    d = sub.add_parser("decide", help="requeue or stop? prints the reason; exit 0 = requeue, 1 = stop")
+    d = sub.add_parser("decide", help="requeue or stop? prints the reason; exit 0 = requeue, 1 = stop, "
+                       "3 = SLURM requeued the job itself")
     d.add_argument("--rc", type=int, required=True, help="the tasks' exit status")
     d.add_argument("--signal", default="", choices=["", "usr1", "term"], help="what the launcher received")
     d.add_argument("--term-at", type=float, default=None, help="epoch seconds of that TERM")
@@ -329,7 +331,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                              end_time=a.end_at, progress_before=a.progress_before, run_dir=a.run_dir,
                              restarts=a.restarts, max_restarts=a.max_restarts)
         print(res.reason)
-        return 0 if res.requeue else 1
+        return 0 if res.requeue else (3 if res.by_slurm else 1)
     return 0
 
 
