@@ -380,6 +380,23 @@ class InferConfig:
 
 
 @dataclass
+class DistConfig:
+    """The process group of `train` and `evaluate` (edit-batch ranks do not exchange data, only the output
+    folder's lock: a lost node leaves its own edits undone; asset_dist/runlock.py has its own timeouts)."""
+
+    # seconds any collective (all-reduce, barrier, broadcast) may wait for a peer before this rank fails with
+    # an error instead of hanging (gloo and NCCL; torch's own default is 10-30 min and it reads no environment
+    # variable). Must exceed the longest legitimate wait: rank 0 writing a checkpoint or the export while the
+    # others wait. A dead node is also found by SLURM (SlurmdTimeout, 300 s by default), which then requeues a
+    # --requeue job; this bound covers what SLURM does not see (a frozen process, a cut link between nodes).
+    timeout_s: float = 600.0
+
+    def validate(self, c: Checks, at: str) -> None:
+        if not self.timeout_s > 0:  # also catches NaN
+            c.bad(f"{at}.timeout_s", self.timeout_s, "> 0 seconds")
+
+
+@dataclass
 class Config:
     name: str = "asset"
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -389,6 +406,7 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     infer: InferConfig = field(default_factory=InferConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
 
     def validate(self, c: Checks) -> None:
         """Each section, then what must agree across sections (the model with the data and with itself)."""

@@ -81,6 +81,28 @@ def render() -> str:
         parts.append("| key | type | default | meaning |\n|---|---|---|---|\n")
         for key, t, d, note in rows(v, f"{f.name}."):
             parts.append(f"| `{key}` | {t} | {d} | {note.replace('|', '/')} |\n")
+    return "".join(parts) + render_launch()
+
+
+def render_launch() -> str:
+    """Pipeline files and job resources (asset_dist/jobspec.py): not part of a stage config."""
+    from asset_dist import jobspec as spec
+
+    parser = argparse.ArgumentParser()
+    spec.add_resource_args(parser)
+    flags = {a.dest: a.option_strings[0] for a in parser._actions if a.option_strings}
+    parts = ["\n# Pipeline files and job resources\n\n",
+             "`asset-dist pipeline --config configs/pipelines/<name>.yaml` reads a pipeline file (not a stage "
+             "config): its keys, then the keys of each entry under `stages`.\n\n",
+             "| key | meaning |\n|---|---|\n"]
+    parts += [f"| `{k}` | {v} |\n" for k, v in spec.PIPELINE_KEYS.items()]
+    parts.append("\n| `stages.<name>.` key | meaning |\n|---|---|\n")
+    parts += [f"| `{k}` | {v} |\n" for k, v in spec.STAGE_KEYS.items()]
+    doc = (inspect.getdoc(spec.Resources) or "").replace("\n", " ")
+    parts.append(f"\n## `resources`\n\n{doc} A flag given to `asset-dist pipeline` overrides that resource for "
+                 "every stage.\n\n| key | type | default | flag | meaning |\n|---|---|---|---|---|\n")
+    for key, t, d, note in rows(spec.Resources()):
+        parts.append(f"| `{key}` | {t} | {d} | `{flags.get(key, '')}` | {note.replace('|', '/')} |\n")
     return "".join(parts)
 
 

@@ -8,9 +8,11 @@ It honours the same contract as the real trainer, with a step counter instead of
   - `--resume auto` continues from the saved state if there is one.
 Keys read from --set: paths.run_dir (required), train.max_steps, fake.step_seconds, fake.exit_code
 (exit with it right after start-up), fake.dist (false: no torch.distributed), fake.ignore_usr1 (true:
-miss the warning, so only the TERM at the time limit stops it).
+miss the warning, so only the TERM at the time limit stops it), fake.startup_seconds (time spent starting
+up; a signal during it saves at the resumed step, as the real trainer does).
 Files in run_dir: launches/restart<R>-rank<r>.json (what the rank saw), steps/rank<r>.log (one line per
-step taken), ckpt/rank<r>.json (the saved step), done/rank<r> (finished).
+step taken), ckpt/rank<r>.json (the saved step), checkpoints/latest (rank 0: the saved step's tag, as
+the trainer writes it: the launchers read progress from it), done/rank<r> (finished).
 """
 import signal
 
@@ -34,7 +36,7 @@ import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 from asset_dist.distenv import EXIT_REQUEUE, dist_env, export_torch_env  # noqa: E402
-from asset_dist.utils import atomic_write_json  # noqa: E402
+from asset_dist.utils import atomic_write_json, atomic_write_text  # noqa: E402
 
 
 def _quiet_exit() -> None:
@@ -42,6 +44,12 @@ def _quiet_exit() -> None:
     # finished (or saved) run into a death by signal. The real trainer does the same before returning.
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def _save(run_dir: Path, rank: int, step: int, sig) -> None:
+    atomic_write_json(run_dir / "ckpt" / f"rank{rank}.json", {"step": step, "signal": sig})
+    if rank == 0:
+        atomic_write_text(run_dir / "checkpoints" / "latest", f"step_{step:08d}\n")
 
 
 def main() -> int:
@@ -90,31 +98,41 @@ def main() -> int:
         info["allreduce_rank_sum"] = t.item()
     atomic_write_json(run_dir / "launches" / f"restart{restart}-rank{r}.json", info)
 
+    time.sleep(float(sets.get("fake.startup_seconds", "0")))  # building the model, loading data...
+
+    def stop_now() -> bool:
+        stop = _stop["signal"] is not None
+        if dist is not None:  # every rank stops at the same step, whoever got the signal
+            import torch
+
+            flag = torch.tensor([1.0 if stop else 0.0])
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            stop = flag.item() > 0
+        return stop
+
+    def save_and_exit(step: int) -> int:
+        _save(run_dir, r, step, _stop["signal"])
+        if dist is not None:
+            dist.barrier()
+            dist.destroy_process_group()
+        _quiet_exit()
+        print(f"rank {r}: {_stop['signal'] or 'peer signal'} at step {step}: saved, exit {EXIT_REQUEUE}", flush=True)
+        return EXIT_REQUEUE
+
     steps_log = run_dir / "steps" / f"rank{r}.log"
     steps_log.parent.mkdir(parents=True, exist_ok=True)
     step = start
+    if step < max_steps and stop_now():  # signalled during start-up: saved where it resumed, as the trainer does
+        return save_and_exit(step)
     with open(steps_log, "a") as log:
         while step < max_steps:
             time.sleep(step_seconds)
             step += 1
             log.write(f"{step}\n")
             log.flush()
-            stop = _stop["signal"] is not None
-            if dist is not None:  # every rank stops at the same step, whoever got the signal
-                import torch
-
-                flag = torch.tensor([1.0 if stop else 0.0])
-                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-                stop = flag.item() > 0
-            if stop and step < max_steps:
-                atomic_write_json(ckpt, {"step": step, "signal": _stop["signal"]})
-                if dist is not None:
-                    dist.barrier()
-                    dist.destroy_process_group()
-                _quiet_exit()
-                print(f"rank {r}: {_stop['signal'] or 'peer signal'} at step {step}: saved, exit {EXIT_REQUEUE}", flush=True)
-                return EXIT_REQUEUE
-    atomic_write_json(ckpt, {"step": step, "signal": None})
+            if stop_now() and step < max_steps:
+                return save_and_exit(step)
+    _save(run_dir, r, step, None)
     (run_dir / "done").mkdir(exist_ok=True)
     (run_dir / "done" / f"rank{r}").write_text(f"{step}\n")
     if dist is not None:

@@ -1,8 +1,10 @@
-"""Pytest fixture: a real one-node SLURM cluster (scripts/local_slurm.sh) for the sbatch tests.
+"""Pytest fixture: a real SLURM cluster on this machine (scripts/local_slurm.sh) for the launch tests.
 
-`slurm_cluster` (session scope) starts the cluster, or reuses one already running in ASSET_SLURM_DIR
-(and then leaves it running). SLURM missing and not installable (not root, no apt-get): the tests
-skip, unless CI is set, where they fail. Import the fixture into a test module:
+`slurm_cluster` (session scope) starts a cluster of ASSET_SLURM_NODES nodes (default 3: each node its own
+network and UTS namespace, so multi-node jobs really cross a network), or reuses one already running in
+ASSET_SLURM_DIR with at least that many nodes (and then leaves it running). SLURM missing and not
+installable (not root, no apt-get, no network namespaces): the tests skip, unless CI is set, where they
+fail. Import the fixture into a test module:
     from slurm_cluster import slurm_cluster  # noqa: F401
 """
 from __future__ import annotations
@@ -20,6 +22,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "local_slurm.sh"
 EXIT_UNAVAILABLE = 3  # local_slurm.sh: SLURM not installed and not installable here
+NODES = int(os.environ.get("ASSET_SLURM_NODES", "3"))
 
 # states after which a job record no longer changes by itself (requeued jobs go back to PENDING first)
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED",
@@ -30,6 +33,7 @@ TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_
 class SlurmCluster:
     conf: str
     env: dict[str, str] = field(default_factory=dict)  # os.environ + SLURM_CONF
+    nodes: list[str] = field(default_factory=list)
 
     def run(self, *args: str, check: bool = True, env: Optional[dict] = None, cwd: Optional[Path] = None,
             timeout: float = 60) -> subprocess.CompletedProcess:
@@ -65,12 +69,43 @@ class SlurmCluster:
     def cancel(self, job_id: int) -> None:
         self.run("scancel", str(job_id), check=False)
 
+    def script(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+        """scripts/local_slurm.sh ARGS (kill-node, revive-node, exec ...) for this cluster."""
+        return self.run("bash", str(SCRIPT), *args, env={"ASSET_SLURM_NODES": str(len(self.nodes))},
+                        timeout=timeout)
+
+    def node_state(self, node: str) -> str:
+        return self.run("sinfo", "-h", "-n", node, "-o", "%t").stdout.strip()
+
+    def wait_node(self, node: str, states: Iterable[str], timeout: float = 120) -> str:
+        deadline = time.monotonic() + timeout
+        while (state := self.node_state(node)) not in set(states):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"node {node} still {state!r} after {timeout:.0f} s")
+            time.sleep(1)
+        return state
+
+
+def _nodes() -> list[str]:
+    p = subprocess.run(["bash", str(SCRIPT), "nodes"], capture_output=True, text=True)
+    return p.stdout.split() if p.returncode == 0 else []
+
 
 def _start() -> tuple[subprocess.CompletedProcess, bool]:
     status = subprocess.run(["bash", str(SCRIPT), "status"], capture_output=True, text=True)
-    if status.returncode == 0:
+    if status.returncode == 0 and len(_nodes()) >= NODES:
         return status, False
-    return subprocess.run(["bash", str(SCRIPT), "start"], capture_output=True, text=True, timeout=600), True
+    env = {**os.environ, "ASSET_SLURM_NODES": str(NODES)}
+    proc = subprocess.run(["bash", str(SCRIPT), "start"], capture_output=True, text=True, timeout=600, env=env)
+    if proc.returncode == EXIT_UNAVAILABLE and NODES > 1 and not _ci():
+        # no network namespaces here: one node still runs the single-node tests (the multi-node ones skip)
+        env["ASSET_SLURM_NODES"] = "1"
+        proc = subprocess.run(["bash", str(SCRIPT), "start"], capture_output=True, text=True, timeout=600, env=env)
+    return proc, True
+
+
+def _ci() -> bool:
+    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
 @pytest.fixture(scope="session")
@@ -78,7 +113,7 @@ def slurm_cluster():
     proc, started = _start()
     if proc.returncode == EXIT_UNAVAILABLE:
         msg = f"SLURM is not installed and cannot be installed here: {proc.stderr.strip()}"
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        if _ci():
             pytest.fail(msg + " (CI is set: this must work)")
         pytest.skip(msg)
     if proc.returncode != 0:
@@ -86,7 +121,7 @@ def slurm_cluster():
     m = re.search(r"export SLURM_CONF=(\S+)", proc.stdout)
     assert m, f"no SLURM_CONF in: {proc.stdout!r}"
     conf = m.group(1)
-    cluster = SlurmCluster(conf=conf, env={**os.environ, "SLURM_CONF": conf})
+    cluster = SlurmCluster(conf=conf, env={**os.environ, "SLURM_CONF": conf}, nodes=_nodes())
     try:
         yield cluster
     finally:

@@ -1,6 +1,5 @@
 """asset_dist.distenv: launcher detection, hostlist expansion, torch variables. Pure: no cluster needed."""
 import json
-import re
 import shutil
 import subprocess
 import sys
@@ -9,7 +8,6 @@ from pathlib import Path
 import pytest
 
 from asset_dist.distenv import (
-    EXIT_REQUEUE,
     DistEnv,
     dist_env,
     expand_hostlist,
@@ -161,12 +159,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def test_exit_requeue_matches_common_sh():
-    text = (REPO / "slurm" / "common.sh").read_text()
-    m = re.search(r"^EXIT_REQUEUE=(\d+)", text, re.M)
-    assert m and int(m.group(1)) == EXIT_REQUEUE == 99
 
 
 def test_module_prints_json():

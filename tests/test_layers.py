@@ -3,7 +3,7 @@
     cli                                   anything (thin: imports the one command it runs)
     eval, infer, official | train, launch applications | trainer and launchers: siblings, never each other
     models, attention, data               plain PyTorch / numpy
-    ground                                config, utils, distenv, exitcodes, artifacts, runlock
+    ground                                config, jobspec, utils, distenv, exitcodes, artifacts, runlock
 Checked on the source (every import statement, including those inside functions), so a lazy import
 cannot hide a wrong direction.
 """

@@ -9,7 +9,7 @@ launcher and the stage pipeline, with the tiny configs on CPU (2 tasks, gloo).
 - `asset-dist submit --executor slurm` runs tiny_seg through submitit and exports it;
 - a submitit job preempted (TERM, then submitit's USR2, as `job._interrupt()` does) checkpoints on every
   rank through TrainJob.checkpoint, is requeued by submitit and resumes (tests/fake_trainer.py as trainer);
-- `asset-dist pipeline --config configs/tiny_pipeline.yaml` submits vqgan + seg -> guide -> sga with afterok
+- `asset-dist pipeline --config configs/pipelines/tiny.yaml` submits vqgan + seg -> guide -> sga with afterok
   dependencies, every stage reads its parents' exports, and a second invocation submits nothing.
 
 Every job is submitted when the module starts, so they share the cluster (and the 2 cores) instead of
@@ -31,7 +31,8 @@ import submitit
 import torch
 
 from asset_dist.config import load_config
-from asset_dist.launch.submit import Resources, TrainJob, job_outcome, submit_jobs, wait_job
+from asset_dist.jobspec import Resources
+from asset_dist.launch.submit import TrainJob, job_outcome, submit_jobs, wait_job
 from asset_dist.models.transformer import AssetTransformer
 from asset_dist.artifacts import read_export
 
@@ -164,10 +165,11 @@ def preempt_job(slurm_cluster: SlurmCluster, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def pipeline_run(slurm_cluster: SlurmCluster, sflckr_shards, tmp_path_factory):
-    """`asset-dist pipeline` for the tiny chain (1 task per stage, 2 steps each, to spare the 2 cores)."""
+    """`asset-dist pipeline` for the tiny chain, every stage on 2 nodes x 1 task (2 steps each)."""
     root = tmp_path_factory.mktemp("pipeline") / "runs"
-    cmd = [sys.executable, "-m", "asset_dist.cli", "pipeline", "--config", "configs/tiny_pipeline.yaml",
-           "--executor", "slurm", "--run-root", str(root), "--tasks-per-node", "1", "--time", "15",
+    nodes = ["--nodes", "2"] if len(slurm_cluster.nodes) >= 2 else []
+    cmd = [sys.executable, "-m", "asset_dist.cli", "pipeline", "--config", "configs/pipelines/tiny.yaml",
+           "--executor", "slurm", "--run-root", str(root), *nodes, "--tasks-per-node", "1", "--time", "15",
            "--set", f"data.train_shards={sflckr_shards}", "--set", "train.max_steps=2"]
     p = slurm_cluster.run(*cmd, env=_env(), timeout=120)
     ids = {k: int(v) for k, v in re.findall(r"^(\w+): submitted job (\d+)", p.stdout, re.M)}
@@ -216,7 +218,7 @@ def test_time_limit_requeue_resumes_to_the_uninterrupted_weights(slurm_cluster: 
     log, run = _log(tmp), tmp / "run"
     assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), log
     restarts = int(info["Restarts"])
-    assert restarts >= 1 and "checkpoint written; requeueing job" in log, log
+    assert restarts >= 1 and "checkpoint written (time limit); requeueing job" in log, log
     assert "signal received: checkpointed at step" in log and "resumed from" in log, log
     assert len((run / "launches.tsv").read_text().splitlines()) == restarts + 1
 
@@ -242,7 +244,9 @@ def test_submit_command_trains_through_submitit(slurm_cluster: SlurmCluster, sub
     info = slurm_cluster.job(job)
     log0 = (run / "submitit" / f"{job}_0_log.out").read_text()
     assert ok and (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "0"), msg + log0
-    assert f"2 task(s) on 1 node(s), rendezvous {info['NodeList']}:{20000 + job}" in log0
+    # the rendezvous port was probed free on the first node by the batch script's setup line
+    m = re.search(rf"2 task\(s\) on 1 node\(s\), rendezvous {info['NodeList']}:(\d+)", log0)
+    assert m and 20000 <= int(m.group(1)) < 32768, log0
     script = (run / "submitit" / f"{job}_submission.sh").read_text().splitlines()
     for flag in ("--requeue", "--signal=USR2@225", "--ntasks-per-node=2", "--cpus-per-task=1", "--time=15",
                  "--job-name=asset-test-submit"):
@@ -260,7 +264,7 @@ def test_submitit_preemption_checkpoints_every_rank_and_resumes(slurm_cluster: S
     info = slurm_cluster.wait(job, timeout=300)
     log0 = (run / "submitit" / f"{job}_0_log.out").read_text()
     assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "1"), log0
-    assert f"Requeued job {job}" in log0 and "resubmitting with --resume auto" in log0
+    assert f"Requeued job {job}" in log0 and "checkpoint written (time limit); requeueing" in log0
     for r in (0, 1):
         taken = [int(x) for x in (run / "steps" / f"rank{r}.log").read_text().split()]
         assert taken == list(range(1, PREEMPT_STEPS + 1)), f"rank {r}: steps lost or redone"
@@ -284,6 +288,10 @@ def test_pipeline_chains_stages_with_afterok_and_skips_finished(slurm_cluster: S
         assert slurm_cluster.job(ids[stage])["JobState"] == "COMPLETED", logs[stage].read_text()[-3000:]
         rec = read_export(root / stage / "export" / f"{stage}.pt", expect_stage=stage)
         assert rec["step"] == 2
+        if len(slurm_cluster.nodes) >= 2:  # one rank on each of two nodes: the task logs name both hosts
+            hosts = [re.findall(r"task (\d) of 2 on (\S+) \(node", (root / stage / "submitit" /
+                                f"{ids[stage]}_{t}_log.out").read_text()) for t in (0, 1)]
+            assert [h[0][0] for h in hosts] == ["0", "1"] and hosts[0][0][1] != hosts[1][0][1], (stage, hosts)
         assert json.loads((root / stage / "submitted.json").read_text())["job_id"] == str(ids[stage])
     lineage = read_export(root / "sga" / "export" / "sga.pt")["lineage"]["parents"]
     assert lineage["guide_weights"]["path"] == str((root / "guide" / "export" / "guide.pt").resolve())

@@ -21,8 +21,8 @@ import submitit
 from asset_dist.cli import main as cli_main
 from asset_dist.launch import pipeline as pl
 from asset_dist.distenv import EXIT_REQUEUE, dist_env
-from asset_dist.launch.submit import (TASK_PYTHON, Resources, TrainJob, child_env, make_executor, submit_jobs,
-                                      task_place, time_seconds, wait_job)
+from asset_dist.jobspec import Resources, time_seconds
+from asset_dist.launch.submit import TASK_PYTHON, TrainJob, child_env, make_executor, submit_jobs, task_place, wait_job
 
 REPO = Path(__file__).resolve().parents[1]
 FAKE = [sys.executable, str(REPO / "tests" / "fake_trainer.py"), "train"]
@@ -84,6 +84,9 @@ def test_sbatch_text_carries_every_resource_and_dependency(tmp_path, slurm_execu
                  "--kill-on-invalid-dep=yes", "--open-mode=append"]:
         assert f"#SBATCH {flag}" in lines, (flag, lines)
     assert not any("--error" in x for x in lines)  # stderr goes to the task's log with stdout
+    # the batch script probes the rendezvous port on the first node before srun starts the tasks
+    setup = next(i for i, x in enumerate(lines) if "asset_dist.launch.contract rendezvous" in x)
+    assert setup < next(i for i, x in enumerate(lines) if x.startswith("srun "))
     srun = next(x for x in lines if x.startswith("srun "))
     assert srun.endswith(f"{TASK_PYTHON} -u -m submitit.core._submit {tmp_path}")
     assert ex._executor.max_num_timeout == 7
@@ -93,6 +96,15 @@ def test_sbatch_text_carries_every_resource_and_dependency(tmp_path, slurm_execu
     lines = _sbatch_lines(ex, map_count=3)
     assert "#SBATCH --ntasks-per-node=2" in lines and "#SBATCH --array=0-2%1" in lines
     assert not any("gpus" in x or "dependency" in x for x in lines)
+
+
+def test_a_node_range_lets_the_job_come_back_on_another_node_count(tmp_path, slurm_executor_available):
+    res = Resources(nodes=4, min_nodes=1, tasks_per_node=1, time="10")
+    assert res.nodes_spec == "1-4" and Resources(nodes=2, min_nodes=2).nodes_spec == "2"
+    lines = _sbatch_lines(make_executor("slurm", tmp_path, res, "x"))
+    assert "#SBATCH --nodes=1-4" in lines and not any(x.startswith("#SBATCH --nodes=4") for x in lines)
+    with pytest.raises(ValueError, match="min_nodes .3. must not exceed nodes .2."):
+        Resources(nodes=2, min_nodes=3).check()
 
 
 def test_local_executor_limits():
@@ -107,17 +119,24 @@ def test_task_place_from_submitit_environment(monkeypatch):
            "SLURM_NODEID": "1", "SLURM_PROCID": "9", "SLURM_LOCALID": "1", "SLURM_JOB_NODELIST": "gpu[07-08]"}
     for k, v in env.items():
         monkeypatch.setenv(k, v)
+    monkeypatch.delenv("ASSET_RDZV", raising=False)
     place = task_place(submitit.JobEnvironment())
     assert (place.rank, place.local_rank, place.world_size, place.node_rank, place.num_nodes,
             place.local_world_size) == (9, 1, 16, 1, 2, 8)
-    assert (place.master_addr, place.master_port) == ("gpu07", 20000 + 1234)
+    assert (place.master_addr, place.master_port) == ("gpu07", 20000 + 1234)  # no probe: from the job id
+    monkeypatch.setenv("ASSET_RDZV", "gpu07:24680")  # what the batch script's setup line probed
+    place = task_place(submitit.JobEnvironment())
+    assert (place.master_addr, place.master_port) == ("gpu07", 24680)
     # stale launcher variables of the submitting shell do not leak into the trainer's placement
     stale = {"RANK": "0", "WORLD_SIZE": "1", "CROSS_RANK": "0", "MASTER_ADDR": "localhost"}
     child = child_env(place, base={**env, **stale})
     seen = dist_env(child)
     assert (seen.rank, seen.world_size, seen.local_rank, seen.master_addr, seen.master_port, seen.launcher) == \
-        (9, 16, 1, "gpu07", 21234, "torchrun")
+        (9, 16, 1, "gpu07", 24680, "torchrun")
     assert child["OMP_NUM_THREADS"] == "1" and "CROSS_RANK" not in child
+    # threads: the task's CPUs from SLURM win over a setting inherited from the submitting shell
+    child = child_env(place, base={**env, "OMP_NUM_THREADS": "32", "SLURM_CPUS_PER_TASK": "6"})
+    assert child["OMP_NUM_THREADS"] == "6"
 
 
 def test_train_job_command_and_pickle(tmp_path):
@@ -224,7 +243,7 @@ def test_local_timeout_signal_checkpoints_all_ranks_resubmits_and_finishes(tmp_p
         assert _steps(run, r) == list(range(1, steps + 1))  # nothing lost at the save, nothing redone
         assert (run / "done" / f"rank{r}").read_text().strip() == str(steps)
     assert log0.count("checkpoint requested: asking the trainer") == 1
-    assert "resubmitting with --resume auto" in log0 and "Requeued job" in log0
+    assert "checkpoint written (time limit); requeueing" in log0 and "Requeued job" in log0
     assert "SIGUSR1 at step" in log0  # rank 0's trainer took the forwarded request...
     assert "peer signal at step" in log1  # ...and rank 1's saved with it (all-reduced stop flag)
     saved = json.loads((run / "ckpt" / "rank1.json").read_text())
@@ -236,7 +255,7 @@ def test_local_bad_config_exit_is_not_resubmitted(tmp_path):
     job = _fake_job(tmp_path, "fake.exit_code=2")
     (sub,) = submit_jobs([job], Resources(tasks_per_node=2, time="5"), "local", name="fake")
     ok, msg = wait_job(sub)
-    assert not ok and "exit 2: bad config or input (not resubmitted" in msg
+    assert not ok and "exit 2: bad config or input (not requeued" in msg
     launches = sorted((tmp_path / "run" / "launches").glob("*.json"))
     assert len(launches) == 2  # one start per rank: no retry
 
@@ -244,7 +263,8 @@ def test_local_bad_config_exit_is_not_resubmitted(tmp_path):
 # ---- pipelines ----------------------------------------------------------------------------------------------
 
 def test_landscape_pipeline_wires_parents_and_resources():
-    p = pl.load_pipeline(REPO / "configs" / "landscape.yaml", cwd=REPO, resources={"partition": "big"})
+    p = pl.load_pipeline(REPO / "configs" / "pipelines" / "landscape.yaml", cwd=REPO,
+                         resources={"partition": "big"})
     assert [s.name for s in p.stages] == ["vqgan", "seg", "guide", "sga512", "sga1024"]
     by = {s.name: s for s in p.stages}
     assert by["vqgan"].after == [] and by["seg"].after == []
@@ -284,11 +304,11 @@ def test_pipeline_file_errors_name_the_problem(tmp_path, body, message):
 
 
 def _tiny(tmp_path: Path) -> pl.Pipeline:
-    return pl.load_pipeline(REPO / "configs" / "tiny_pipeline.yaml", run_root=str(tmp_path / "runs"), cwd=tmp_path,
-                            overrides=["data.train_shards=/data/shards"])
+    return pl.load_pipeline(REPO / "configs" / "pipelines" / "tiny.yaml", run_root=str(tmp_path / "runs"),
+                            cwd=tmp_path, overrides=["data.train_shards=/data/shards"])
 
 
-def _finish(stage: pl.Stage) -> None:
+def _finish(stage: pl.StageJob) -> None:
     stage.export.parent.mkdir(parents=True, exist_ok=True)
     stage.export.write_bytes(b"x")
 
@@ -334,7 +354,7 @@ def test_plan_skips_finished_stages_and_chains_the_rest(tmp_path, monkeypatch):
 
 
 def test_pipeline_cli_dry_run_and_errors(tmp_path, capsys):
-    rc = cli_main(["pipeline", "--config", str(REPO / "configs" / "tiny_pipeline.yaml"), "--dry-run",
+    rc = cli_main(["pipeline", "--config", str(REPO / "configs" / "pipelines" / "tiny.yaml"), "--dry-run",
                    "--executor", "slurm", "--run-root", str(tmp_path), "--time", "10", "--partition", "cpu",
                    "--set", "data.train_shards=/data/s"])
     out = capsys.readouterr().out
@@ -392,7 +412,7 @@ def test_local_pipeline_runs_stage_after_stage_and_stops_at_a_failure(tmp_path, 
     monkeypatch.setattr("asset_dist.launch.submit.TRAIN_COMMAND", (sys.executable, str(script), "train"))
     monkeypatch.setenv("FAKE_ORDER", str(order))
     root = tmp_path / "runs"
-    p = pl.load_pipeline(REPO / "configs" / "tiny_pipeline.yaml", run_root=str(root), cwd=tmp_path,
+    p = pl.load_pipeline(REPO / "configs" / "pipelines" / "tiny.yaml", run_root=str(root), cwd=tmp_path,
                          overrides=["data.train_shards=/data/shards"], resources={"tasks_per_node": 1})
     assert pl.run_local(p, pl.plan(p, "local"))
     ran = [json.loads(x) for x in order.read_text().splitlines()]
@@ -454,9 +474,15 @@ def test_trainer_stopped_by_term_resubmits_only_at_the_time_limit(tmp_path, monk
 
     env = type("Env", (_FakeJobEnv,), {"global_rank": rank, "local_rank": rank})
     monkeypatch.setattr(submitit, "JobEnvironment", env)
-    monkeypatch.setattr(sm, "near_time_limit", lambda: at_limit)
-    job = TrainJob("c.yaml", [], str(tmp_path), command=[sys.executable, "-c", f"raise SystemExit({EXIT_REQUEUE})"],
+    end = time.time() + (0 if at_limit else 3600)
+    monkeypatch.setattr(sm, "job_end_time", lambda: end)
+    monkeypatch.setattr(sm, "job_preemption", lambda: (False, "OFF"))
+    # the trainer saves (the run folder's checkpoint moves on) and exits 99
+    save = ("import pathlib, sys; p = pathlib.Path(sys.argv[1]) / 'checkpoints'; p.mkdir(exist_ok=True); "
+            f"(p / 'latest').write_text('step_00000007'); raise SystemExit({EXIT_REQUEUE})")
+    job = TrainJob("c.yaml", [], str(tmp_path), command=[sys.executable, "-c", save, str(tmp_path)],
                    cwd=tmp_path, term_grace_s=0)
+    job.argv = lambda: job.command
     calls = []
 
     def handler(signum, frame):  # what submitit's handler does on rank 0: checkpoint(), then requeue + exit
@@ -474,23 +500,22 @@ def test_trainer_stopped_by_term_resubmits_only_at_the_time_limit(tmp_path, monk
                 job()
             assert len(calls) == 1 and isinstance(calls[0], submitit.helpers.DelayedSubmission)
         else:
-            with pytest.raises(sm.TrainingFailed, match="before the time limit .* not resubmitted"):
+            with pytest.raises(sm.TrainingFailed, match="before the time limit .scancel.: not requeued"):
                 job()
             assert calls == []
     finally:
         signal.signal(signal.SIGUSR2, old)
 
 
-def test_near_time_limit_reads_the_jobs_end_time(monkeypatch):
+def test_job_end_time_reads_slurmctld(monkeypatch):
     import datetime
 
     from asset_dist.launch import submit as sm
 
     monkeypatch.setenv("SLURM_JOB_ID", "5")
     monkeypatch.setenv("SUBMITIT_EXECUTOR", "slurm")
-    for offset, want in [(-30, True), (5, True), (60, False)]:
-        end = (datetime.datetime.now() + datetime.timedelta(seconds=offset)).strftime("%Y-%m-%dT%H:%M:%S")
-        monkeypatch.setattr(sm, "scontrol_job", lambda job_id, end=end: {"EndTime": end})
-        assert sm.near_time_limit() is want, offset
+    end = datetime.datetime.now().replace(microsecond=0) + datetime.timedelta(seconds=60)
+    monkeypatch.setattr(sm, "scontrol_job", lambda job_id: {"EndTime": end.strftime("%Y-%m-%dT%H:%M:%S")})
+    assert sm.job_end_time() == end.timestamp()
     monkeypatch.setattr(sm, "scontrol_job", lambda job_id: {"EndTime": "Unknown"})
-    assert sm.near_time_limit() is False
+    assert sm.job_end_time() is None

@@ -22,14 +22,15 @@ class EvalError(ValueError):
     """A bad input of an evaluation (missing weights, empty split, unreadable folder); the message says which."""
 
 
-def start(device: str = "auto") -> tuple[DistEnv, torch.device]:
-    """Join the process group when launched with several ranks; pick this rank's device."""
+def start(device: str = "auto", timeout_s: Optional[float] = None) -> tuple[DistEnv, torch.device]:
+    """Join the process group when launched with several ranks (collectives bounded by timeout_s, the config's
+    dist.timeout_s); pick this rank's device."""
     env = dist_env()
     try:
         dev = pick_device(env, device)
     except DeviceError as e:
         raise EvalError(str(e)) from None
-    init_process_group(env, dev)
+    init_process_group(env, dev, timeout_s)
     return env, dev
 
 

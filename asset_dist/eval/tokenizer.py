@@ -59,7 +59,7 @@ def evaluate_tokenizer(cfg: Config, weights: Optional[str] = None, max_samples: 
     from asset_dist.data import build_loader
 
     paths = tokenizer_weights(cfg, weights)
-    env, dev = start(device)
+    env, dev = start(device, cfg.dist.timeout_s)
     models = {s: _build(cfg, s, p, dev) for s, p in paths.items()}
     try:
         loader = build_loader(cfg.data, "val", env.rank, env.world_size)

@@ -121,7 +121,7 @@ def evaluate_transformer(cfg: Config, weights: Optional[str] = None, max_samples
     if bad or not settings:
         raise EvalError(f"unknown setting(s) {bad}; choose from {', '.join(SETTINGS)}")
     paths = transformer_weights(cfg, weights)
-    env, dev = start(device)
+    env, dev = start(device, cfg.dist.timeout_s)
     try:
         tok = Tokenizers(cfg, paths["vqgan"], paths["seg"]).to(dev)
     except (FileNotFoundError, RuntimeError) as e:

@@ -1,9 +1,10 @@
 """`asset-dist pipeline`: the whole training chain (tokenizers -> guide -> SGA 512 -> SGA 1024) as dependent jobs.
 
-A pipeline file (configs/landscape.yaml, configs/tiny_pipeline.yaml) lists the stages. Each names its stage
-config (relative to the pipeline file), its run folder, its resources, and `inputs`: which config keys take
-which parent stage's export (RUN/export/<stage>.pt). A stage runs after its parents: on SLURM as a submitit
-job with `--dependency=afterok:<parent jobs>`; with the local executor one after the other on this machine.
+A pipeline file (configs/pipelines/landscape.yaml, configs/pipelines/tiny.yaml; every key in docs/CONFIG.md)
+lists the stages. Each names its stage config (relative to the pipeline file), its run folder, its resources
+(asset_dist/jobspec.py), and `inputs`: which config keys take which parent stage's export
+(RUN/export/<stage>.pt). A stage runs after its parents: on SLURM as a submitit job with
+`--dependency=afterok:<parent jobs>`; with the local executor one after the other on this machine.
 
 Re-running is safe: a stage whose export exists is finished and skipped; a stage whose job (recorded in
 RUN/submitted.json) is still queued or running is not submitted again, and its dependents wait on that job.
@@ -20,11 +21,10 @@ from typing import Any, Optional, Sequence
 
 import yaml
 
-from asset_dist.launch.submit import (EXECUTORS, SLURM_ACTIVE, Resources, TrainJob, add_resource_args, log_path,
-                                      resolve_executor, slurm_state, submit_jobs, wait_job)
+from asset_dist.jobspec import PIPELINE_KEYS, STAGE_KEYS, Resources
+from asset_dist.launch.submit import (EXECUTORS, TrainJob, add_resource_args, log_path, resolve_executor, slurm_state,
+                                      state_active, submit_jobs, wait_job)
 
-STAGE_KEYS = {"config", "run_dir", "inputs", "after", "set", "resources"}
-TOP_KEYS = {"name", "run_root", "set", "resources", "stages"}
 RECORD = "submitted.json"  # in each stage's run folder: the last job submitted for it
 
 
@@ -33,7 +33,9 @@ class PipelineError(ValueError):
 
 
 @dataclass
-class Stage:
+class StageJob:
+    """One stage of the chain as a job to submit (train/stage.py's Stage is what such a job trains)."""
+
     name: str
     config: Path  # absolute
     run_dir: Path  # absolute
@@ -55,15 +57,17 @@ class Stage:
 class Pipeline:
     name: str
     source: Path
-    stages: list[Stage]  # parents before children
+    stages: list[StageJob]  # parents before children
 
-    def stage(self, name: str) -> Stage:
+    def stage(self, name: str) -> StageJob:
         return next(s for s in self.stages if s.name == name)
 
 
 @dataclass
-class Step:
-    stage: Stage
+class PlanEntry:
+    """What a (re)run of the pipeline does with one stage."""
+
+    stage: StageJob
     status: str  # done | queued | submit
     job_id: str = ""  # queued: the recorded job; submit: filled in once submitted
     after_jobs: list[str] = field(default_factory=list)
@@ -118,9 +122,9 @@ def load_pipeline(path: str | Path, run_root: Optional[str] = None, overrides: S
         raise PipelineError(f"{src}: not valid YAML: {e}") from None
     if not isinstance(data, dict):
         raise PipelineError(f"{src}: top level must be a mapping")
-    unknown = sorted(set(data) - TOP_KEYS)
+    unknown = sorted(set(data) - set(PIPELINE_KEYS))
     if unknown:
-        raise PipelineError(f"{src}: unknown key(s) {', '.join(unknown)} (allowed: {', '.join(sorted(TOP_KEYS))})")
+        raise PipelineError(f"{src}: unknown key(s) {', '.join(unknown)} (allowed: {', '.join(PIPELINE_KEYS)})")
     stages_in = data.get("stages")
     if not isinstance(stages_in, dict) or not stages_in:
         raise PipelineError(f"{src}: 'stages' must map stage names to their settings")
@@ -138,9 +142,9 @@ def load_pipeline(path: str | Path, run_root: Optional[str] = None, overrides: S
         where = f"{src}: stage '{name}'"
         if not isinstance(spec, dict):
             raise PipelineError(f"{where} must be a mapping")
-        bad = sorted(set(spec) - STAGE_KEYS)
+        bad = sorted(set(spec) - set(STAGE_KEYS))
         if bad:
-            raise PipelineError(f"{where}: unknown key(s) {', '.join(bad)} (allowed: {', '.join(sorted(STAGE_KEYS))})")
+            raise PipelineError(f"{where}: unknown key(s) {', '.join(bad)} (allowed: {', '.join(STAGE_KEYS)})")
         if "config" not in spec:
             raise PipelineError(f"{where}: 'config' (the stage config file) is required")
         inputs = spec.get("inputs") or {}
@@ -153,7 +157,7 @@ def load_pipeline(path: str | Path, run_root: Optional[str] = None, overrides: S
                                     f"(stages: {', '.join(stages_in)})")
         raw[name], parents[name] = spec, ps
 
-    stages: dict[str, Stage] = {}
+    stages: dict[str, StageJob] = {}
     for name in _order(list(stages_in), parents, src):
         spec, where = raw[name], f"{src}: stage '{name}'"
         config = (path.parent / str(spec["config"])).resolve()
@@ -175,15 +179,16 @@ def load_pipeline(path: str | Path, run_root: Optional[str] = None, overrides: S
             cfg = load_config(config, sets + [f"paths.run_dir={run_dir.resolve()}"])
         except ConfigError as e:
             raise PipelineError(f"{where}: {e}") from None
-        stages[name] = Stage(name=name, config=config, run_dir=run_dir.resolve(), inputs=dict(spec.get("inputs", {})),
-                             after=parents[name], overrides=sets, resources=res, kind=cfg.train.stage)
+        stages[name] = StageJob(name=name, config=config, run_dir=run_dir.resolve(),
+                                inputs=dict(spec.get("inputs", {})), after=parents[name], overrides=sets,
+                                resources=res, kind=cfg.train.stage)
     exports = [s.export for s in stages.values()]
     if len(set(exports)) != len(exports):
         raise PipelineError(f"{src}: two stages write the same export; give each its own run_dir")
     return Pipeline(name=str(data.get("name") or path.stem), source=path.resolve(), stages=list(stages.values()))
 
 
-def recorded_job(stage: Stage) -> Optional[dict]:
+def recorded_job(stage: StageJob) -> Optional[dict]:
     try:
         return json.loads((stage.run_dir / RECORD).read_text())
     except (OSError, ValueError):
@@ -195,49 +200,49 @@ def job_alive(rec: dict) -> bool:
     (the job id is its pid) still runs."""
     job_id = str(rec.get("job_id", ""))
     if rec.get("executor") == "slurm":
-        return slurm_state(job_id) in SLURM_ACTIVE
+        return state_active(slurm_state(job_id))
     try:
         return b"submitit.local._local" in Path(f"/proc/{int(job_id)}/cmdline").read_bytes()
     except (OSError, ValueError):
         return False
 
 
-def plan(p: Pipeline, executor: str) -> list[Step]:
+def plan(p: Pipeline, executor: str) -> list[PlanEntry]:
     """What each stage needs: done (export exists), queued (its recorded job is still queued or running) or
     submit. A queued SLURM job becomes a dependency of the stages after it."""
-    steps: dict[str, Step] = {}
+    steps: dict[str, PlanEntry] = {}
     for s in p.stages:
         if s.export.is_file():
-            steps[s.name] = Step(s, "done")
+            steps[s.name] = PlanEntry(s, "done")
             continue
         rec = recorded_job(s)
         if rec and job_alive(rec):
-            steps[s.name] = Step(s, "queued", job_id=str(rec["job_id"]), executor=str(rec.get("executor")))
+            steps[s.name] = PlanEntry(s, "queued", job_id=str(rec["job_id"]), executor=str(rec.get("executor")))
         else:
-            steps[s.name] = Step(s, "submit")
+            steps[s.name] = PlanEntry(s, "submit")
         steps[s.name].after_jobs = [steps[a].job_id for a in s.after if steps[a].status == "queued"]
     return list(steps.values())
 
 
-def blocked(steps: list[Step], executor: str) -> list[str]:
+def blocked(steps: list[PlanEntry], executor: str) -> list[str]:
     """Stages still running in a way this run cannot wait for: any of them when running locally (one stage
     after the other), a local run when submitting to SLURM (afterok needs a SLURM job)."""
     return [f"{st.stage.name} ({st.executor} job {st.job_id})" for st in steps
             if st.status == "queued" and (executor == "local" or st.executor != "slurm")]
 
 
-def describe(steps: list[Step], executor: str) -> str:
+def describe(steps: list[PlanEntry], executor: str) -> str:
     lines = [f"{'stage':<10} {'status':<8} {'after':<24} {'resources':<34} run folder"]
     for st in steps:
         s, r = st.stage, st.stage.resources
-        res = f"{r.nodes}x{r.tasks} task(s), {r.gpus_per_node} GPU/node, {r.time}"
+        res = f"{r.nodes_spec}x{r.tasks} task(s), {r.gpus_per_node} GPU/node, {r.time}"
         status = st.status + (f" {st.job_id}" if st.status == "queued" else "")
         lines.append(f"{s.name:<10} {status:<8} {','.join(s.after) or '-':<24} {res:<34} {s.run_dir}")
     lines.append(f"(executor {executor}; done = RUN/export/<stage>.pt exists: skipped)")
     return "\n".join(lines)
 
 
-def _record(stage: Stage, job_id: str, executor: str, source: Path) -> None:
+def _record(stage: StageJob, job_id: str, executor: str, source: Path) -> None:
     from asset_dist.utils import atomic_write_json
 
     atomic_write_json(stage.run_dir / RECORD, {
@@ -245,7 +250,7 @@ def _record(stage: Stage, job_id: str, executor: str, source: Path) -> None:
         "submitted": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")})
 
 
-def submit_slurm(p: Pipeline, steps: list[Step]) -> dict[str, str]:
+def submit_slurm(p: Pipeline, steps: list[PlanEntry]) -> dict[str, str]:
     """Submit every 'submit' step with afterok on its parents' jobs; returns stage -> job id."""
     ids = {st.stage.name: st.job_id for st in steps if st.status == "queued"}
     for st in steps:
@@ -261,7 +266,7 @@ def submit_slurm(p: Pipeline, steps: list[Step]) -> dict[str, str]:
     return ids
 
 
-def run_local(p: Pipeline, steps: list[Step]) -> bool:
+def run_local(p: Pipeline, steps: list[PlanEntry]) -> bool:
     """Run the unfinished stages one after the other on this machine (submitit's local executor)."""
     busy = blocked(steps, "local")
     if busy:
@@ -290,7 +295,7 @@ def run_local(p: Pipeline, steps: list[Step]) -> bool:
 def add_args(parser: argparse.ArgumentParser) -> None:
     parser.description = ("Submit the whole training chain as dependent jobs (afterok); each stage reads the "
                           "exports of its parents. Stages whose export exists are skipped.")
-    parser.add_argument("--config", required=True, help="pipeline file, e.g. configs/landscape.yaml")
+    parser.add_argument("--config", required=True, help="pipeline file, e.g. configs/pipelines/landscape.yaml")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="config override for every stage, e.g. --set data.train_shards=DIR (repeatable)")
     parser.add_argument("--executor", choices=EXECUTORS, default="auto",

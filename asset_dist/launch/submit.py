@@ -1,9 +1,9 @@
 """`asset-dist submit`: one training run through submitit, on a SLURM cluster or on this machine.
 
 The submitted callable, `TrainJob`, runs in every task of the job (one task per GPU, or CPU tasks for
-gloo). It places the task in the job from submitit's `JobEnvironment` (rank, world size, rendezvous
-address, exported as torch variables through asset_dist.distenv) and runs the trainer,
-`python -m asset_dist.cli train --config C --set ... --resume auto`, as a child process.
+gloo). It places the task in the job from submitit's `JobEnvironment` (rank, world size; the rendezvous the
+batch script probed on the first node, ASSET_RDZV, exported as torch variables through asset_dist.distenv)
+and runs the trainer, `python -m asset_dist.cli train --config C --set ... --resume auto`, as a child process.
 
 Why a child process. submitit 1.5.4 asks for a checkpoint with SIGUSR2 (`#SBATCH --signal=USR2@delay`,
 sent to every process of the step) and calls `checkpoint()` on global rank 0 only; SIGTERM is merely
@@ -13,8 +13,10 @@ trainer, waits until all ranks have saved and exited EXIT_REQUEUE (99), and retu
 the same job (`--resume auto` continues from RUN/checkpoints/latest); submitit then requeues it. Other
 ranks exit when their trainer does. A warning that never reached the trainer (it was still starting) is
 covered by the TERM at the time limit: the trainer saves on it, and rank 0 resubmits through submitit's
-handler. A TERM well before the limit (scancel) is not resubmitted. Non-transient failures (exit 2 bad
-config/input, 3 non-finite loss, any crash) raise, so submitit records the error and does not resubmit.
+handler. Whether to resubmit is the rule the sbatch scripts follow too (asset_dist.launch.contract.decide):
+not after a scancel (a TERM well before the limit), a final preemption (PreemptMode without REQUEUE), a run
+that made no progress, or a failure (exit 2 bad config/input, 3 non-finite loss, any crash): those raise,
+so submitit records the error and does not resubmit.
 
 The local executor (one machine, `tasks_per_node` processes) runs the very same callable, with the
 time-limit signal sent by submitit's local controller: tests and `asset-dist pipeline --executor local`.
@@ -23,31 +25,28 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import datetime
-import math
 import os
-import re
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import submitit
 
 from asset_dist.distenv import DistEnv, export_torch_env, slurm_master_port
-from asset_dist.exitcodes import EXIT_BAD_INPUT, EXIT_NONFINITE, EXIT_REQUEUE
+from asset_dist.exitcodes import EXIT_BAD_INPUT, EXIT_REQUEUE
+from asset_dist.launch.contract import (RDZV_VAR, STALE_VARS, decide, describe_exit, free_port, preempt_mode,
+                                        preemption_requeues, progress, record_stalled, requeued_by_slurm,
+                                        scontrol_job, slurm_time, stalled_runs)
+from asset_dist.jobspec import Resources, add_resource_args, resources_from_args
 
 EXECUTORS = ("auto", "local", "slurm")
 TRAIN_COMMAND = (sys.executable, "-m", "asset_dist.cli", "train")
-# Launcher variables a submitting shell may have left behind: they would win over the job's own
-# placement (asset_dist.distenv reads RANK/WORLD_SIZE first; CROSS_RANK means "deepspeed launcher").
-STALE_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "NODE_RANK", "CROSS_RANK",
-              "CROSS_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT")
 RESEND_USR1_S = 5.0  # a checkpoint request is repeated until the trainer takes it (it may still be starting)
 # How each task's python starts: with USR2 ignored until submitit installs its handler. SLURM may send the
 # time-limit warning up to 30 s before it is due (its check period), so a requeued run with a short limit
@@ -57,131 +56,6 @@ TASK_PYTHON = "bash -c " + shlex.quote('trap "" USR2; exec "$0" "$@"') + " " + s
 
 def log(msg: str) -> None:
     print(f"[asset-submit {time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-# ---- resources ------------------------------------------------------------------------------------------
-
-def time_seconds(spec: str | int | float) -> int:
-    """A SLURM time limit in seconds: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S (a bare number is minutes)."""
-    if isinstance(spec, (int, float)) and not isinstance(spec, bool):
-        return int(round(float(spec) * 60))
-    text = str(spec).strip()
-    m = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", text)
-    if not m:
-        raise ValueError(f"time limit {spec!r}: expected minutes, MM:SS, HH:MM:SS or D-HH[:MM[:SS]]")
-    days, a, b, c = m.groups()
-    a, b, c = int(a), int(b or 0), int(c or 0)
-    if days is not None:  # D-H, D-H:M, D-H:M:S
-        secs = int(days) * 86400 + a * 3600 + b * 60 + c
-    elif c or m.group(4) is not None:  # H:M:S
-        secs = a * 3600 + b * 60 + c
-    elif m.group(3) is not None:  # M:S
-        secs = a * 60 + b
-    else:  # M
-        secs = a * 60
-    if secs <= 0:
-        raise ValueError(f"time limit {spec!r} must be positive")
-    return secs
-
-
-@dataclass
-class Resources:
-    """What one job asks for. The pipeline files use these names as YAML keys."""
-
-    nodes: int = 1
-    gpus_per_node: int = 0
-    tasks_per_node: int = 0  # 0: one task per GPU, or 1 on a CPU node
-    cpus_per_task: int = 0  # 0: the cluster's default
-    time: str = "01:00:00"  # SLURM syntax (minutes, H:M:S, D-H:M:S)
-    mem: str = ""  # per node, SLURM syntax (64G); "" = the cluster's default
-    partition: str = ""
-    account: str = ""
-    qos: str = ""
-    constraint: str = ""
-    signal_delay_s: int = 0  # checkpoint request this long before the limit; 0: min(300 s, limit / 4)
-    max_timeouts: int = 20  # requeues after a time limit (preemptions do not count)
-    array_parallelism: int = 0  # several configs in one `submit`: at most this many run at once (0: all)
-
-    @property
-    def tasks(self) -> int:
-        return self.tasks_per_node or self.gpus_per_node or 1
-
-    @property
-    def seconds(self) -> int:
-        return time_seconds(self.time)
-
-    @property
-    def minutes(self) -> int:
-        return max(1, math.ceil(self.seconds / 60))
-
-    @property
-    def signal_delay(self) -> int:
-        return self.signal_delay_s or max(1, min(300, self.seconds // 4))
-
-    def check(self) -> "Resources":
-        for name in ("nodes", "max_timeouts"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"resources: {name} must be >= 1 (got {getattr(self, name)})")
-        for name in ("gpus_per_node", "tasks_per_node", "cpus_per_task", "signal_delay_s", "array_parallelism"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"resources: {name} must be >= 0 (got {getattr(self, name)})")
-        if self.gpus_per_node and self.tasks_per_node and self.tasks_per_node != self.gpus_per_node:
-            raise ValueError(f"resources: one task per GPU: tasks_per_node ({self.tasks_per_node}) must equal "
-                             f"gpus_per_node ({self.gpus_per_node}) or be left at 0")
-        if self.signal_delay >= self.seconds:
-            raise ValueError(f"resources: signal_delay_s ({self.signal_delay}) must be shorter than the time "
-                             f"limit ({self.time} = {self.seconds} s)")
-        return self
-
-    @classmethod
-    def from_dict(cls, data: dict, base: Optional["Resources"] = None, src: str = "resources") -> "Resources":
-        names = {f.name: f.type for f in fields(cls)}
-        unknown = sorted(set(data) - set(names))
-        if unknown:
-            raise ValueError(f"{src}: unknown key(s) {', '.join(unknown)} (allowed: {', '.join(names)})")
-        out = {}
-        for k, v in data.items():
-            want = int if names[k] in ("int", int) else str
-            if want is int and (isinstance(v, bool) or not isinstance(v, int)):
-                raise ValueError(f"{src}: '{k}' must be an integer, got {v!r}")
-            out[k] = v if want is int else str(v)
-        return replace(base or cls(), **out)
-
-
-def add_resource_args(p: argparse.ArgumentParser, defaults: bool = True) -> None:
-    """Resource flags, shared by `submit` (defaults: Resources()) and `pipeline` (defaults=False: a flag given
-    overrides that resource for every stage, the pipeline file's value otherwise)."""
-    d = Resources()
-
-    def arg(flag: str, name: str, text: str, typ: type = str, shown: Any = None) -> None:
-        if defaults:
-            text += f" (default {shown if shown is not None else getattr(d, name)})"
-        g.add_argument(flag, dest=name, type=typ, default=getattr(d, name) if defaults else None, help=text)
-
-    g = p.add_argument_group("resources" if defaults else "resources (override every stage's)")
-    arg("--nodes", "nodes", "nodes", int)
-    arg("--gpus-per-node", "gpus_per_node", "GPUs per node; one task per GPU", int, "0: CPU tasks, gloo")
-    arg("--tasks-per-node", "tasks_per_node", "tasks per node", int, "the GPU count, or 1 without GPUs")
-    arg("--cpus-per-task", "cpus_per_task", "CPUs per task", int, "the cluster's")
-    arg("--time", "time", "time limit, SLURM syntax: minutes, HH:MM:SS or D-HH:MM:SS")
-    arg("--mem", "mem", "memory per node, SLURM syntax, e.g. 64G", str, "the cluster's")
-    arg("--partition", "partition", "SLURM partition", str, "the cluster's")
-    arg("--account", "account", "SLURM account", str, "yours")
-    arg("--qos", "qos", "SLURM quality of service", str, "the cluster's")
-    arg("--constraint", "constraint", "SLURM node constraint, e.g. a100", str, "none")
-    arg("--signal-delay", "signal_delay_s", "ask for a checkpoint this many seconds before the time limit", int,
-        "min(300, limit/4)")
-    arg("--max-timeouts", "max_timeouts", "resubmissions after a time limit before giving up (preemptions do "
-        "not count)", int)
-    if defaults:
-        arg("--slurm-array-parallelism", "array_parallelism",
-            "with several --config (one SLURM array): at most this many run at once", int, "all")
-
-
-def resources_from_args(args: argparse.Namespace, base: Optional[Resources] = None) -> Resources:
-    """Flags given on the command line (not None) over `base`."""
-    given = {f.name: getattr(args, f.name) for f in fields(Resources) if getattr(args, f.name, None) is not None}
-    return replace(base or Resources(), **given)
 
 
 # ---- executors ------------------------------------------------------------------------------------------
@@ -203,15 +77,21 @@ def make_executor(kind: str, folder: str | Path, res: Resources, name: str,
     if kind == "slurm":
         ex = submitit.AutoExecutor(folder=str(folder), cluster="slurm", slurm_max_num_timeout=res.max_timeouts,
                                    slurm_python=TASK_PYTHON)
+        # The batch script runs on the allocation's first node, where rank 0 (and its TCP store) runs: the
+        # rendezvous port is probed free there, as slurm/common.sh does (asset_dist.launch.contract).
         extra: dict[str, Any] = {"requeue": True}  # submitit requeues with `scontrol requeue`
+        if res.nodes_spec != str(res.nodes):  # MIN-MAX: submitit itself counts tasks from the most nodes
+            extra["nodes"] = res.nodes_spec
         deps = [dependency] if dependency else []
         if after:
             deps.append("afterok:" + ":".join(str(j) for j in after))
             # a failed parent cancels its dependents instead of leaving them pending forever
             extra["kill-on-invalid-dep"] = "yes"
+        rdzv = f'eval "$({shlex.quote(sys.executable)} -m asset_dist.launch.contract rendezvous)"'
         params: dict[str, Any] = dict(name=name, timeout_min=res.minutes, nodes=res.nodes,
                                       tasks_per_node=res.tasks, stderr_to_stdout=True,
-                                      slurm_signal_delay_s=res.signal_delay, slurm_additional_parameters=extra)
+                                      slurm_signal_delay_s=res.signal_delay, slurm_additional_parameters=extra,
+                                      slurm_setup=[rdzv])
         if res.gpus_per_node:
             params["gpus_per_node"] = res.gpus_per_node
         if res.cpus_per_task:
@@ -241,28 +121,30 @@ class TrainingFailed(RuntimeError):
     """The trainer exited with an error; submitit records it and does not resubmit."""
 
 
-def describe_exit(rc: int) -> str:
-    if rc == EXIT_BAD_INPUT:
-        return "exit 2: bad config or input (not resubmitted; fix it and submit again)"
-    if rc == EXIT_NONFINITE:
-        return "exit 3: non-finite loss (not resubmitted; the last good checkpoint is kept)"
-    if rc < 0:
-        return f"killed by {signal.Signals(-rc).name}" if -rc in signal.valid_signals() else f"killed by signal {-rc}"
-    return f"exit {rc}"
+def rendezvous_of(job_env: Any, environ: Optional[dict] = None) -> tuple[str, int]:
+    """(address, port) of rank 0's TCP store: what the launcher probed (ASSET_RDZV: the sbatch script's setup
+    line on the first node, or submit_jobs for the local executor), else the first host and a port from the
+    job id (a job submitted by another tool)."""
+    env = os.environ if environ is None else environ
+    rdzv = env.get(RDZV_VAR, "")
+    host, _, port = rdzv.rpartition(":")
+    if host and port.isdigit():
+        return host, int(port)
+    local = job_env.cluster == "local"
+    return ("127.0.0.1" if local else list(job_env.hostnames)[0]), slurm_master_port(int(job_env.raw_job_id))
 
 
-def task_place(job_env: Any) -> DistEnv:
+def task_place(job_env: Any, environ: Optional[dict] = None) -> DistEnv:
     """This task's place in the job, from a submitit JobEnvironment (SLURM or local)."""
     world = job_env.num_tasks
     nodes = max(job_env.num_nodes, 1)
-    local = job_env.cluster == "local"
+    addr, port = rendezvous_of(job_env, environ)
     return DistEnv(
         rank=job_env.global_rank,
         local_rank=job_env.local_rank,
         world_size=world,
-        # the first host of the allocation; every task (and a requeued run) derives the same address and port
-        master_addr="127.0.0.1" if local else list(job_env.hostnames)[0],
-        master_port=slurm_master_port(int(job_env.raw_job_id)),
+        master_addr=addr,
+        master_port=port,
         node_rank=job_env.node,
         num_nodes=nodes,
         launcher="submitit",
@@ -275,7 +157,8 @@ def child_env(place: DistEnv, base: Optional[dict] = None) -> dict[str, str]:
     for k in STALE_VARS:
         env.pop(k, None)
     export_torch_env(place, env)
-    env.setdefault("OMP_NUM_THREADS", env.get("SLURM_CPUS_PER_TASK", "1"))
+    # one thread per CPU SLURM gave the task, as the sbatch scripts do
+    env["OMP_NUM_THREADS"] = env.get("SLURM_CPUS_PER_TASK") or env.get("OMP_NUM_THREADS") or "1"
     env["PYTHONUNBUFFERED"] = "1"
     return env
 
@@ -305,31 +188,28 @@ def _peek_exit(pid: int) -> Optional[int]:
     return res.si_status if res.si_code == os.CLD_EXITED else -res.si_status
 
 
-def scontrol_job(job_id: str) -> dict[str, str]:
-    """`scontrol show job` as a dict (works without accounting/sacct); {} once slurmctld forgot the job."""
-    try:
-        p = subprocess.run(["scontrol", "show", "job", "-o", str(job_id)], capture_output=True, text=True,
-                           timeout=60)
-    except (OSError, subprocess.TimeoutExpired):
-        return {}
-    return dict(re.findall(r"(\S+?)=(\S*)", p.stdout)) if p.returncode == 0 else {}
-
-
 def slurm_state(job_id: str) -> str:
     """A job's state (PENDING, RUNNING, COMPLETED, ...); "" once the job is forgotten."""
     return scontrol_job(job_id).get("JobState", "")
 
 
-def near_time_limit(margin_s: float = 10.0) -> bool:
-    """True when this SLURM job is at (or past) its time limit: a TERM now is the limit, not a scancel."""
+def job_end_time() -> Optional[float]:
+    """This SLURM job's time limit (epoch seconds), read at the start: a scancel later moves EndTime."""
     job_id = os.environ.get("SLURM_JOB_ID")
     if not job_id or os.environ.get("SUBMITIT_EXECUTOR") != "slurm":
-        return False
-    end = scontrol_job(job_id).get("EndTime", "")
-    try:  # slurmctld writes local time, e.g. 2026-11-28T09:10:30
-        return time.time() >= datetime.datetime.fromisoformat(end).timestamp() - margin_s
-    except ValueError:
-        return False
+        return None
+    return slurm_time(scontrol_job(job_id).get("EndTime", ""))
+
+
+def job_preemption() -> tuple[bool, str]:
+    """(preempted?, PreemptMode) of this SLURM job, from slurmctld."""
+    job_id = os.environ.get("SLURM_JOB_ID")
+    if not job_id or os.environ.get("SUBMITIT_EXECUTOR") != "slurm":
+        return False, "OFF"
+    job = scontrol_job(job_id)
+    if slurm_time(job.get("PreemptTime", "")) is None:
+        return False, "OFF"
+    return True, preempt_mode(job)
 
 
 class TrainJob(submitit.helpers.Checkpointable):
@@ -346,10 +226,13 @@ class TrainJob(submitit.helpers.Checkpointable):
         self.term_grace_s = term_grace_s
         self._proc: Optional[subprocess.Popen] = None
         self._rc: Optional[int] = None  # the trainer's exit status, once seen
+        self._progress: Optional[str] = None  # contract.progress() of the run folder when this run started
+        self._end_time: Optional[float] = None  # the job's time limit, read when this run started
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
         state["_proc"] = state["_rc"] = None  # a resubmission starts its own trainer
+        state["_progress"] = state["_end_time"] = None
         return state
 
     def argv(self) -> list[str]:
@@ -381,9 +264,12 @@ class TrainJob(submitit.helpers.Checkpointable):
         except OSError:
             libc = None
         if place.rank == 0:
+            self._progress = progress(self.run_dir) if self.run_dir else None
+            self._end_time = job_end_time()
             log(f"{place.world_size} task(s) on {place.num_nodes} node(s), rendezvous "
                 f"{place.master_addr}:{place.master_port}; run folder {self.run_dir or '(from the config)'}")
             log("command " + " ".join(self.argv()))
+        log(f"task {place.rank} of {place.world_size} on {socket.gethostname()} (node {place.node_rank})")
         proc = subprocess.Popen(self.argv(), cwd=self.cwd, env=child_env(place), preexec_fn=_child_preexec(libc))
         self._proc, self._rc = proc, None
         try:
@@ -391,27 +277,48 @@ class TrainJob(submitit.helpers.Checkpointable):
         finally:
             self._stop()
         if rc == 0:
-            return {"rank": place.rank, "exit_code": 0, "run_dir": self.run_dir}
+            return {"rank": place.rank, "exit_code": 0, "run_dir": self.run_dir, "world_size": place.world_size}
         if rc in (EXIT_REQUEUE, -signal.SIGTERM):  # saved on a signal, or killed by TERM while starting
             if place.rank != 0:
                 # rank 0 saw the same: it resubmits the whole job, or not (scancel)
                 log(f"rank {place.rank}: trainer stopped ({describe_exit(rc)}); rank 0 decides on resubmission")
                 sys.exit(EXIT_REQUEUE)
-            # Nobody asked rank 0 for a checkpoint: the trainer stopped on a TERM.
-            if near_time_limit():
-                # The TERM at the time limit (the warning came too early to be taken, or too late): resubmit
-                # through submitit's own handler, as if its warning had arrived now.
-                log(f"trainer stopped on the TERM at the time limit ({describe_exit(rc)}): resubmitting")
+            # Nobody asked rank 0 for a checkpoint: the trainer stopped on a TERM (time limit, scancel,
+            # `scontrol requeue`, preemption). The shared rule (asset_dist.launch.contract.decide) tells which.
+            if self._requeued_by_slurm():
+                log(f"trainer stopped ({describe_exit(rc)}); SLURM has requeued the job itself: it comes back")
+                sys.exit(EXIT_REQUEUE)
+            verdict = self._decide(rc, "term", term_at=time.time())
+            if verdict.requeue:
+                # resubmit through submitit's own handler, as if its warning had arrived now
+                log(f"trainer stopped on a TERM ({describe_exit(rc)}): {verdict.reason}")
                 os.kill(os.getpid(), signal.Signals["SIG" + submitit.JobEnvironment.USR_SIG])
                 time.sleep(60)  # the handler requeues and exits; this is not reached
-            # scancel, or a preemption (a USR2 may still follow and resubmit from its handler during the pause)
-            log(f"trainer stopped on a TERM before the time limit ({describe_exit(rc)}); waiting "
+            # a scancel, or a preemption notice still on its way (a USR2 during the pause resubmits from
+            # submitit's handler)
+            log(f"trainer stopped on a TERM ({describe_exit(rc)}): {verdict.reason}; waiting "
                 f"{self.term_grace_s:.0f} s for a preemption notice")
             time.sleep(self.term_grace_s)
-            raise TrainingFailed(f"trainer stopped by TERM before the time limit ({describe_exit(rc)}), run folder "
-                                 f"{self.run_dir}; not resubmitted (scancel?). Submit the same command again "
-                                 "to resume from its last checkpoint.")
+            raise TrainingFailed(f"trainer stopped by TERM ({describe_exit(rc)}), run folder {self.run_dir}: "
+                                 f"{verdict.reason}")
         raise TrainingFailed(f"trainer failed: {describe_exit(rc)}; logs in this job's submitit folder")
+
+    def _requeued_by_slurm(self) -> bool:
+        job_id = os.environ.get("SLURM_JOB_ID")
+        if not job_id or os.environ.get("SUBMITIT_EXECUTOR") != "slurm":
+            return False
+        return requeued_by_slurm(scontrol_job(job_id), int(os.environ.get("SLURM_RESTART_COUNT") or 0))
+
+    def _decide(self, rc: int, signal_seen: str, term_at: Optional[float] = None):
+        preempted, mode = job_preemption()
+        verdict = decide(rc, signal_seen=signal_seen, term_at=term_at, end_time=self._end_time,
+                         preempted=preempted, mode=mode, progress_before=self._progress,
+                         progress_after=progress(self.run_dir) if self.run_dir else None,
+                         restarts=0, max_restarts=1,  # submitit counts the restarts itself (max_timeouts)
+                         stalled_before=stalled_runs(self.run_dir) if self.run_dir else 0)
+        if self.run_dir:
+            record_stalled(self.run_dir, verdict.stalled)
+        return verdict
 
     def _stop(self) -> None:
         """Reap the trainer; if it still runs (this task is being stopped), let it save first."""
@@ -446,12 +353,13 @@ class TrainJob(submitit.helpers.Checkpointable):
                 while rc is None and time.monotonic() < deadline:
                     time.sleep(0.2)
                     rc = self._status()
-        if rc in (EXIT_REQUEUE, 0) or rc < 0:
-            # 99: saved. 0: finished just now (the rerun sees that and exits at once). Killed by a signal:
-            # resume from the last checkpoint.
-            log(f"trainer stopped ({describe_exit(rc)}); resubmitting with --resume auto")
+        if rc == 0:  # finished just now: the rerun sees that and exits at once
+            log("trainer finished as the checkpoint was requested; resubmitting (the rerun ends at once)")
             return submitit.helpers.DelayedSubmission(self, *args, **kwargs)
-        log(f"trainer failed ({describe_exit(rc)}): not resubmitting")
+        verdict = self._decide(rc, "usr1")
+        log(f"trainer stopped ({describe_exit(rc)}): {verdict.reason}")
+        if verdict.requeue:
+            return submitit.helpers.DelayedSubmission(self, *args, **kwargs)
         return None
 
 
@@ -466,11 +374,22 @@ def submit_jobs(jobs: Sequence[TrainJob], res: Resources, executor: str = "auto"
         raise ValueError("nothing to submit")
     folder = Path(folder or Path(jobs[0].run_dir) / "submitit")
     ex = make_executor(executor, folder, res, name, after=after, dependency=dependency)
-    if len(jobs) == 1:
-        return [ex.submit(jobs[0])]
-    with ex.batch():
-        out = [ex.submit(j) for j in jobs]
-    return out
+    old = os.environ.get(RDZV_VAR)
+    if resolve_executor(executor) == "local":  # the local controller and its tasks inherit this environment
+        os.environ[RDZV_VAR] = f"127.0.0.1:{free_port(os.getpid() + int(time.time()))}"
+    else:
+        os.environ.pop(RDZV_VAR, None)  # the job's own setup line picks it on its first node
+    try:
+        if len(jobs) == 1:
+            return [ex.submit(jobs[0])]
+        with ex.batch():
+            out = [ex.submit(j) for j in jobs]
+        return out
+    finally:
+        if old is None:
+            os.environ.pop(RDZV_VAR, None)
+        else:
+            os.environ[RDZV_VAR] = old
 
 
 def log_path(job: Any) -> Path:
@@ -479,7 +398,15 @@ def log_path(job: Any) -> Path:
 
 
 SLURM_ACTIVE = {"PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "SUSPENDED", "REQUEUED", "REQUEUE_HOLD",
-                "REQUEUE_FED", "RESIZING", "SIGNALING", "STAGE_OUT", "PREEMPTED"}
+                "REQUEUE_FED", "RESIZING", "SIGNALING", "STAGE_OUT"}
+
+
+def state_active(state: str) -> bool:
+    """Is a job in this state still queued, running, or coming back? PREEMPTED comes back only where the
+    cluster's PreemptMode requeues preempted jobs; elsewhere (CANCEL) it is final."""
+    if state == "PREEMPTED":
+        return preemption_requeues()
+    return state in SLURM_ACTIVE
 
 
 def job_outcome(job: Any) -> tuple[bool, str]:
@@ -487,7 +414,10 @@ def job_outcome(job: Any) -> tuple[bool, str]:
     from submitit.core.utils import pickle_load
 
     tasks = [job] if job.num_tasks == 1 else [job.task(t) for t in range(job.num_tasks)]
+    world = len(tasks)
     for t, task in enumerate(tasks):
+        if t >= world:  # a MIN-MAX job that ran on fewer nodes: these tasks never existed
+            break
         path = task.paths.result_pickle
         if not path.exists():
             return False, f"task {t} left no result (killed, or still requeued?); see {log_path(job)}"
@@ -495,6 +425,8 @@ def job_outcome(job: Any) -> tuple[bool, str]:
         if outcome != "success":
             lines = str(value).strip().splitlines()
             return False, f"task {t} failed: {lines[-1] if lines else value}; see {log_path(job)}"
+        if isinstance(value, dict) and isinstance(value.get("world_size"), int):
+            world = min(world, value["world_size"])
     return True, "completed"
 
 
@@ -504,7 +436,7 @@ def wait_job(job: Any, poll_s: float = 5.0) -> tuple[bool, str]:
         while not job.done():
             time.sleep(min(poll_s, 1.0))
     else:
-        while slurm_state(job.job_id) in SLURM_ACTIVE:
+        while state_active(slurm_state(job.job_id)):
             time.sleep(poll_s)
     return job_outcome(job)
 

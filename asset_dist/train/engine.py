@@ -108,7 +108,7 @@ class Trainer:
         store for one, so single-process runs never race for a port. The torch variables are exported in
         every case (DeepSpeed reads LOCAL_RANK)."""
         export_torch_env(self.env)
-        if not init_process_group(self.env, self.device):
+        if not init_process_group(self.env, self.device, timeout_s=self.cfg.dist.timeout_s):
             if not dist.is_initialized():
                 dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo", store=dist.HashStore(),
                                         rank=0, world_size=1)
