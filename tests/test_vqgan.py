@@ -406,10 +406,13 @@ def test_lpips_runs_and_loads_known_layouts(tmp_path, monkeypatch):
 
 
 def test_tiny_vqgan_overfits_one_batch():
-    """Two optimizers as the trainer will run them: generator (VQ) and discriminator; the loss must fall."""
+    """Two optimizers as the trainer runs them: generator (VQ) and discriminator. The reconstruction must fall
+    during the reconstruction-only warm-up and stay down once the GAN term is on (taming's recipe: the
+    discriminator starts after the warm-up; started early, its noisy gradient stalls L1 near 0.3 here)."""
     torch.manual_seed(13)
     model = VQModel(small_cfg(n_embed=64))
-    crit = VQGANLoss(LossConfig(perceptual_weight=1.0, perceptual_random_init=True, disc_start=12,
+    disc_start, steps = 30, 45
+    crit = VQGANLoss(LossConfig(perceptual_weight=1.0, perceptual_random_init=True, disc_start=disc_start,
                                 disc_weight=0.1))
     opt_g = torch.optim.Adam(model.parameters(), lr=2e-3, betas=(0.5, 0.9))
     opt_d = torch.optim.Adam(crit.discriminator.parameters(), lr=2e-3, betas=(0.5, 0.9))
@@ -422,7 +425,7 @@ def test_tiny_vqgan_overfits_one_batch():
         z = model.encode_pre_quant(x, mask).permute(0, 2, 3, 1).reshape(-1, 16)
         model.quantize.embedding.weight[: z.shape[0]] = z
     l1 = []
-    for step in range(25):
+    for step in range(steps):
         rec, qloss, _ = model(x, mask)
         loss, logs = crit.generator_loss(x, rec, qloss, step, last_layer=model.last_layer())
         opt_g.zero_grad(set_to_none=True)
@@ -435,4 +438,9 @@ def test_tiny_vqgan_overfits_one_batch():
         assert torch.isfinite(loss) and torch.isfinite(d_loss)
         l1.append(logs["l1"].item())
     assert "g_loss" in logs and logs["d_weight"] > 0  # the GAN term was active in the last steps
-    assert sum(l1[-3:]) / 3 < 0.5 * l1[0], l1
+    # measured (seeds 13-15, 1 or 2 threads): ~0.60 at step 0, ~0.14-0.2 at the warm-up's end, last-5 mean
+    # 0.14-0.18 with the GAN on; the bounds leave ~1.5x room
+    warm = sum(l1[disc_start - 5:disc_start]) / 5
+    final = sum(l1[-5:]) / 5
+    assert warm < 0.45 * l1[0], l1
+    assert final < 0.4 * l1[0], l1
