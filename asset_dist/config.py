@@ -34,7 +34,7 @@ class VQConfig:
 
     in_channels: int = 3  # 3 for images; number of label classes for the seg tokenizer
     out_channels: int = 3  # 3 for images; number of classes for the seg tokenizer (its logits)
-    ch: int = 128  # base channel width (paper 128; a multiple of 32: GroupNorm/RegionNorm use 32 groups)
+    ch: int = 128  # base channel width (paper 128; every ch x ch_mult must be a multiple of norm_groups)
     # width multiplier per level; len(ch_mult) - 1 halvings (5 levels = factor 16)
     ch_mult: list[int] = field(default_factory=lambda: [1, 1, 2, 2, 4])
     num_res_blocks: int = 2  # residual blocks per encoder level
@@ -50,6 +50,9 @@ class VQConfig:
     region_norm: str = "true"
     legacy_downsample: bool = False  # pad-then-conv downsample (seg model) vs. mask-aware padding
     decoder_res_blocks: Optional[int] = None  # None: num_res_blocks + 1, as the paper
+    # GroupNorm / RegionNorm groups (paper 32 at ch 128: 4 channels per group). With one channel per group
+    # (ch 32) every norm is an instance norm that erases a flat region's colour: keep >= 2 channels per group
+    norm_groups: int = 32
 
 
 @dataclass

@@ -29,14 +29,20 @@ torch.set_num_threads(1)
 
 
 @pytest.mark.parametrize("rule", LR.RULES)
-def test_every_pixel_equals_its_stated_source(rule):
-    img, lab = LR.make_scene(rule, 128, seed=3, shapes=2, textures=("flat", "stripes"))
+@pytest.mark.parametrize("background", LR.BACKGROUNDS)
+def test_every_pixel_equals_its_stated_source(rule, background):
+    tex = ("flat", "stripes", "mosaic")
+    img, lab = LR.make_scene(rule, 128, seed=3, shapes=2, textures=tex, background=background)
     assert img.shape == (128, 128, 3) and lab.shape == (128, 128)
     assert set(np.unique(lab)) - {LR.BACKGROUND} <= set(LR.SHAPES.values()) and len(np.unique(lab)) >= 2
-    again, _ = LR.make_scene(rule, 128, seed=3, shapes=2, textures=("flat", "stripes"))
+    again, _ = LR.make_scene(rule, 128, seed=3, shapes=2, textures=tex, background=background)
     assert np.array_equal(img, again)  # seeded
-    other, _ = LR.make_scene(rule, 128, seed=4, shapes=2, textures=("flat", "stripes"))
+    other, _ = LR.make_scene(rule, 128, seed=4, shapes=2, textures=tex, background=background)
     assert not np.array_equal(img, other)
+    if background == "mosaic":  # 4 px cells (128 / 32) on the image's grid: every cell is one colour
+        cells = img.reshape(32, 4, 32, 4, 3)
+        bg = (lab.reshape(32, 4, 32, 4) == LR.BACKGROUND).all((1, 3))
+        assert (cells == cells[:, :1, :, :1]).all((1, 3, 4))[bg].all() and len(np.unique(img.reshape(-1, 3), axis=0)) > 8
     yy, xx = np.mgrid[0:128, 0:128]
     x, y = (xx + 0.5) / 128, (yy + 0.5) / 128  # pixel centres
     covered = np.zeros((128, 128), bool)
