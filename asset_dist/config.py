@@ -25,7 +25,7 @@ class ConfigError(ValueError):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Sections. Defaults are the paper's (ASSET_FACTS.md); tiny_*.yaml shrink them for CPU tests.
+# Sections. Defaults are the paper's (docs/ASSET_NOTES.md); tiny_*.yaml shrink them for CPU tests.
 
 
 @dataclass

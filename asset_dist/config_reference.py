@@ -14,7 +14,7 @@ from asset_dist import config as C
 HEADER = """# Config reference
 
 Generated from `asset_dist/config.py` by `python -m asset_dist.config_reference > docs/CONFIG.md` (a test keeps
-it current). Defaults are the paper's (ASSET_FACTS.md); `configs/*.yaml` set what differs per stage and dataset,
+it current). Defaults are the paper's (docs/ASSET_NOTES.md); `configs/*.yaml` set what differs per stage and dataset,
 `base: other.yaml` inherits a file, `--set a.b.c=value` overrides on any command. `???` = required.
 """
 

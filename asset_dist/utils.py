@@ -8,12 +8,37 @@ from pathlib import Path
 from typing import Any, Callable
 
 
+def current_umask() -> int:
+    """The process umask, read without changing it (os.umask can only set-and-return, which races threads)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
+
+
+def file_mode_for(path: Path) -> int:
+    """The mode a plain open() would leave: an existing file keeps its mode, a new one gets 0o666 & ~umask
+    (mkstemp's 0o600 would hide outputs from the rest of a shared cluster's group)."""
+    try:
+        return path.stat().st_mode & 0o7777
+    except FileNotFoundError:
+        return 0o666 & ~current_umask()
+
+
 def atomic_write(path: str | os.PathLike, writer: Callable[[Any], None], mode: str = "wb") -> None:
-    """Write through a temp file in the same folder, fsync, then rename: readers never see a partial file."""
+    """Write through a temp file in the same folder, fsync, then rename: readers never see a partial file.
+    The result gets the permissions a plain open() would give it (file_mode_for)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, file_mode_for(path))
         with os.fdopen(fd, mode) as f:
             writer(f)
             f.flush()

@@ -146,10 +146,10 @@ def e2e(device: str, edits: int) -> dict:
     from asset_dist.infer.classes import ClassTable
     from asset_dist.infer.edits import MemoryEdits
     from asset_dist.infer.runner import run_batch_edits
-    from asset_dist.launch.env import DistEnv
+    from asset_dist.distenv import DistEnv
     from asset_dist.models.seg_vq import SegVQModel
     from asset_dist.models.vqgan import VQModel
-    from asset_dist.train.export import write_export
+    from asset_dist.artifacts import write_export
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_edit_"))
     cfg = load_config(REPO / "configs" / "tiny_sga.yaml")

@@ -20,7 +20,7 @@ Examples:
       --labels sample_data/sflckr/segmentations --classes waterother,snow,tree --resolution 512 \\
       --per-image 2 --out data/edits/sflckr
 
-Label conventions (ASSET_FACTS.md section 8): landscape = 182 COCO-Stuff labels, 0-based; coco = 183 labels,
+Label conventions (docs/ASSET_NOTES.md §8): landscape = 182 COCO-Stuff labels, 0-based; coco = 183 labels,
 1-based with 0 = unlabeled (raw COCO-Stuff maps + 1, so 255 -> 0). --config takes the classes and shift from
 a model config (model.seg.in_channels, data.label_shift) and its infer.class_names / infer.classes table.
 Label maps given to `files` are taken as already in the model's convention (like the official ones); pass

@@ -2,7 +2,7 @@
 # Shared launch logic for slurm/train_*.sh and slurm/edit_batch.sh. Sourced, never run directly.
 #
 # One srun step, one task per GPU; each task runs the asset_dist command, which reads its rank from
-# SLURM's variables (asset_dist/launch/env.py). Preemption: `#SBATCH --signal=B:USR1@N` warns only this
+# SLURM's variables (asset_dist/distenv.py). Preemption: `#SBATCH --signal=B:USR1@N` warns only this
 # batch shell N seconds before the time limit; we forward USR1 to every task through srun, the trainer
 # checkpoints on all ranks and exits EXIT_REQUEUE, and we `scontrol requeue` the job. The requeued job
 # keeps its id, so it reuses the same run folder, and `--resume auto` picks up the `latest` checkpoint.
@@ -17,7 +17,7 @@
 #                   EXIT_REQUEUE at once every time)
 #   ASSET_DIST_ROOT repository root, if the scripts cannot find it themselves
 
-EXIT_REQUEUE=99  # keep equal to asset_dist.launch.env.EXIT_REQUEUE (tests/test_launch_env.py checks)
+EXIT_REQUEUE=99  # keep equal to asset_dist.distenv.EXIT_REQUEUE (tests/test_launch_env.py checks)
 EXIT_USAGE=2     # bad arguments or missing config: never requeued
 
 _log() { echo "[asset-launch $(date +%H:%M:%S)] $*" >&2; }
@@ -116,7 +116,7 @@ asset_main() {
 
     # sbatch passes the submitting shell's environment on. Rank variables left there would make every
     # task rank 0 (they win over SLURM's), and a stale MASTER_ADDR=localhost would hang a multi-node
-    # job: the rendezvous comes from the job itself (asset_dist/launch/env.py).
+    # job: the rendezvous comes from the job itself (asset_dist/distenv.py).
     unset RANK LOCAL_RANK WORLD_SIZE LOCAL_WORLD_SIZE GROUP_RANK NODE_RANK CROSS_RANK CROSS_SIZE LOCAL_SIZE \
         MASTER_ADDR MASTER_PORT
 

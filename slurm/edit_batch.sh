@@ -11,7 +11,7 @@
 #SBATCH --output=slurm/logs/%x-%j.out
 #
 # Batch editing: `asset-dist edit-batch` on every task (one per GPU). Each rank takes every world-th edit
-# of the sorted edit ids (rank and world size from asset_dist.launch.env), so each edit is done once, and
+# of the sorted edit ids (rank and world size from asset_dist.distenv), so each edit is done once, and
 # writes RUN_DIR/<edit_id>/sample_<k>.png, a preview and a record; the last rank to finish writes
 # RUN_DIR/manifest.jsonl. The output folder is the run folder (edit-batch --out defaults to paths.run_dir).
 #

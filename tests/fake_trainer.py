@@ -2,7 +2,7 @@
 
 It honours the same contract as the real trainer, with a step counter instead of a model:
   fake_trainer.py train --config C [--set key=value ...] [--resume auto]
-  - rank and rendezvous from asset_dist.launch.env; torch.distributed over gloo (env://);
+  - rank and rendezvous from asset_dist.distenv; torch.distributed over gloo (env://);
   - SIGUSR1 / SIGTERM set a stop flag; at the next step boundary the flag is all-reduced (MAX), every
     rank saves its state and the process exits EXIT_REQUEUE;
   - `--resume auto` continues from the saved state if there is one.
@@ -33,7 +33,7 @@ import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from asset_dist.launch.env import EXIT_REQUEUE, dist_env, export_torch_env  # noqa: E402
+from asset_dist.distenv import EXIT_REQUEUE, dist_env, export_torch_env  # noqa: E402
 from asset_dist.utils import atomic_write_json  # noqa: E402
 
 

@@ -61,7 +61,7 @@ def test_strip_order_is_block_major(grid):
 
 
 def test_strip_order_at_guide_resolution_is_raster():
-    assert torch.equal(strip_order(16, 16), torch.arange(256))  # 1x4 blocks (ASSET_FACTS 5.1)
+    assert torch.equal(strip_order(16, 16), torch.arange(256))  # 1x4 blocks (docs/ASSET_NOTES.md §5.1)
 
 
 def test_block_ids_values():

@@ -22,7 +22,7 @@ from asset_dist.cli import main as cli_main
 from asset_dist.config import load_config, to_dict
 from asset_dist.eval import metrics as M
 from asset_dist.eval.common import rank_share
-from asset_dist.launch.env import DistEnv
+from asset_dist.distenv import DistEnv
 from tests.train_utils import REPO, make_tiny_parents, train_env
 
 torch.set_num_threads(1)
@@ -48,7 +48,7 @@ def sga_exports(out: Path, shards: Path, grid: list[int]) -> Path:
     from asset_dist.models.seg_vq import SegVQModel
     from asset_dist.models.transformer import AssetTransformer
     from asset_dist.models.vqgan import VQModel
-    from asset_dist.train.export import write_export
+    from asset_dist.artifacts import write_export
 
     out.mkdir(parents=True, exist_ok=True)
     path = out / "sga.yaml"

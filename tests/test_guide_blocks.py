@@ -139,7 +139,7 @@ def test_official_picks_match_fixture_exactly(name, causal):
         assert torch.equal(picks, expect)
     fixed = pick_blocks(pooled, 3, causal, "fixed")
     if causal:
-        # ASSET_FACTS 10.1: the two modes differ exactly at blocks 5 and 6, where the official picks leak
+        # docs/ASSET_NOTES.md §10.1: the two modes differ exactly at blocks 5 and 6, where the official picks leak
         differs = (causal_rows_to_official(fixed) != expect).any(-1).flatten(0, -2).any(0)
         assert torch.nonzero(differs).flatten().tolist() == [0, 1]
         b = torch.arange(5, 64)[:, None]

@@ -33,7 +33,7 @@ from asset_dist.models.transformer import AssetTransformer, guides_from_maps
 from asset_dist.official import CheckpointError, import_official, infer_transformer_config, infer_vq_config
 from asset_dist.official.importer import add_args, main
 from asset_dist.official.sizes import read_official_config
-from asset_dist.train.export import read_export
+from asset_dist.artifacts import read_export
 
 torch.set_num_threads(1)
 

@@ -46,7 +46,7 @@ def make_exports(out: Path, sga: bool = True, seed: int = 0) -> Path:
     from asset_dist.models.seg_vq import SegVQModel
     from asset_dist.models.transformer import AssetTransformer
     from asset_dist.models.vqgan import VQModel
-    from asset_dist.train.export import write_export
+    from asset_dist.artifacts import write_export
 
     out.mkdir(parents=True, exist_ok=True)
     cfg_path = out / "config.yaml"

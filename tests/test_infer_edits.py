@@ -36,7 +36,7 @@ def test_official_edits_load_as_they_are(tmp_path):
     files, e = _load_one(tmp_path / "land", 182)
     assert files.image == (EDITS / "landscape_input.jpg").read_bytes()  # original JPEG bytes, not re-encoded
     assert (e.side, e.class_id, files.meta["label_shift"]) == (1024, 177, 0)
-    assert _holes(e.mask) == (1984, 2048)  # ASSET_FACTS 8: nearest vs any-touched token holes
+    assert _holes(e.mask) == (1984, 2048)  # docs/ASSET_NOTES.md §8: nearest vs any-touched token holes
     assert e.mask[513].sum() == 0 and e.mask[514].all()  # rows 514-1023, full width
     seg512 = np.asarray(__import__("PIL.Image", fromlist=["Image"]).open(EDITS / "landscape_seg.png"))
     up = np.repeat(np.repeat(seg512, 2, 0), 2, 1)  # the 512 label map nearest-upsampled to the image

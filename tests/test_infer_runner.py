@@ -102,7 +102,7 @@ def test_guide_only_mode_without_sga(runs, tmp_path):
     """No SGA export: the guide samples 256 px edits itself; larger edits fail with a message naming the fix."""
     from asset_dist.config import load_config
     from asset_dist.infer.runner import run_batch_edits
-    from asset_dist.launch.env import DistEnv
+    from asset_dist.distenv import DistEnv
 
     cfg = load_config(runs["cfg"], ["infer.samples=1", "infer.sga_weights="])
     assert run_batch_edits(cfg, str(runs["tmp"] / "edits"), tmp_path / "o", device="cpu", env=DistEnv()) == 0
@@ -116,7 +116,7 @@ def test_an_error_while_computing_fails_only_that_edit(runs, tmp_path, monkeypat
     failed, the others finish; the exit status says something went wrong (1), unlike bad input (0)."""
     from asset_dist.config import load_config
     from asset_dist.infer import runner as R
-    from asset_dist.launch.env import DistEnv
+    from asset_dist.distenv import DistEnv
 
     real = R.composite
 

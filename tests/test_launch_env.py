@@ -1,4 +1,4 @@
-"""asset_dist.launch.env: launcher detection, hostlist expansion, torch variables. Pure: no cluster needed."""
+"""asset_dist.distenv: launcher detection, hostlist expansion, torch variables. Pure: no cluster needed."""
 import json
 import re
 import shutil
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from asset_dist.launch.env import (
+from asset_dist.distenv import (
     EXIT_REQUEUE,
     DistEnv,
     dist_env,
@@ -170,7 +170,7 @@ def test_exit_requeue_matches_common_sh():
 
 
 def test_module_prints_json():
-    out = subprocess.run([sys.executable, "-m", "asset_dist.launch.env"], capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-m", "asset_dist.distenv"], capture_output=True, text=True,
                          check=True, env={"PATH": "/usr/bin:/bin", "SLURM_JOB_ID": "5", "SLURM_STEP_ID": "0",
                                           "SLURM_PROCID": "1", "SLURM_NTASKS": "2", "SLURM_JOB_NODELIST": "n[3-4]"})
     got = json.loads(out.stdout)

@@ -1,4 +1,4 @@
-"""The paper's training-mask sampler (ASSET_FACTS.md 6.2), checked against brute-force constructions."""
+"""The paper's training-mask sampler (docs/ASSET_NOTES.md §6.2), checked against brute-force constructions."""
 from __future__ import annotations
 
 import numpy as np

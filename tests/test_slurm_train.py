@@ -33,7 +33,7 @@ import torch
 from asset_dist.config import load_config
 from asset_dist.launch.submit import Resources, TrainJob, job_outcome, submit_jobs, wait_job
 from asset_dist.models.transformer import AssetTransformer
-from asset_dist.train.export import read_export
+from asset_dist.artifacts import read_export
 
 try:
     from .slurm_cluster import REPO, SlurmCluster, slurm_cluster  # noqa: F401

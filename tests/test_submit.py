@@ -20,7 +20,7 @@ import submitit
 
 from asset_dist.cli import main as cli_main
 from asset_dist.launch import pipeline as pl
-from asset_dist.launch.env import EXIT_REQUEUE, dist_env
+from asset_dist.distenv import EXIT_REQUEUE, dist_env
 from asset_dist.launch.submit import (TASK_PYTHON, Resources, TrainJob, child_env, make_executor, submit_jobs,
                                       task_place, time_seconds, wait_job)
 

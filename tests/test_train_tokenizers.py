@@ -12,7 +12,7 @@ import torch
 
 from asset_dist.config import load_config
 from asset_dist.models.vqgan import VQModel
-from asset_dist.train.export import read_export
+from asset_dist.artifacts import read_export
 from tests.train_utils import REPO, check, early_late, metrics, run_train, train_env
 
 
@@ -130,7 +130,7 @@ def test_bad_config_names_the_key(tmp_path):
 
 
 def test_sigusr1_checkpoints_exits_for_requeue_and_resumes(sflckr_shards, tmp_path):
-    from asset_dist.launch.env import EXIT_REQUEUE
+    from asset_dist.distenv import EXIT_REQUEUE
 
     run = tmp_path / "sig"
     args = ["--config", str(REPO / "configs" / "tiny_seg.yaml")]

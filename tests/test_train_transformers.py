@@ -6,7 +6,7 @@ import torch
 
 from asset_dist.config import load_config
 from asset_dist.models.transformer import AssetTransformer
-from asset_dist.train.export import read_export
+from asset_dist.artifacts import read_export
 from tests.train_utils import REPO, check, early_late, make_tiny_parents, metrics, run_train
 
 

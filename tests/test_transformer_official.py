@@ -153,7 +153,7 @@ def test_sga_512_official_semantics(model, dtype):
 def test_sga_512_union_semantics(model):
     """Our SGA kernel (asset_dist.attention.sga_attention, union semantics) on the same weights and picks:
     - exact official logits for every output up to the first block whose causal picks hit its own window
-      (blocks 5 and 6: the official top-k bug, ASSET_FACTS.md 10.1), i.e. the converted warm-up is right;
+      (blocks 5 and 6: the official top-k bug, docs/ASSET_NOTES.md §10.1), i.e. the converted warm-up is right;
     - identical to the official semantics once those offending picks are dropped (they are the only difference)."""
     z, c, hole, ref, _ = sga_case(model)
     m = model.double()

@@ -155,7 +155,7 @@ def test_region_norm_official_arithmetic():
     norm = RegionNorm(64, "official").double()
     randomise_norms(norm)
     x = torch.randn(2, 64, 8, 8, dtype=torch.float64) * 3 + 1
-    # all-zero mask: GroupNorm / sqrt(c) before the affine step (ASSET_FACTS 2.4)
+    # all-zero mask: GroupNorm / sqrt(c) before the affine step (docs/ASSET_NOTES.md §2.4)
     pre = F.group_norm(x, 32, eps=norm.eps) / math.sqrt(2)
     ref = pre * norm.weight[None, :, None, None] + norm.bias[None, :, None, None]
     torch.testing.assert_close(norm(x, torch.zeros(2, 1, 8, 8)), ref)
@@ -171,7 +171,7 @@ def test_region_norm_official_arithmetic():
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Sizes (ASSET_FACTS 2.8, 3, 2.7)
+# Sizes (docs/ASSET_NOTES.md §2.8, §3, §2.7)
 
 
 def test_full_size_parameter_counts_on_meta():

@@ -54,7 +54,7 @@ def make_tiny_parents(out: Path, seed: int = 0) -> dict[str, Path]:
     from asset_dist.models.seg_vq import SegVQModel
     from asset_dist.models.transformer import AssetTransformer
     from asset_dist.models.vqgan import VQModel
-    from asset_dist.train.export import write_export
+    from asset_dist.artifacts import write_export
 
     cfg = load_config(REPO / "configs" / "tiny_guide.yaml")
     torch.manual_seed(seed)

@@ -1,4 +1,4 @@
-"""From low-resolution (guide) attention to SGA block picks (ASSET_FACTS.md 5.2, 10.1).
+"""From low-resolution (guide) attention to SGA block picks (docs/ASSET_NOTES.md §5.2, §10.1).
 
 `guide_blocks(attn)` = `pick_blocks(pool_blocks(attn))`: average each block x block tile of the strip-order
 attention map, then keep per query block the k key blocks of largest mean affinity.
@@ -8,7 +8,7 @@ mode="fixed" (default): never a window block; causal: only blocks before b-2; -1
   k=3) therefore see every earlier block, i.e. dense causal attention. For blocks 0-4 that is exactly the
   official warm-up (dense causal over blocks 0..b); block 5 is dense causal here, while the official code
   gives it window {3,4,5} plus unmasked picks (which may repeat window blocks or pick block 5 itself - the
-  causality leak of ASSET_FACTS 10.1); from block 6 on both pick 3 of the earlier blocks, the official one
+  causality leak of docs/ASSET_NOTES.md §10.1); from block 6 on both pick 3 of the earlier blocks, the official one
   still unmasked at row 6.
 mode="official": the official picks bit for bit - pooled map + the -10000 additive mask (non-causal: the
   window; causal: blocks >= b-2, but only from row 7 on), then torch.topk order. The official causal output

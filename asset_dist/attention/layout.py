@@ -1,4 +1,4 @@
-"""Strip order, block ids and the SGA window rule (ASSET_FACTS.md 5.1, 5.3, 5.4).
+"""Strip order, block ids and the SGA window rule (docs/ASSET_NOTES.md §5.1, §5.3, §5.4).
 
 The h x w token grid is cut into a fixed grid of blocks (16 rows x 4 columns by default); the sequence is
 block-major (blocks in raster order, raster order inside a block), so every block is a contiguous run of

@@ -1,6 +1,6 @@
 """The official ASSET SGA semantics, block-sparse: per query block gather the window and the picked blocks.
 
-What the official code computes (DifanLiu/ASSET `forward_sparse_*`; ASSET_FACTS.md 5.3-5.5, 10.1), per query
+What the official code computes (DifanLiu/ASSET `forward_sparse_*`; docs/ASSET_NOTES.md §5.3-5.5, §10.1), per query
 block b of nb blocks, nt tokens each, strip order:
 - the keys are the CONCATENATION of the window copy and the K picked blocks, so a block that is both in the
   window and picked (or picked twice) enters the softmax twice (weight x2);

@@ -430,7 +430,7 @@ def flex_block_mask(table: torch.Tensor, L: int, causal: bool, prefix: int = 0, 
     Built at tile granularity from the n_blocks x n_blocks visibility (no L x L work): a tile pair is
     skipped when no block pair in it is visible, "full" when every key in it is visible, otherwise partial
     and resolved by a mask_mod that looks the visibility up in ONE indexing step (the CPU flex compiler
-    miscompiled a two-step guide lookup, PERF_PROBE.md).
+    miscompiled a two-step guide lookup, docs/ASSET_NOTES.md §9).
     """
     from torch.nn.attention.flex_attention import BlockMask
 

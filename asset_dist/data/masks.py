@@ -1,4 +1,4 @@
-"""The paper's training-mask sampler (ASSET_FACTS.md 6.2): holes follow semantic segments, not strokes.
+"""The paper's training-mask sampler (docs/ASSET_NOTES.md §6.2): holes follow semantic segments, not strokes.
 
 1. a uniformly random pixel picks a label; 2. a random pixel of that label picks one of its 8-connected
 components (so a component's chance is proportional to its area); 3. the component is dilated by a 5x5

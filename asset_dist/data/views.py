@@ -1,4 +1,4 @@
-"""One sample -> aligned multi-resolution views (ASSET_FACTS.md 6.1).
+"""One sample -> aligned multi-resolution views (docs/ASSET_NOTES.md §6.1).
 
 Short side -> `short_side` (area interpolation for images, nearest for labels), a square crop of
 `resolution` (random for training, centre for validation), and the same crop at `guide_resolution`

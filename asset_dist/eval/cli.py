@@ -12,7 +12,7 @@ from pathlib import Path
 from asset_dist.config import ConfigError, add_config_args
 
 EXIT_CHECK_FAILED = 1
-EXIT_BAD_INPUT = 2
+from asset_dist.exitcodes import EXIT_BAD_INPUT
 
 
 def _device(p: argparse.ArgumentParser) -> None:
@@ -155,7 +155,7 @@ def _run_body(args) -> int:
                 rep = evaluate_transformer(cfg, args.weights, args.max_samples, settings, args.seed, args.device)
                 md = transformer_markdown(rep)
             rep["config"], rep["overrides"] = str(args.config), list(args.overrides)
-            from asset_dist.launch.env import dist_env
+            from asset_dist.distenv import dist_env
 
             if dist_env().is_main:
                 print(md, flush=True)

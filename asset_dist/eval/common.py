@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 
-from asset_dist.launch.env import DistEnv, dist_env, export_torch_env, torch_backend
+from asset_dist.distenv import DeviceError, DistEnv, dist_env, init_process_group, pick_device
 from asset_dist.utils import atomic_write_json, atomic_write_text
 
 
@@ -26,19 +25,11 @@ class EvalError(ValueError):
 def start(device: str = "auto") -> tuple[DistEnv, torch.device]:
     """Join the process group when launched with several ranks; pick this rank's device."""
     env = dist_env()
-    if env.world_size > 1 and not dist.is_initialized():
-        export_torch_env(env)  # srun: torch's env:// rendezvous reads the torch names
-        dist.init_process_group(backend=torch_backend())
-    if device == "cpu" or (device == "auto" and not torch.cuda.is_available()):
-        # one process per task: the task's cores, not all of the node's (several ranks on a node would crawl)
-        cpus = os.environ.get("OMP_NUM_THREADS") or os.environ.get("SLURM_CPUS_PER_TASK")
-        if cpus and cpus.isdigit() and int(cpus) > 0:
-            torch.set_num_threads(int(cpus))
-        return env, torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise EvalError("--device cuda: no CUDA device visible")
-    dev = torch.device("cuda", env.local_rank % torch.cuda.device_count())
-    torch.cuda.set_device(dev)
+    try:
+        dev = pick_device(env, device)
+    except DeviceError as e:
+        raise EvalError(str(e)) from None
+    init_process_group(env, dev)
     return env, dev
 
 

@@ -25,7 +25,7 @@ STAGES = ("vqgan", "seg")
 def tokenizer_weights(cfg: Config, weights: Optional[str]) -> dict[str, str]:
     """stage -> export path: --weights alone (its stage decides), else train.*_weights (or infer.*_weights)."""
     if weights:
-        from asset_dist.train.export import read_export
+        from asset_dist.artifacts import read_export
 
         try:
             stage = read_export(weights)["stage"]

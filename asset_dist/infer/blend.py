@@ -1,4 +1,4 @@
-"""Compositing a generated image into the input (ASSET_FACTS 7.5 and 10.8), NumPy only.
+"""Compositing a generated image into the input (docs/ASSET_NOTES.md §7.5 and §10.8), NumPy only.
 
 `laplacian_blend` follows the official test script: Gaussian pyramids (5-tap [1 4 6 4 1]/16, reflect-101
 borders, as cv2.pyrDown / pyrUp) of the generated image A, the input B and the binary mask; image levels

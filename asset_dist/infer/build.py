@@ -28,7 +28,7 @@ from asset_dist.data.views import crop_views, sample_rng
 from asset_dist.infer.classes import ClassTable
 from asset_dist.infer.edits import EditError, EditFiles, decode_edit, make_record, png_bytes, write_edit_shards
 
-CONVENTIONS = {"landscape": (182, 0), "coco": (183, 1)}  # (classes, label shift), ASSET_FACTS section 8
+CONVENTIONS = {"landscape": (182, 0), "coco": (183, 1)}  # (classes, label shift), docs/ASSET_NOTES.md §8
 OFFICIAL = {  # the official test cases and the README's classes
     "landscape": ("landscape_input.jpg", "landscape_seg.png", "landscape_mask.png", "waterother"),
     "coco": ("coco_input.png", "coco_seg.png", "coco_mask.png", "pizza"),

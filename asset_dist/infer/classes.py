@@ -1,4 +1,4 @@
-"""Class names -> label ids in the model's convention (ASSET_FACTS.md section 8).
+"""Class names -> label ids in the model's convention (docs/ASSET_NOTES.md §8).
 
 The built-in table is COCO-Stuff's 182 labels in the landscape convention (0-based: labels.txt id - 1, so
 0 = person, 91 = banner, 177 = water-other). A model with `data.label_shift = 1` (COCO, 183 labels) uses

@@ -94,7 +94,7 @@ def edit_main(args) -> int:
     from asset_dist.infer.classes import table_for_config
     from asset_dist.infer.edits import MemoryEdits, make_record
     from asset_dist.infer.runner import read_record, run_batch_edits
-    from asset_dist.launch.env import DistEnv
+    from asset_dist.distenv import DistEnv
 
     cfg = _cfg(args)
     table = table_for_config(cfg)

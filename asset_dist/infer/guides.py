@@ -1,4 +1,5 @@
-"""The guide at 256 px: its own sampled completion of each edit, then the SGA block picks (ASSET_FACTS 5.2, 7.2-7.3).
+"""The guide at 256 px: its own sampled completion of each edit, then the SGA block picks
+(docs/ASSET_NOTES.md §5.2, §7.2-7.3).
 
 Per (edit, sample) row: sample the 256 hole tokens with the KV cache (dense attention), run the guide once
 more teacher-forced on that completion to get its attention maps, and pool them into the block picks for

@@ -39,7 +39,7 @@ from asset_dist.infer import guides as G
 from asset_dist.infer.blend import composite
 from asset_dist.infer.edits import Edit, EditError, EditFiles, EditSet, decode_edit, png_bytes, split_for_rank
 from asset_dist.infer.sampler import row_generator, sample_cached
-from asset_dist.launch.env import EXIT_REQUEUE, DistEnv, dist_env
+from asset_dist.distenv import EXIT_REQUEUE, DistEnv, dist_env, pick_device
 from asset_dist.models.tokens import FACTOR, Tokenizers, load_weights
 from asset_dist.models.transformer import AssetTransformer
 from asset_dist.utils import atomic_write_bytes, atomic_write_json, atomic_write_text
@@ -71,21 +71,6 @@ def weight_paths(cfg: Config) -> dict[str, str]:
             "guide": i.guide_weights or t.guide_weights, "sga": i.sga_weights}
 
 
-def pick_device(arg: str, env: DistEnv) -> torch.device:
-    if arg == "cpu" or (arg == "auto" and not torch.cuda.is_available()):
-        # one process per task: use the task's cores, not every core of the node (OpenMP oversubscription
-        # makes several ranks on one node crawl); torchrun sets OMP_NUM_THREADS=1 itself
-        cpus = os.environ.get("OMP_NUM_THREADS") or os.environ.get("SLURM_CPUS_PER_TASK")
-        if cpus and cpus.isdigit() and int(cpus) > 0:
-            torch.set_num_threads(int(cpus))
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA device visible")
-    dev = torch.device("cuda", env.local_rank % torch.cuda.device_count())
-    torch.cuda.set_device(dev)
-    return dev
-
-
 @dataclass
 class Models:
     tok: Tokenizers
@@ -100,7 +85,7 @@ class Models:
 
 
 def load_models(cfg: Config, device: torch.device, need_sga: bool = True) -> Models:
-    from asset_dist.train.export import file_digest
+    from asset_dist.artifacts import file_digest
 
     paths = weight_paths(cfg)
     for key in ("vqgan", "seg", "guide"):
@@ -419,7 +404,7 @@ def _run_pending(cfg: Config, eset, pending: list[str], out: Path, samples: int,
     from tqdm import tqdm
 
     i = cfg.infer
-    models = load_models(cfg, pick_device(device, env))
+    models = load_models(cfg, pick_device(env, device))
     runner = EditRunner(cfg, models, samples, guides_dir)
     per_chunk = max(1, -(-i.batch_size // samples))
     log_path = out / "logs" / f"rank{env.rank}.jsonl"
@@ -468,7 +453,7 @@ def run_precompute(cfg: Config, edits: str, out: str | Path, *, samples: Optiona
     out = Path(out)
     eset = EditSet(edits)
     mine = split_for_rank(eset.ids, env.rank, env.world_size)
-    models = load_models(cfg, pick_device(device, env), need_sga=False)
+    models = load_models(cfg, pick_device(env, device), need_sga=False)
     runner = EditRunner(cfg, models, samples, guides_dir=str(out))
     per_chunk = max(1, -(-cfg.infer.batch_size // samples))
     n_failed = n_kept = 0

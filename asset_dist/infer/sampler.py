@@ -9,7 +9,7 @@ raster with only hole tokens replaced (known tokens are teacher-forced and kept)
   (dense or SGA; SGA token steps attend through per-block key/value buffers gathered once per block). Each
   step feeds the tokens between two hole positions (a run of known tokens in one call), so every decoder
   position is computed once.
-- `sample_block_rerun`: the official test script's strategy (ASSET_FACTS 7.4, 10.7): runs of known tokens
+- `sample_block_rerun`: the official test script's strategy (docs/ASSET_NOTES.md §7.4, §10.7): runs of known tokens
   in one call, but every hole token after a block's first re-runs its whole block. Benchmark baseline.
 - `sample_uncached`: one full teacher-forced forward per hole token. The oracle.
 

@@ -1,16 +1,3 @@
-"""Launching: where this process sits in the job (env), for torchrun, deepspeed's launcher and srun.
+"""Launching jobs: submitit (submit.py) and the stage chain (pipeline.py); the sbatch side lives in slurm/.
 
-The sbatch side lives in slurm/ (common.sh + one script per stage); both share EXIT_REQUEUE.
-Names resolve lazily so `python -m asset_dist.launch.env` (print this task's placement) runs cleanly.
-"""
-from typing import Any
-
-__all__ = ["EXIT_REQUEUE", "DistEnv", "dist_env", "expand_hostlist", "export_torch_env", "torch_backend"]
-
-
-def __getattr__(name: str) -> Any:
-    if name in __all__:
-        from asset_dist.launch import env
-
-        return getattr(env, name)
-    raise AttributeError(f"module 'asset_dist.launch' has no attribute {name!r}")
+Where a process sits in the job (rank, world, rendezvous) is the ground layer's `asset_dist.distenv`."""

@@ -2,7 +2,7 @@
 
 The submitted callable, `TrainJob`, runs in every task of the job (one task per GPU, or CPU tasks for
 gloo). It places the task in the job from submitit's `JobEnvironment` (rank, world size, rendezvous
-address, exported as torch variables through asset_dist.launch.env) and runs the trainer,
+address, exported as torch variables through asset_dist.distenv) and runs the trainer,
 `python -m asset_dist.cli train --config C --set ... --resume auto`, as a child process.
 
 Why a child process. submitit 1.5.4 asks for a checkpoint with SIGUSR2 (`#SBATCH --signal=USR2@delay`,
@@ -39,14 +39,13 @@ from typing import Any, Optional, Sequence
 
 import submitit
 
-from asset_dist.launch.env import EXIT_REQUEUE, DistEnv, export_torch_env, slurm_master_port
+from asset_dist.distenv import DistEnv, export_torch_env, slurm_master_port
+from asset_dist.exitcodes import EXIT_BAD_INPUT, EXIT_NONFINITE, EXIT_REQUEUE
 
-EXIT_BAD_INPUT = 2  # mirrors asset_dist.train.engine (not imported here: it pulls in torch and deepspeed)
-EXIT_NONFINITE = 3
 EXECUTORS = ("auto", "local", "slurm")
 TRAIN_COMMAND = (sys.executable, "-m", "asset_dist.cli", "train")
 # Launcher variables a submitting shell may have left behind: they would win over the job's own
-# placement (asset_dist.launch.env reads RANK/WORLD_SIZE first; CROSS_RANK means "deepspeed launcher").
+# placement (asset_dist.distenv reads RANK/WORLD_SIZE first; CROSS_RANK means "deepspeed launcher").
 STALE_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "NODE_RANK", "CROSS_RANK",
               "CROSS_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT")
 RESEND_USR1_S = 5.0  # a checkpoint request is repeated until the trainer takes it (it may still be starting)

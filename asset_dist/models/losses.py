@@ -1,4 +1,4 @@
-"""Tokenizer training losses (ASSET_FACTS.md 2.7 and 3).
+"""Tokenizer training losses (docs/ASSET_NOTES.md §2.7 and §3).
 
 - LPIPS: VGG16 features (torchvision layout, written here; torchvision is not needed) with the LPIPS linear heads.
 - PatchDiscriminator: the pix2pix/taming PatchGAN (3 stride layers, ndf 64, BatchNorm, LeakyReLU 0.2, 4x4).
@@ -74,7 +74,7 @@ class LPIPS(nn.Module):
     `_normalise_lpips_key` knows, merged); "" = the torch hub cache (`<hub>/checkpoints/vgg16-397923af.pth`
     for the backbone plus `vgg_lpips.pth` or `vgg.pth` for the heads). Every tensor must be found, else a
     FileNotFoundError / ValueError says what is missing. `random_init=True` skips loading (tests only).
-    The heads run without dropout: taming re-enables LPIPS dropout during training (ASSET_FACTS 10.14), a
+    The heads run without dropout: taming re-enables LPIPS dropout during training (docs/ASSET_NOTES.md §10.14), a
     quirk not reproduced. The module is frozen and stays in eval mode.
     """
 

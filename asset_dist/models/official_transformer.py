@@ -9,7 +9,7 @@
 - Attention semantics: `official_sga_attention` is a dense reference of the official concatenation semantics (window
   copy + gathered picks, a block listed twice is counted twice, a picked block is fully visible even in the causal
   decoder). It differs from our union semantics only where the official causal picks of blocks 5/6 hit their own
-  window (ASSET_FACTS.md section 10.1). It is O(L^2), for tests; models built with
+  window (docs/ASSET_NOTES.md §10.1). It is O(L^2), for tests; models built with
   `transformer.sga_semantics: official` (imported weights, docs/OFFICIAL_COMPAT.md) run the same rule sparsely
   through asset_dist.attention.official.
 """

@@ -1,4 +1,4 @@
-"""Vector quantizer of the VQGAN / seg tokenizer (ASSET_FACTS.md 2.2).
+"""Vector quantizer of the VQGAN / seg tokenizer (docs/ASSET_NOTES.md §2.2).
 
 Nearest code by squared L2, straight-through gradient, the "legacy" loss weighting that taming-transformers
 (and so ASSET) keeps:  loss = mean||sg(e) - z||^2 + beta * mean||e - sg(z)||^2, beta = 0.25.

@@ -1,4 +1,4 @@
-"""Semantic-map tokenizer (ASSET_FACTS.md section 3): a VQ autoencoder over one-hot label maps.
+"""Semantic-map tokenizer (docs/ASSET_NOTES.md §3): a VQ autoencoder over one-hot label maps.
 
 Same encoder/decoder as the image VQGAN with in/out channels = number of classes (182 landscape; 183 COCO with
 0 = unlabeled), but plain convs, GroupNorm and the pad-then-conv downsample; codebook 1024 x 256, factor 16.

@@ -20,7 +20,7 @@ FACTOR = 16  # both tokenizers downsample by 16
 def token_hole(mask: torch.Tensor, rule: str = "any") -> torch.Tensor:
     """Pixel mask [B,1,H,W] (1 = hole) -> token hole [B, H/16 * W/16] bool, raster order.
 
-    "any": a token is unknown when any pixel of its 16x16 patch is masked (ASSET_FACTS 10.2: the
+    "any": a token is unknown when any pixel of its 16x16 patch is masked (docs/ASSET_NOTES.md §10.2: the
     official rule leaves partly covered tokens "known", yet their pixels get replaced by the blend).
     "nearest": the official rule, the patch's top-left pixel decides.
     """
@@ -42,7 +42,7 @@ def aligned_pixel_mask(hole: torch.Tensor, h: int, w: int) -> torch.Tensor:
 
 def load_weights(module: nn.Module, path: str, stage: str | tuple[str, ...]) -> dict:
     """Load an asset_dist export into `module`, strictly; `stage` names the stage(s) it may come from."""
-    from asset_dist.train.export import read_export
+    from asset_dist.artifacts import read_export
 
     stages = (stage,) if isinstance(stage, str) else stage
     if not path:

@@ -1,4 +1,4 @@
-"""The ASSET encoder-decoder transformer (ASSET_FACTS.md section 4), run densely (guide, 256 px) or with SGA.
+"""The ASSET encoder-decoder transformer (docs/ASSET_NOTES.md §4), run densely (guide, 256 px) or with SGA.
 
 Conventions
 - Inputs are raster ("normal") order [B, L]; inside, everything runs in strip order over the block grid (section 5.1),

@@ -1,4 +1,4 @@
-"""Image VQGAN of ASSET (ASSET_FACTS.md section 2): a mask-aware encoder, a plain decoder, a legacy quantizer.
+"""Image VQGAN of ASSET (docs/ASSET_NOTES.md §2): a mask-aware encoder, a plain decoder, a legacy quantizer.
 
 Mask convention everywhere: a pixel mask [B,1,H,W] (or [B,H,W]) with 1 = hole (unknown, to be generated).
 With `VQConfig.masked` the encoder uses partial convolutions, region normalisation and masked self-attention,
@@ -58,7 +58,7 @@ def swish(x: torch.Tensor) -> torch.Tensor:
 
 
 class PartialConv2d(nn.Conv2d):
-    """The official "PartialConv" (ASSET_FACTS.md 2.3): a Conv2d that keeps hole pixels out of known outputs.
+    """The official "PartialConv" (docs/ASSET_NOTES.md §2.3): a Conv2d that keeps hole pixels out of known outputs.
 
     Output position p (its own mask value sampled at the output resolution):
     - p in the hole: the ordinary conv of the input (it may see everything);

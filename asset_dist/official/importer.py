@@ -43,7 +43,7 @@ from asset_dist.models.transformer import AssetTransformer
 from asset_dist.models.vqgan import VQModel
 from asset_dist.official.checkpoint import OfficialFile, read_official_file, under
 from asset_dist.official.sizes import OfficialParams, infer_transformer_config, infer_vq_config, read_official_config
-from asset_dist.train.export import file_digest, write_export
+from asset_dist.artifacts import file_digest, write_export
 from asset_dist.utils import atomic_write_text
 
 STAGES = ("vqgan", "seg", "guide", "sga")
@@ -257,7 +257,7 @@ def build_config(parts: dict[str, Part], out_files: dict[str, Path], params: Off
     cfg.train.token_hole = "nearest"
     if params.d_size:  # the official SGA config's [high resolution, guide resolution]
         cfg.data.resolution, cfg.data.guide_resolution = int(params.d_size[0]), int(params.d_size[1])
-    if not base and cfg.data.label_shift:  # COCO: short side 296 per 256 before the crop (ASSET_FACTS.md 6.1)
+    if not base and cfg.data.label_shift:  # COCO: short side 296 per 256 before the crop (docs/ASSET_NOTES.md §6.1)
         cfg.data.resize_short_side = cfg.data.resolution * 296 // 256
     if cfg.data.train_shards == "???":
         cfg.data.train_shards = ""  # set it to fine-tune; editing does not read it

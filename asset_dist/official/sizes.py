@@ -24,7 +24,7 @@ from asset_dist.config import TransformerConfig, VQConfig
 from asset_dist.models.official import vq_config_from_official
 from asset_dist.models.official_transformer import config_from_official
 
-PAPER_HEAD_DIM = 64  # 1024 / 16 heads (ASSET_FACTS.md 4.1)
+PAPER_HEAD_DIM = 64  # 1024 / 16 heads (docs/ASSET_NOTES.md §4.1)
 PAPER_GRID = [16, 4]
 VQ_SHAPE_FIELDS = ("in_channels", "out_channels", "ch", "ch_mult", "num_res_blocks", "attn_resolutions",
                    "z_channels", "embed_dim", "n_embed", "decoder_res_blocks")

@@ -2,7 +2,7 @@
 signals, non-finite guards, logging and the final export.
 
 Runs unchanged under `torchrun`, the `deepspeed` launcher, `srun` (one task per process) or as a
-single process: rank and world size come from asset_dist.launch.env.
+single process: rank and world size come from asset_dist.distenv.
 
 Exit codes: 0 done, 2 bad config/input, 3 non-finite loss, EXIT_REQUEUE (99) checkpointed on a signal
 and wants to be requeued (the sbatch scripts and the submitit launcher act on it).
@@ -22,14 +22,13 @@ import torch
 import torch.distributed as dist
 
 from asset_dist.config import Config, ConfigError, add_config_args, load_config, save_config, to_dict
-from asset_dist.launch.env import EXIT_REQUEUE, dist_env, export_torch_env
+from asset_dist.distenv import DeviceError, dist_env, export_torch_env, pick_device
+from asset_dist.exitcodes import EXIT_BAD_INPUT, EXIT_NONFINITE, EXIT_REQUEUE
 from asset_dist.train import checkpoint as ckpt
-from asset_dist.train.export import consolidate_fp32, write_export
+from asset_dist.artifacts import write_export
+from asset_dist.train.export import consolidate_fp32
 from asset_dist.train.logger import RunLogger
 from asset_dist.train.stage import Stage
-
-EXIT_BAD_INPUT = 2
-EXIT_NONFINITE = 3
 
 
 class NonFiniteLoss(RuntimeError):
@@ -99,7 +98,7 @@ class Trainer:
         self.env = dist_env()
         export_torch_env(self.env)
         self.rank, self.world = self.env.rank, self.env.world_size
-        self.device = self._pick_device()
+        self.device = pick_device(self.env)
         import deepspeed
 
         self.ds = deepspeed
@@ -149,16 +148,6 @@ class Trainer:
             self._resume(resume)
 
     # ---- set-up helpers ---------------------------------------------------------------------------------
-    def _pick_device(self) -> torch.device:
-        if torch.cuda.is_available():
-            n = torch.cuda.device_count()
-            if self.env.local_rank >= n:
-                raise ConfigError(f"local rank {self.env.local_rank} needs GPU {self.env.local_rank}, "
-                                  f"but this node has {n}: lower --ntasks-per-node / nproc_per_node")
-            torch.cuda.set_device(self.env.local_rank)
-            return torch.device("cuda", self.env.local_rank)
-        return torch.device("cpu")
-
     def _resume(self, resume: str) -> None:
         run_dir = self.run_dir if resume == "auto" else Path(resume)
         tag = ckpt.latest_tag(run_dir)
@@ -349,7 +338,7 @@ def main(args: argparse.Namespace) -> int:
     except NonFiniteLoss as e:
         print(f"error: {e}. Nothing was saved over the last good checkpoint.", file=sys.stderr, flush=True)
         return EXIT_NONFINITE
-    except (ConfigError, FileNotFoundError, ValueError) as e:
+    except (ConfigError, DeviceError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return EXIT_BAD_INPUT
     finally:

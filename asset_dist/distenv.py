@@ -5,7 +5,9 @@ variables, then a single process. Pure functions of an environment mapping, so t
 without a cluster; `export_torch_env` then writes the torch names so `torch.distributed` (env://) and
 `deepspeed.init_distributed` work under `srun` with one task per GPU.
 
-No torch import here: the sbatch scripts call `python -m asset_dist.launch.env` before any heavy work.
+No torch import at module level: the sbatch scripts call `python -m asset_dist.distenv` before any heavy
+work. This is the ground layer: train/, infer/, eval/ and launch/ all take rank, device and process group
+from here (one copy of each).
 """
 from __future__ import annotations
 
@@ -15,8 +17,7 @@ import re
 from dataclasses import asdict, dataclass
 from typing import Mapping, MutableMapping, Optional
 
-# Exit status meaning "checkpoint written, please requeue me" (mirrored in slurm/common.sh).
-EXIT_REQUEUE = 99
+from asset_dist.exitcodes import EXIT_REQUEUE  # noqa: F401 - re-exported for the launchers
 
 # MASTER_PORT under SLURM: a function of the job id, so every task (and a requeued run, which keeps its
 # id) agrees without talking, and two jobs sharing a node rarely collide.
@@ -213,12 +214,58 @@ def torch_backend() -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
+class DeviceError(ValueError):
+    """The requested device does not exist on this node (the message says what to change)."""
+
+
+def pick_device(env: DistEnv, want: str = "auto"):
+    """This rank's device: `want` is auto | cpu | cuda. On a GPU node rank r of the node takes GPU local_rank
+    (more ranks than GPUs is an error, never a silent share); on CPU the process uses its task's cores
+    (OMP_NUM_THREADS, else SLURM_CPUS_PER_TASK), not every core of the node: several ranks per node would
+    otherwise oversubscribe it."""
+    import torch
+
+    if want not in ("auto", "cpu", "cuda"):
+        raise DeviceError(f"device {want!r}: use auto, cpu or cuda")
+    if want == "cpu" or (want == "auto" and not torch.cuda.is_available()):
+        cpus = os.environ.get("OMP_NUM_THREADS") or os.environ.get("SLURM_CPUS_PER_TASK")
+        if cpus and cpus.isdigit() and int(cpus) > 0:
+            torch.set_num_threads(int(cpus))
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise DeviceError("device cuda: no CUDA device is visible on this node")
+    n = torch.cuda.device_count()
+    if env.local_rank >= n:
+        raise DeviceError(f"local rank {env.local_rank} needs GPU {env.local_rank}, but this node has {n}: "
+                          "lower --ntasks-per-node / --nproc_per_node")
+    torch.cuda.set_device(env.local_rank)
+    return torch.device("cuda", env.local_rank)
+
+
+def init_process_group(env: DistEnv, device, timeout_s: Optional[float] = None) -> bool:
+    """Join the job's process group (env:// rendezvous) when there is more than one rank; returns whether a
+    group is up. `timeout_s` bounds every collective: a rank whose peer went silent fails within it instead
+    of waiting torch's default 30 minutes (torch reads no environment variable for it)."""
+    import datetime
+
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return True
+    if env.world_size <= 1:
+        return False
+    export_torch_env(env)  # srun: torch's env:// rendezvous reads the torch names
+    kwargs = {} if timeout_s is None else {"timeout": datetime.timedelta(seconds=float(timeout_s))}
+    dist.init_process_group(backend="nccl" if getattr(device, "type", device) == "cuda" else "gloo", **kwargs)
+    return True
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     import argparse
 
-    argparse.ArgumentParser(prog="python -m asset_dist.launch.env",
+    argparse.ArgumentParser(prog="python -m asset_dist.distenv",
                             description="Print this process's place in the job as JSON "
-                                        "(e.g. `srun python -m asset_dist.launch.env` checks a cluster).").parse_args(argv)
+                                        "(e.g. `srun python -m asset_dist.distenv` checks a cluster).").parse_args(argv)
     print(json.dumps(asdict(dist_env())))
     return 0
 
