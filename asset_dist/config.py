@@ -128,7 +128,7 @@ class DataConfig:
 @dataclass
 class LossConfig:
     codebook_weight: float = 1.0  # VQ loss weight
-    beta: float = 0.25  # legacy VQ: codebook-side weight (commitment side has weight 1)
+    beta: float = 0.25  # legacy VQ: codebook-side weight (commitment side has weight 1); the quantizer's beta
     pixel_weight: float = 1.0  # L1 reconstruction weight
     perceptual_weight: float = 1.0  # LPIPS weight
     perceptual_weights_path: str = ""  # local LPIPS/VGG weights; "" -> torch cache
@@ -140,6 +140,12 @@ class LossConfig:
     # for setups where that weight is partitioned (ZeRO-3) and autograd.grad cannot see it whole.
     adaptive_weight: bool = True
     seg_recon: str = "ce"  # seg tokenizer: "ce" cross-entropy | "bce" official BCE-with-logits on one-hot
+    # codebook start: "uniform" = taming's +-1/n_embed (paper); "data" = k-means++ picks among the freshly
+    # initialised encoder's latents of the first training batches (the same on every rank). At CPU scale the
+    # uniform codes are ~100x smaller than the latents: the commitment term shrinks the latents onto a handful
+    # of near-zero codes and the tokenizer stalls (BENCHMARKS.md, tokenizer recipe)
+    codebook_init: str = "uniform"
+    codebook_init_batches: int = 8  # training batches whose latents seed the codebook ("data")
 
 
 @dataclass

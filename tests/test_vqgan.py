@@ -228,6 +228,30 @@ def test_quantizer_nearest_straight_through_and_legacy_loss():
     assert 1.0 <= stats["perplexity"].item() <= used + 1e-6
 
 
+def test_codebook_init_from_latents_spreads_codes():
+    """k-means++ seeding: every code is one of the latents, distinct latents are taken before any repeat (flat
+    regions give many identical latents), the same generator seed gives the same codebook."""
+    vq = VectorQuantizer(6, 3)
+    distinct = torch.tensor([[0.0, 0, 0], [1, 0, 0], [0, 2, 0], [0, 0, -3]])
+    z = torch.cat([distinct[:1].repeat(50, 1), distinct])  # one latent dominates, as a flat background does
+    vq.init_from_latents(z, torch.Generator().manual_seed(0))
+    codes = vq.embedding.weight.detach()
+    assert all((codes[i] == z).all(1).any() for i in range(6))
+    assert torch.unique(codes[:4], dim=0).shape[0] == 4  # all four distinct latents before any duplicate
+    again = VectorQuantizer(6, 3)
+    again.init_from_latents(z, torch.Generator().manual_seed(0))
+    assert torch.equal(again.embedding.weight, vq.embedding.weight)
+    # the taming init is ~100x smaller than latents of a fresh encoder: nearly every latent picks one code
+    model = VQModel(small_cfg(n_embed=32))
+    x = torch.rand(4, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        lat = model.encode_pre_quant(x).permute(0, 2, 3, 1).reshape(-1, 16)
+        before = model.quantize.nearest(model.encode_pre_quant(x)).unique().numel()
+        model.quantize.init_from_latents(lat, torch.Generator().manual_seed(1))
+        after = model.quantize.nearest(model.encode_pre_quant(x)).unique().numel()
+    assert after == lat.shape[0] > before  # 16 distinct latents -> 16 codes
+
+
 def test_decode_indices_matches_decode_of_quant():
     torch.manual_seed(6)
     model = VQModel(small_cfg()).double().eval()
