@@ -1,4 +1,4 @@
-"""The tiny VQGAN's recipe trains: held-out reconstruction improves steadily over 200 steps on simple scenes
+"""The tiny VQGAN's recipe trains: held-out reconstruction improves steadily over 160 steps on simple scenes
 (flat shapes drawn by data_tools/make_longrange.py; the curve is bench/vqgan_recipe.py --scenes).
 
 The regression test of the tokenizer recipe (BENCHMARKS.md "Tokenizer recipe"): with the paper's uniform
