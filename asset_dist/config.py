@@ -66,7 +66,7 @@ class VQConfig:
 
     in_channels: int = 3  # 3 for images; number of label classes for the seg tokenizer
     out_channels: int = 3  # 3 for images; number of classes for the seg tokenizer (its logits)
-    ch: int = 128  # base channel width (paper 128; a multiple of 32: GroupNorm/RegionNorm use 32 groups)
+    ch: int = 128  # base channel width (paper 128; every ch x ch_mult must be a multiple of norm_groups)
     # width multiplier per level; len(ch_mult) - 1 halvings (5 levels = factor 16)
     ch_mult: list[int] = field(default_factory=lambda: [1, 1, 2, 2, 4])
     num_res_blocks: int = 2  # residual blocks per encoder level
@@ -82,6 +82,9 @@ class VQConfig:
     region_norm: str = "true"
     legacy_downsample: bool = False  # pad-then-conv downsample (seg model) vs. mask-aware padding
     decoder_res_blocks: Optional[int] = None  # None: num_res_blocks + 1, as the paper
+    # GroupNorm / RegionNorm groups (paper 32 at ch 128: 4 channels per group). With one channel per group
+    # (ch 32) every norm is an instance norm that erases a flat region's colour: keep >= 2 channels per group
+    norm_groups: int = 32
 
     def validate(self, c: Checks, at: str) -> None:
         for key in ("in_channels", "out_channels", "z_channels", "embed_dim", "resolution"):
@@ -237,7 +240,7 @@ class DataConfig:
 @dataclass
 class LossConfig:
     codebook_weight: float = 1.0  # VQ loss weight
-    beta: float = 0.25  # legacy VQ: codebook-side weight (commitment side has weight 1)
+    beta: float = 0.25  # legacy VQ: codebook-side weight (commitment side has weight 1); the quantizer's beta
     pixel_weight: float = 1.0  # L1 reconstruction weight
     perceptual_weight: float = 1.0  # LPIPS weight
     perceptual_weights_path: str = ""  # local LPIPS/VGG weights; "" -> torch cache
@@ -249,6 +252,12 @@ class LossConfig:
     # for setups where that weight is partitioned (ZeRO-3) and autograd.grad cannot see it whole.
     adaptive_weight: bool = True
     seg_recon: str = "ce"  # seg tokenizer: "ce" cross-entropy | "bce" official BCE-with-logits on one-hot
+    # codebook start: "uniform" = taming's +-1/n_embed (paper); "data" = k-means++ picks among the freshly
+    # initialised encoder's latents of the first training batches (the same on every rank). At CPU scale the
+    # uniform codes are ~100x smaller than the latents: the commitment term shrinks the latents onto a handful
+    # of near-zero codes and the tokenizer stalls (BENCHMARKS.md, tokenizer recipe)
+    codebook_init: str = "uniform"
+    codebook_init_batches: int = 8  # training batches whose latents seed the codebook ("data")
 
     def validate(self, c: Checks, at: str) -> None:
         for key in ("codebook_weight", "beta", "pixel_weight", "perceptual_weight", "disc_weight", "disc_factor",

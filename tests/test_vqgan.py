@@ -228,6 +228,30 @@ def test_quantizer_nearest_straight_through_and_legacy_loss():
     assert 1.0 <= stats["perplexity"].item() <= used + 1e-6
 
 
+def test_codebook_init_from_latents_spreads_codes():
+    """k-means++ seeding: every code is one of the latents, distinct latents are taken before any repeat (flat
+    regions give many identical latents), the same generator seed gives the same codebook."""
+    vq = VectorQuantizer(6, 3)
+    distinct = torch.tensor([[0.0, 0, 0], [1, 0, 0], [0, 2, 0], [0, 0, -3]])
+    z = torch.cat([distinct[:1].repeat(50, 1), distinct])  # one latent dominates, as a flat background does
+    vq.init_from_latents(z, torch.Generator().manual_seed(0))
+    codes = vq.embedding.weight.detach()
+    assert all((codes[i] == z).all(1).any() for i in range(6))
+    assert torch.unique(codes[:4], dim=0).shape[0] == 4  # all four distinct latents before any duplicate
+    again = VectorQuantizer(6, 3)
+    again.init_from_latents(z, torch.Generator().manual_seed(0))
+    assert torch.equal(again.embedding.weight, vq.embedding.weight)
+    # the taming init is ~100x smaller than latents of a fresh encoder: nearly every latent picks one code
+    model = VQModel(small_cfg(n_embed=32))
+    x = torch.rand(4, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        lat = model.encode_pre_quant(x).permute(0, 2, 3, 1).reshape(-1, 16)
+        before = model.quantize.nearest(model.encode_pre_quant(x)).unique().numel()
+        model.quantize.init_from_latents(lat, torch.Generator().manual_seed(1))
+        after = model.quantize.nearest(model.encode_pre_quant(x)).unique().numel()
+    assert after == lat.shape[0] > before  # 16 distinct latents -> 16 codes
+
+
 def test_decode_indices_matches_decode_of_quant():
     torch.manual_seed(6)
     model = VQModel(small_cfg()).double().eval()
@@ -406,10 +430,13 @@ def test_lpips_runs_and_loads_known_layouts(tmp_path, monkeypatch):
 
 
 def test_tiny_vqgan_overfits_one_batch():
-    """Two optimizers as the trainer will run them: generator (VQ) and discriminator; the loss must fall."""
+    """Two optimizers as the trainer runs them: generator (VQ) and discriminator. The reconstruction must fall
+    during the reconstruction-only warm-up and stay down once the GAN term is on (taming's recipe: the
+    discriminator starts after the warm-up; started early, its noisy gradient stalls L1 near 0.3 here)."""
     torch.manual_seed(13)
     model = VQModel(small_cfg(n_embed=64))
-    crit = VQGANLoss(LossConfig(perceptual_weight=1.0, perceptual_random_init=True, disc_start=12,
+    disc_start, steps = 30, 45
+    crit = VQGANLoss(LossConfig(perceptual_weight=1.0, perceptual_random_init=True, disc_start=disc_start,
                                 disc_weight=0.1))
     opt_g = torch.optim.Adam(model.parameters(), lr=2e-3, betas=(0.5, 0.9))
     opt_d = torch.optim.Adam(crit.discriminator.parameters(), lr=2e-3, betas=(0.5, 0.9))
@@ -422,7 +449,7 @@ def test_tiny_vqgan_overfits_one_batch():
         z = model.encode_pre_quant(x, mask).permute(0, 2, 3, 1).reshape(-1, 16)
         model.quantize.embedding.weight[: z.shape[0]] = z
     l1 = []
-    for step in range(25):
+    for step in range(steps):
         rec, qloss, _ = model(x, mask)
         loss, logs = crit.generator_loss(x, rec, qloss, step, last_layer=model.last_layer())
         opt_g.zero_grad(set_to_none=True)
@@ -435,4 +462,9 @@ def test_tiny_vqgan_overfits_one_batch():
         assert torch.isfinite(loss) and torch.isfinite(d_loss)
         l1.append(logs["l1"].item())
     assert "g_loss" in logs and logs["d_weight"] > 0  # the GAN term was active in the last steps
-    assert sum(l1[-3:]) / 3 < 0.5 * l1[0], l1
+    # measured (seeds 13-15, 1 or 2 threads): ~0.60 at step 0, ~0.14-0.2 at the warm-up's end, last-5 mean
+    # 0.14-0.18 with the GAN on; the bounds leave ~1.5x room
+    warm = sum(l1[disc_start - 5:disc_start]) / 5
+    final = sum(l1[-5:]) / 5
+    assert warm < 0.45 * l1[0], l1
+    assert final < 0.4 * l1[0], l1

@@ -61,6 +61,25 @@ def add_args(p: argparse.ArgumentParser) -> None:
                         "guide256 (default: %(default)s)")
     m.add_argument("--seed", type=int, default=0, help="seed of the random picks (with each sample's key)")
 
+    a = sub.add_parser("ablation", help="does the guide matter? guided vs window vs random picks, with 95 % CIs",
+                       description="Teacher-forced hole-token NLL and top-1 of one SGA model on val crops with the "
+                                   "guide's block picks, random picks and the window alone: pooled over hole "
+                                   "tokens, bootstrap 95 %% intervals over samples and paired intervals of the "
+                                   "differences; with --sources, how often picks land on the block holding each "
+                                   "hole's true source; --figure N writes a PNG of N samples (input, hole, "
+                                   "tokenizer reconstruction, guided / window / random samples). Any shards and "
+                                   "exports: the config is the SGA stage's.")
+    _data_args(a)
+    a.add_argument("--weights", default=None,
+                   help="the SGA export (default infer.sga_weights, else paths.run_dir/export/sga.pt)")
+    a.add_argument("--sources", default=None,
+                   help="sources.json of data_tools/make_longrange.py (per sample key, where each pixel's content "
+                        "comes from): adds the guide's pick hit rate and a per-rule breakdown")
+    a.add_argument("--figure", type=int, default=4, help="samples in eval_ablation.png (0 = no figure; default "
+                                                         "%(default)s)")
+    a.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples (default %(default)s)")
+    a.add_argument("--seed", type=int, default=0, help="seed of the random picks and the bootstrap")
+
     e = sub.add_parser("edits", help="check and score an edit-batch output folder",
                        description="Pixels outside the blend band unchanged (must be 100 %; exit 1 otherwise), "
                                    "diversity between samples inside the mask (pixel L1; LPIPS with local "
@@ -74,6 +93,10 @@ def add_args(p: argparse.ArgumentParser) -> None:
     e.add_argument("--band", type=int_arg(0), default=None,
                    help="blend band in pixels (default: blend_band of EDIT_OUT/run.json)")
     e.add_argument("--out", default=None, type=path_arg, help="folder for eval_edits.json / .md (default EDIT_OUT)")
+    e.add_argument("--class-stats", default=None, type=path_arg,
+                   help="training shards (or a class_colours.json made from them) for the label-following "
+                        "score: per-class colour histograms; default data.train_shards of EDIT_OUT/config.yaml "
+                        "when it exists. Computed stats are cached as OUT/class_colours.json")
     e.add_argument("--lpips-weights", default="",
                    help="LPIPS weights file(s), comma-separated (default: the torch hub cache, if present)")
     e.add_argument("--fid-extractor", default=None, type=path_arg,
@@ -114,7 +137,7 @@ def _run_body(args) -> int:
 
     from asset_dist.eval import common as C
 
-    if args.eval_command in ("tokenizer", "transformer"):
+    if args.eval_command in ("tokenizer", "transformer", "ablation"):
         from asset_dist.config import load_config
 
         cfg = load_config(args.config, args.overrides)
@@ -125,6 +148,14 @@ def _run_body(args) -> int:
 
                 rep = evaluate_tokenizer(cfg, args.weights, args.max_samples, args.device)
                 md = tokenizer_markdown(rep)
+            elif args.eval_command == "ablation":
+                from asset_dist.eval.ablation import ablation_markdown, evaluate_ablation
+
+                if args.bootstrap < 1 or args.figure < 0:
+                    raise ValueError("--bootstrap must be >= 1 and --figure >= 0")
+                rep = evaluate_ablation(cfg, args.weights, args.max_samples, args.seed, args.sources,
+                                        args.bootstrap, args.figure, Path(out) / "eval_ablation.png", args.device)
+                md = ablation_markdown(rep)
             else:
                 from asset_dist.eval.transformer import evaluate_transformer, transformer_markdown
 
@@ -152,7 +183,8 @@ def _run_body(args) -> int:
         dev = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
         lpips, note = load_lpips(args.lpips_weights, dev)
         ext = load_extractor(args.fid_extractor, dev, args.trust_extractor) if args.fid_extractor else None
-        rep = evaluate_edits(args.edit_out, args.edits, args.band, lpips, ext, lpips_note=note)
+        stats = _class_stats(args)
+        rep = evaluate_edits(args.edit_out, args.edits, args.band, lpips, ext, lpips_note=note, class_stats=stats)
         md = edits_markdown(rep)
         print(md, flush=True)
         _print_written(C.write_report(args.out or args.edit_out, "edits", rep, md))
@@ -174,6 +206,22 @@ def _run_body(args) -> int:
     if args.out:
         _print_written(C.write_report(Path(args.out), "fid", rep, md))
     return 0
+
+
+def _class_stats(args):
+    """The label-following statistics for `evaluate edits` (None when no training shards are known)."""
+    from asset_dist.eval.edits import run_settings
+    from asset_dist.eval.labels import load_or_compute_stats
+
+    _, cfg = run_settings(Path(args.edit_out))
+    data = cfg.get("data") or {}
+    spec = args.class_stats or data.get("train_shards") or ""
+    if not spec or (not args.class_stats and not Path(str(spec)).exists()):
+        return None
+    seg = ((cfg.get("model") or {}).get("seg") or {})
+    num_classes = int(seg.get("in_channels") or data.get("num_classes") or 256)
+    cache = Path(args.out or args.edit_out) / "class_colours.json"
+    return load_or_compute_stats(str(spec), int(data.get("label_shift") or 0), num_classes, cache)
 
 
 def main(args: argparse.Namespace) -> int:

@@ -35,6 +35,8 @@ FID_NOTE = ("FID not computed: pass --fid-extractor FILE, a TorchScript Inceptio
             "model(x, return_features=True) on float [N,3,H,W] images in 0..255 (e.g. the "
             "inception-2015-12-05.pt file that clean-fid and StyleGAN2-ADA use), or compare precomputed features "
             "with `asset-dist evaluate fid --real A.npy --fake B.npy`")
+LABELS_NOTE = ("label-following score not computed: pass --class-stats TRAIN_SHARDS (per-class colour statistics of "
+               "the training data; default: data.train_shards of EDIT_OUT/config.yaml when it exists)")
 LPIPS_NOTE = ("LPIPS not computed: pass --lpips-weights FILE[,FILE] (VGG16 features + LPIPS heads, see "
               "train.loss.perceptual_weights_path) or put vgg16-397923af.pth and vgg_lpips.pth in the torch hub "
               "checkpoints folder")
@@ -103,12 +105,15 @@ class EditInputs:
             raise EvalError(f"edit inputs {spec!r}: {e}") from None
 
     def get(self, edit_id: str):
-        from asset_dist.infer.edits import decode_edit, meta_int
+        """(the decoded edit, its label map before the edit) at the image's size."""
+        from asset_dist.infer.edits import decode_edit, meta_int, read_labels
 
         if edit_id not in self.eset.refs:
             raise EvalError(f"edit {edit_id!r} is in the manifest but not in the edit inputs (wrong --edits?)")
         files = self.eset.load(edit_id)
-        return decode_edit(files, meta_int(edit_id, files.meta, "num_classes", 256))
+        n = meta_int(edit_id, files.meta, "num_classes", 256)
+        edit = decode_edit(files, n)
+        return edit, read_labels(edit_id, "label map", files.seg, edit.height, edit.width, n)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -243,8 +248,12 @@ def _lpips_pairs(lpips, samples: list[np.ndarray], mask: np.ndarray, band: int) 
 
 
 def evaluate_edits(edit_out: str | Path, edits: Optional[str] = None, band: Optional[int] = None, lpips=None,
-                   extractor: Optional[Callable] = None, lpips_note: Optional[str] = LPIPS_NOTE) -> dict:
-    """The report. lpips: an LPIPS module or None; extractor: `load_extractor`'s function or None."""
+                   extractor: Optional[Callable] = None, lpips_note: Optional[str] = LPIPS_NOTE,
+                   class_stats: Optional[dict] = None) -> dict:
+    """The report. lpips: an LPIPS module or None; extractor: `load_extractor`'s function or None;
+    class_stats: eval/labels.py's per-class colour statistics (the label-following score), or None."""
+    from asset_dist.eval import labels as LB
+
     from asset_dist.infer.blend import dilate
     from asset_dist.infer.edits import EditError
 
@@ -269,10 +278,12 @@ def evaluate_edits(edit_out: str | Path, edits: Optional[str] = None, band: Opti
     problems: list[str] = []
     l1_edit, lp_edit = [], []
     real, fake = [], []
+    hists = LB.class_histograms(class_stats) if class_stats else None
+    follow: dict[str, dict] = {}
     for r in ok:
         eid = r["edit"]
         try:
-            edit = inputs.get(eid)
+            edit, old_seg = inputs.get(eid)
         except (EvalError, EditError) as e:  # an input that no longer decodes: the edit cannot be checked
             problems.append(f"{eid}: input: {e}")
             continue
@@ -304,6 +315,8 @@ def evaluate_edits(edit_out: str | Path, edits: Optional[str] = None, band: Opti
             if a != b:
                 changed.append({"edit": eid, "sample": k, "changed_pixels": b - a})
             samples.append(s)
+        if hists is not None and samples:
+            follow[eid] = LB.edit_label_score(samples, edit.image, edit.mask, old_seg, edit.seg, hists)
         pairs = M.pairwise_l1(samples, edit.mask)
         if pairs:
             l1_edit.append(float(np.mean(pairs)))
@@ -340,6 +353,9 @@ def evaluate_edits(edit_out: str | Path, edits: Optional[str] = None, band: Opti
         "timings_s": {ph: M.summarize(phases[ph]) for ph in sorted(phases, key=_phase_order)}
         | {"per_edit": M.summarize(per_edit)},
         "fid": fid,
+        "labels": ({**LB.label_summary(follow), "per_edit": follow, "stats": class_stats.get("shards"),
+                    "min_changed": LB.MIN_CHANGED} if hists is not None else
+                   {"fraction": None, "note": LABELS_NOTE}),
     }
 
 
@@ -354,8 +370,29 @@ def edits_markdown(rep: dict) -> str:
              f"**Diversity**: pixel L1 inside the mask (0-1) = {fmt(d['pixel_l1_in_mask'])} over "
              f"{d['edits_with_pairs']} edit(s); LPIPS (mask box) = {fmt(d['lpips_mask_box'])}"
              + (f" ({d['lpips_note']})" if d["lpips_note"] else "") + ".\n",
-             f"**FID**: {fmt(rep['fid']['fid'])} ({rep['fid'].get('note')}).\n", "## Timings (s per edit)\n"]
+             f"**FID**: {fmt(rep['fid']['fid'])} ({rep['fid'].get('note')}).\n", _labels_markdown(rep["labels"]),
+             "## Timings (s per edit)\n"]
     rows = [[ph, s.get("count", 0), s.get("mean", float("nan")), s.get("median", float("nan")),
              s.get("p90", float("nan")), s.get("total", float("nan"))] for ph, s in rep["timings_s"].items()]
     lines.append(markdown_table(["phase", "edits", "mean", "median", "p90", "total"], rows))
     return "\n".join(lines)
+
+
+def _labels_markdown(lab: dict) -> str:
+    if lab.get("fraction") is None and "per_edit" not in lab:
+        return f"**Label following**: - ({lab.get('note')}).\n"
+    head = (f"**Label following**: {lab['edits_following']} of {lab['edits_scored']} edit(s) whose labels change "
+            f"follow them (fraction {fmt(lab['fraction'], 2)}): their generated pixels are closer (Hellinger "
+            f"distance of colour histograms) to the new classes' training statistics than to the input's pixels "
+            f"there.\n\n")
+    rows = []
+    for eid, e in lab["per_edit"].items():
+        d = [p for p in e["samples"] if p is not None]
+        to_c = sum(p["to_class"] for p in d) / len(d) if d else None
+        to_i = sum(p["to_input"] for p in d) / len(d) if d else None
+        verdict = "-" if e["follows"] is None else ("yes" if e["follows"] else "no")
+        note = "" if e["labels_change"] else f"labels barely change ({100 * e['changed_fraction']:.0f} % of the mask)"
+        rows.append([eid, f"{100 * e['changed_fraction']:.0f} %", fmt(to_c, 3), fmt(to_i, 3),
+                     fmt(e["input_to_class"], 3), verdict, note])
+    return head + markdown_table(["edit", "mask relabelled", "to new class", "to input", "input to new class",
+                                  "follows", "note"], rows)

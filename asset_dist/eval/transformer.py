@@ -73,16 +73,24 @@ def guided_picks(guide: AssetTransformer, cfg: Config, ids, cond, hole) -> tuple
     return picks, logits
 
 
+def hole_sums_per_row(model: AssetTransformer, logits: torch.Tensor, ids: torch.Tensor, hole: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per sample: (summed cross-entropy float64 [B], correct top-1 int64 [B], hole tokens int64 [B]) over the
+    hole tokens; logits: forward's strip order."""
+    lay = model.layout(ids.shape[1], device=ids.device)
+    target, sel = ids[:, lay.perm], hole[:, lay.perm].bool()
+    lg = logits.float()
+    nll = F.cross_entropy(lg.transpose(1, 2), target, reduction="none")  # [B, L]
+    hit = lg.argmax(-1) == target
+    zero = torch.zeros((), device=nll.device)
+    return (torch.where(sel, nll, zero).double().sum(1).cpu(), (hit & sel).sum(1).cpu(), sel.sum(1).cpu())
+
+
 def hole_sums(model: AssetTransformer, logits: torch.Tensor, ids: torch.Tensor, hole: torch.Tensor
               ) -> tuple[float, int, int]:
     """(summed cross-entropy, correct top-1, count) over the hole tokens; logits: forward's strip order."""
-    lay = model.layout(ids.shape[1], device=ids.device)
-    target, sel = ids[:, lay.perm], hole[:, lay.perm].bool()
-    if not sel.any():
-        return 0.0, 0, 0
-    lg = logits[sel].float()
-    nll = F.cross_entropy(lg, target[sel], reduction="sum")
-    return float(nll), int((lg.argmax(-1) == target[sel]).sum()), int(sel.sum())
+    nll, correct, count = hole_sums_per_row(model, logits, ids, hole)
+    return float(nll.sum()), int(correct.sum()), int(count.sum())
 
 
 def transformer_weights(cfg: Config, weights: Optional[str]) -> dict[str, str]:

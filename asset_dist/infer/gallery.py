@@ -32,6 +32,7 @@ class Row:
     tiles: dict[str, np.ndarray] = field(default_factory=dict)  # column name -> thumbnail [s, s, 3]
     info: str = ""
     error: Optional[str] = None
+    labels: str = ""  # the label-following verdict of `evaluate edits`, when its report is there
 
 
 def thumb(a: np.ndarray, size: int) -> np.ndarray:
@@ -86,6 +87,30 @@ def build_row(edits: EditSet, eid: str, results, num_classes: int, size: int) ->
     return row
 
 
+def label_notes(results: Path) -> dict[str, str]:
+    """Per edit, one line from RESULTS/eval_edits.json's label-following score ({} without the report)."""
+    import json
+
+    try:
+        lab = json.loads((results / "eval_edits.json").read_text()).get("labels") or {}
+    except (OSError, ValueError, AttributeError):
+        return {}
+    out = {}
+    for eid, e in (lab.get("per_edit") or {}).items():
+        d = [p for p in e.get("samples") or [] if p]
+        dist = (f" (colour distance to the new class {sum(p['to_class'] for p in d) / len(d):.2f}, to the input "
+                f"{sum(p['to_input'] for p in d) / len(d):.2f})") if d else ""
+        pct = 100 * float(e.get("changed_fraction", 0))
+        if not e.get("labels_change"):
+            out[eid] = (f"labels barely change: only {pct:.0f} % of the mask gets a new class (the area already "
+                        f"has it), so following the labels means keeping its look; not scored{dist}")
+        elif e.get("follows") is None:
+            out[eid] = "label following: not scored (no training statistics for the new class)"
+        else:
+            out[eid] = f"follows its labels: {'yes' if e['follows'] else 'no'}{dist}"
+    return out
+
+
 def contact_sheet(rows: list[Row], columns: list[str], size: int) -> np.ndarray:
     """Rows of tiles under a header; a failed edit's row shows its error text."""
     pad, head, label_w = 4, 18, 160
@@ -98,6 +123,9 @@ def contact_sheet(rows: list[Row], columns: list[str], size: int) -> np.ndarray:
     for i, r in enumerate(rows):
         y = head + pad + i * (size + pad)
         draw.text((pad, y + 2), r.edit_id[:24], fill=(0, 0, 0))
+        if r.labels:
+            tag = "labels barely change" if r.labels.startswith("labels barely") else r.labels.split(" (")[0]
+            draw.text((pad, y + 30), tag[:26], fill=(0, 0, 0))
         if r.error:
             draw.text((pad, y + 16), "FAILED" if r.tiles == {} else "no samples", fill=(200, 0, 0))
         for j, c in enumerate(columns):
@@ -115,6 +143,9 @@ def write_gallery(edits_spec: str, results: Path, out: Path, num_classes: int, s
     edits = EditSet(edits_spec, verify=verify)
     store = open_results(results)
     rows = [build_row(edits, eid, store, num_classes, size) for eid in edits.ids]
+    notes = label_notes(results)
+    for r in rows:
+        r.labels = notes.get(r.edit_id, "")
     n_samples = max([sum(k.startswith("sample") for k in r.tiles) for r in rows] + [0])
     columns = list(FIXED) + [f"sample {k}" for k in range(n_samples)]
     tiles_dir = out / "gallery"
@@ -135,6 +166,8 @@ def write_gallery(edits_spec: str, results: Path, out: Path, num_classes: int, s
             else:
                 cells.append("<td></td>")
         note = f"<br><span class=err>{html.escape(r.error)}</span>" if r.error else ""
+        if r.labels:
+            note += f"<br><i>{html.escape(r.labels)}</i>"
         lines.append(f"<tr><td><b>{html.escape(r.edit_id)}</b><br>{html.escape(r.info)}{note}</td>"
                      + "".join(cells) + "</tr>")
     lines.append("</table>")

@@ -41,6 +41,25 @@ class VectorQuantizer(nn.Module):
         z_q = z + (z_q - z).detach()  # straight-through: forward = e, backward = identity to z
         return z_q, loss, indices
 
+    @torch.no_grad()
+    def init_from_latents(self, z: torch.Tensor, generator: torch.Generator) -> None:
+        """k-means++ seeding of the codebook from latents z [N, embed_dim]: each next code is a latent drawn with
+        probability proportional to its squared distance to the codes so far, so codes spread over the latent
+        distribution at its scale. Duplicate latents (flat image regions) cannot be drawn twice while a distinct
+        one is left; when none is left the rest are drawn uniformly."""
+        z = z.detach().float().reshape(-1, self.embed_dim).cpu()
+        if z.shape[0] == 0:
+            raise ValueError("no latents to initialise the codebook from")
+        codes = [z[int(torch.randint(z.shape[0], (1,), generator=generator))]]
+        d2 = (z - codes[0]).square().sum(1)
+        for _ in range(self.n_embed - 1):
+            total = float(d2.sum())
+            i = int(torch.multinomial(d2 / total, 1, generator=generator)) if total > 0 else \
+                int(torch.randint(z.shape[0], (1,), generator=generator))
+            codes.append(z[i])
+            d2 = torch.minimum(d2, (z - z[i]).square().sum(1))
+        self.embedding.weight.copy_(torch.stack(codes).to(self.embedding.weight))
+
     def lookup(self, indices: torch.Tensor) -> torch.Tensor:
         """indices [B,h,w] -> code vectors [B,C,h,w]."""
         return self.embedding(indices).permute(0, 3, 1, 2).contiguous()

@@ -87,8 +87,8 @@ class PartialConv2d(nn.Conv2d):
 class GroupNorm(nn.GroupNorm):
     """GroupNorm(32, eps 1e-6) that accepts (and ignores) a mask, so blocks call every norm the same way."""
 
-    def __init__(self, num_channels: int):
-        super().__init__(NUM_GROUPS, num_channels, eps=NORM_EPS, affine=True)
+    def __init__(self, num_channels: int, groups: int = NUM_GROUPS):
+        super().__init__(groups, num_channels, eps=NORM_EPS, affine=True)
 
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         # contiguous: torch's CPU channels-last GroupNorm loses ~1e-3 to cancellation in fp32 (measured)
@@ -113,8 +113,8 @@ class RegionNorm(nn.GroupNorm):
     division by zero (counts clamped to 1). Weights trained with one mode do not transfer to the other.
     """
 
-    def __init__(self, num_channels: int, mode: str = "true"):
-        super().__init__(NUM_GROUPS, num_channels, eps=NORM_EPS, affine=True)
+    def __init__(self, num_channels: int, mode: str = "true", groups: int = NUM_GROUPS):
+        super().__init__(groups, num_channels, eps=NORM_EPS, affine=True)
         if mode not in ("true", "official"):
             raise ValueError(f"region_norm must be 'true' or 'official', got {mode!r}")
         self.mode = mode
@@ -164,8 +164,8 @@ class RegionNorm(nn.GroupNorm):
         return xn * self.weight[None, :, None, None] + self.bias[None, :, None, None]
 
 
-def make_norm(channels: int, masked: bool, region_norm: str) -> nn.Module:
-    return RegionNorm(channels, region_norm) if masked else GroupNorm(channels)
+def make_norm(channels: int, masked: bool, region_norm: str, groups: int = NUM_GROUPS) -> nn.Module:
+    return RegionNorm(channels, region_norm, groups) if masked else GroupNorm(channels, groups)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -176,12 +176,12 @@ class ResnetBlock(nn.Module):
     """norm -> swish -> conv3x3 -> norm -> swish -> dropout -> conv3x3, plus a 1x1 shortcut if channels change."""
 
     def __init__(self, in_ch: int, out_ch: int, dropout: float = 0.0, masked: bool = False,
-                 region_norm: str = "true"):
+                 region_norm: str = "true", groups: int = NUM_GROUPS):
         super().__init__()
         self.use_checkpoint = False
-        self.norm1 = make_norm(in_ch, masked, region_norm)
+        self.norm1 = make_norm(in_ch, masked, region_norm, groups)
         self.conv1 = PartialConv2d(in_ch, out_ch, 3, 1, 1)
-        self.norm2 = make_norm(out_ch, masked, region_norm)
+        self.norm2 = make_norm(out_ch, masked, region_norm, groups)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = PartialConv2d(out_ch, out_ch, 3, 1, 1)
         # 1x1 conv: no spatial mixing, so it needs no mask handling
@@ -207,10 +207,10 @@ class AttnBlock(nn.Module):
     attend to every key. Known queries therefore never read hole features.
     """
 
-    def __init__(self, channels: int, masked: bool = False, region_norm: str = "true"):
+    def __init__(self, channels: int, masked: bool = False, region_norm: str = "true", groups: int = NUM_GROUPS):
         super().__init__()
         self.use_checkpoint = False
-        self.norm = make_norm(channels, masked, region_norm)
+        self.norm = make_norm(channels, masked, region_norm, groups)
         self.q = nn.Conv2d(channels, channels, 1)
         self.k = nn.Conv2d(channels, channels, 1)
         self.v = nn.Conv2d(channels, channels, 1)
@@ -292,6 +292,14 @@ def onehot_conv2d(labels: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
 # Encoder / decoder
 
 
+def check_norm_groups(cfg: VQConfig) -> None:
+    widths = sorted({cfg.ch} | {cfg.ch * m for m in cfg.ch_mult})
+    bad = [w for w in widths if cfg.norm_groups < 1 or w % cfg.norm_groups]
+    if bad:
+        raise ValueError(f"norm_groups={cfg.norm_groups} must divide every channel width of the model "
+                         f"(ch x ch_mult = {widths}); {bad} do not divide")
+
+
 def _level_attn(cfg: VQConfig, level: int) -> bool:
     return cfg.resolution // 2 ** level in cfg.attn_resolutions
 
@@ -309,8 +317,9 @@ class Encoder(nn.Module):
         if cfg.masked and cfg.legacy_downsample:
             raise ValueError("legacy_downsample applies to unmasked encoders only (the official legacy + "
                              "PartialConv combination resizes the mask to the padded size, a bug not reproduced)")
+        check_norm_groups(cfg)
         self.masked = cfg.masked
-        mk = dict(masked=cfg.masked, region_norm=cfg.region_norm)
+        mk = dict(masked=cfg.masked, region_norm=cfg.region_norm, groups=cfg.norm_groups)
         self.conv_in = PartialConv2d(cfg.in_channels, cfg.ch, 3, 1, 1)
         in_mult = (1,) + tuple(cfg.ch_mult)
         self.down = nn.ModuleList()
@@ -366,14 +375,16 @@ class Decoder(nn.Module):
 
     def __init__(self, cfg: VQConfig):
         super().__init__()
+        check_norm_groups(cfg)
         n_blocks = cfg.decoder_res_blocks if cfg.decoder_res_blocks is not None else cfg.num_res_blocks + 1
         n_levels = len(cfg.ch_mult)
+        g = cfg.norm_groups
         block_in = cfg.ch * cfg.ch_mult[-1]
         self.conv_in = nn.Conv2d(cfg.z_channels, block_in, 3, 1, 1)
         self.mid = nn.Module()
-        self.mid.block_1 = ResnetBlock(block_in, block_in, cfg.dropout)
-        self.mid.attn_1 = AttnBlock(block_in)
-        self.mid.block_2 = ResnetBlock(block_in, block_in, cfg.dropout)
+        self.mid.block_1 = ResnetBlock(block_in, block_in, cfg.dropout, groups=g)
+        self.mid.attn_1 = AttnBlock(block_in, groups=g)
+        self.mid.block_2 = ResnetBlock(block_in, block_in, cfg.dropout, groups=g)
         stages: list[nn.Module] = [nn.Module() for _ in range(n_levels)]
         for level in reversed(range(n_levels)):
             stage = stages[level]
@@ -381,14 +392,14 @@ class Decoder(nn.Module):
             stage.block = nn.ModuleList()
             stage.attn = nn.ModuleList()
             for _ in range(n_blocks):
-                stage.block.append(ResnetBlock(block_in, block_out, cfg.dropout))
+                stage.block.append(ResnetBlock(block_in, block_out, cfg.dropout, groups=g))
                 block_in = block_out
                 if _level_attn(cfg, level):
-                    stage.attn.append(AttnBlock(block_in))
+                    stage.attn.append(AttnBlock(block_in, groups=g))
             if level != 0:
                 stage.upsample = Upsample(block_in)
         self.up = nn.ModuleList(stages)
-        self.norm_out = GroupNorm(block_in)
+        self.norm_out = GroupNorm(block_in, g)
         self.conv_out = nn.Conv2d(block_in, cfg.out_channels, 3, 1, 1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:

@@ -16,6 +16,30 @@ def _prefixed(logs: dict, prefix: str) -> dict:
     return {f"{prefix}/{k}": v for k, v in logs.items()}
 
 
+def prepare_codebook(model: VQModel, cfg, inputs) -> None:
+    """The quantizer's beta from train.loss.beta, and with loss.codebook_init "data" the codebook seeded from the
+    fresh encoder's latents on the first training batches. Runs in build(), before the engines exist: every rank
+    reads the same batches (one reader of the whole train split) with the same seed, so the codes are identical
+    everywhere, and a resumed run overwrites them with the checkpoint's."""
+    lc = cfg.train.loss
+    model.quantize.beta = lc.beta
+    if lc.codebook_init == "uniform":
+        return
+    if lc.codebook_init != "data":
+        raise ValueError(f"train.loss.codebook_init must be 'uniform' or 'data', got {lc.codebook_init!r}")
+    from asset_dist.data import build_loader
+
+    zs = []
+    with torch.no_grad():
+        for i, batch in enumerate(build_loader(cfg.data, "train", rank=0, world_size=1)):
+            if i >= max(1, lc.codebook_init_batches):
+                break
+            zs.append(model.encode_pre_quant(*inputs(batch)).permute(0, 2, 3, 1).reshape(-1, model.quantize.embed_dim))
+    if not zs:
+        raise ValueError("train.loss.codebook_init=data: the train split gave no batch")
+    model.quantize.init_from_latents(torch.cat(zs), torch.Generator().manual_seed(cfg.train.seed))
+
+
 class VQGANStage(Stage):
     """Generator step: L1 + LPIPS + codebook + adaptive-weighted GAN term. Discriminator step: hinge loss
     on the generator's (detached) reconstruction of the same batch.
@@ -41,6 +65,7 @@ class VQGANStage(Stage):
         self.crit = VQGANLoss(self.cfg.train.loss, m.disc)
         self.crit.discriminator = None  # the trained discriminator is the backend's network, not the loss's copy
         self.gen = VQModel(m.vqgan)
+        prepare_codebook(self.gen, self.cfg, lambda b: (b["image"], b["mask"]))
         conv = self.gen.decoder.conv_out
         self._conv_out = (tuple(conv.weight.shape), conv.stride, conv.padding)
         self._last_input: list[torch.Tensor] = []
@@ -117,6 +142,7 @@ class SegStage(Stage):
     def build(self) -> dict[str, nn.Module]:
         self.crit = SegLoss(self.cfg.train.loss)
         self.model = SegVQModel(self.cfg.model.seg)
+        prepare_codebook(self.model, self.cfg, lambda b: (b["seg"], None))
         return {"model": self.model}
 
     def shard_units(self, name: str, module: nn.Module) -> list[nn.Module]:
