@@ -138,7 +138,7 @@ class TransformerConfig:
     attention_impl: str = "auto"  # one of ATTENTION_IMPLS (asset_dist.attention.sga_attention's impl)
     # SGA key set per query block. "union": window UNION picks (a repeated block counts once, nothing after the
     # query is visible). "official": the official concatenation (repeats count twice, a causal self-pick shows the
-    # whole own block, causal blocks 0-4 dense), asset_dist.attention.official; for imported official weights.
+    # whole own block, causal blocks 0-4 dense), asset_dist.official.attention; for imported official weights.
     sga_semantics: str = "union"
 
     def validate(self, c: Checks, at: str) -> None:

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+import asset_dist.official.attention  # noqa: F401  registers transformer.sga_semantics "official"
 from asset_dist.config import Config, save_config, validate
 from asset_dist.data.views import image_to_unit
 from asset_dist.infer import canvas as C
