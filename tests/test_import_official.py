@@ -124,7 +124,7 @@ def test_exports_config_and_sources(imported):
     assert cfg.model.seg == vq_config_from_official(params["cond_stage_config"]["params"])
     t = cfg.model.transformer
     assert (t.n_heads, t.block_grid, t.vocab_size, t.cond_vocab_size, t.encoder_layers) == (4, [16, 4], 64, 64, 2)
-    assert (t.causal_picks, t.sga_semantics, cfg.train.token_hole) == ("official", "official", "nearest")
+    assert (t.causal_picks, t.sga_semantics, cfg.model.token_hole) == ("official", "official", "nearest")
     assert (cfg.data.resolution, cfg.data.guide_resolution, cfg.data.num_classes, cfg.train.stage) == (512, 256, 182,
                                                                                                       "sga")
     assert cfg.infer.sga_weights == str((out / "sga.pt").resolve()) == cfg.train.init_from
@@ -455,7 +455,7 @@ def test_pickled_checkpoint_needs_trust(tmp_path, capsys):
 def test_official_configs_describe_the_release(dataset):
     cfg = load_config(ROOT / "configs" / f"official_{dataset}.yaml")
     t = cfg.model.transformer
-    assert (cfg.model.vqgan.region_norm, t.causal_picks, t.sga_semantics, cfg.train.token_hole) == \
+    assert (cfg.model.vqgan.region_norm, t.causal_picks, t.sga_semantics, cfg.model.token_hole) == \
            ("official", "official", "official", "nearest")
     layout = json.loads((FIX / "key_layouts.json").read_text())[f"official_full_{dataset}_guide_ckpt"]
     meta = {name: torch.empty(shape, device="meta") for name, shape, *_ in layout}

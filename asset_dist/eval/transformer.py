@@ -188,7 +188,7 @@ def evaluate_transformer(cfg: Config, weights: Optional[str] = None, max_samples
     t = cfg.model.transformer
     return {"kind": "transformer", "split": "val", "samples": total, "resolution": cfg.data.resolution,
             "guide_resolution": cfg.data.guide_resolution, "block_grid": list(t.block_grid), "guide_k": k,
-            "causal_picks": t.causal_picks, "token_hole": cfg.train.token_hole, "seed": seed,
+            "causal_picks": t.causal_picks, "token_hole": cfg.model.token_hole, "seed": seed,
             "world_size": env.world_size, "weights": paths, "model_stage": model_stage, "settings": rows}
 
 

@@ -151,7 +151,7 @@ class EditRunner:
     def fingerprint(self, digest: str) -> dict:
         i = self.cfg.infer
         return {"guide": self.m.guide_digest, "edit": digest, "seed": i.seed, "top_k": i.top_k,
-                "temperature": i.temperature, "precision": i.precision, "token_hole": self.cfg.train.token_hole,
+                "temperature": i.temperature, "precision": i.precision, "token_hole": self.cfg.model.token_hole,
                 "guide_k": self.cfg.model.transformer.guide_k, "causal_picks": self.cfg.model.transformer.causal_picks,
                 "resolution": self.resolution, "blend_band": i.blend_band}  # these two place the canvas
 
@@ -159,7 +159,7 @@ class EditRunner:
         """Decode and check one edit, place it on its canvas and tokenize the working image and the guide's view
         (one edit at a time: tokens never depend on a batch)."""
         t0 = time.perf_counter()
-        edit = decode_edit(files, self.cfg.model.seg.in_channels, self.cfg.train.token_hole,
+        edit = decode_edit(files, self.cfg.model.seg.in_channels, self.cfg.model.token_hole,
                            self.cfg.data.label_shift)
         canvas = C.plan(edit.edit_id, edit.mask, self.resolution, self.cfg.infer.blend_band)
         v = C.working_views(canvas, edit.image, edit.seg, edit.mask)
@@ -173,8 +173,8 @@ class EditRunner:
         p = Prepared(files, edit, files.digest(), canvas, tok("_lr"), tok("") if need_hr else None)
         if need_hr and not bool(p.hr[2].any()):
             raise EditError(f"edit {edit.edit_id!r}: the mask yields no hole token on the {canvas.W}x{canvas.H} "
-                            f"working canvas under the '{self.cfg.train.token_hole}' token-hole rule; enlarge it "
-                            "or use train.token_hole=any")
+                            f"working canvas under the '{self.cfg.model.token_hole}' token-hole rule; enlarge it "
+                            "or use model.token_hole=any")
         p.timings["prepare"] = time.perf_counter() - t0
         return p
 
@@ -420,7 +420,7 @@ def _batch_edits(cfg: Config, edits: str, out: Path, guides_dir: Optional[str], 
     i = cfg.infer
     settings = {"samples": samples, "seed": i.seed, "top_k": i.top_k, "temperature": i.temperature,
                 "precision": i.precision, "blend_levels": i.blend_levels, "blend_band": i.blend_band,
-                "token_hole": cfg.train.token_hole, "weights": paths, "resolution": canvas_resolution(cfg)}
+                "token_hole": cfg.model.token_hole, "weights": paths, "resolution": canvas_resolution(cfg)}
     if out_format != "files":  # absent for the default: outputs of earlier versions stay resumable
         settings["out_format"] = out_format
     _check_run_settings(out, settings, env)

@@ -254,7 +254,7 @@ def build_config(parts: dict[str, Part], out_files: dict[str, Path], params: Off
         cfg.model.transformer = dataclasses.replace(t.cfg, causal_picks="official", sga_semantics="official",
                                                     attention_impl=cfg.model.transformer.attention_impl, guide_k=3)
         cfg.train.stage = "sga" if "sga" in parts else "guide"
-    cfg.train.token_hole = "nearest"
+    cfg.model.token_hole = "nearest"
     if params.d_size:  # the official SGA config's [high resolution, guide resolution]
         cfg.data.resolution, cfg.data.guide_resolution = int(params.d_size[0]), int(params.d_size[1])
     if not base and cfg.data.label_shift:  # COCO: short side 296 per 256 before the crop (docs/ASSET_NOTES.md §6.1)
