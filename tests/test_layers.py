@@ -1,4 +1,4 @@
-"""Import directions (README "Layers"): each layer imports only the layers below it.
+"""Import directions (README "Code layout"): each layer imports only the layers below it.
 
     cli                                   anything (thin: imports the one command it runs)
     eval, infer | train, launch           applications | trainer and launchers: siblings, never each other
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ast
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -90,3 +91,18 @@ def test_the_official_rule_reaches_the_model_only_through_its_registry():
     assert lines[0].startswith("ERR transformer.sga_semantics: 'official' is not registered")
     assert "asset_dist.official.attention" in lines[0]
     assert lines[1] == "OK True True"
+
+
+def test_the_readme_table_shows_these_layers():
+    """README "Code layout": one row per package or ground module, in the layer this file enforces."""
+    readme = (PKG.parent / "README.md").read_text().split("## Code layout", 1)[1].split("\n## ", 1)[0]
+    shown = {}
+    for row in readme.splitlines():
+        cells = [c.strip() for c in row.strip().strip("|").split("|")]
+        if len(cells) == 3 and cells[0] in ALLOWED:
+            for name in re.findall(r"`([\w.]+)/?`", cells[1]):
+                shown[name.removesuffix(".py")] = cells[0]
+    packages = {p.name for p in PKG.iterdir() if (p / "__init__.py").is_file()}
+    modules = {p.stem for p in PKG.glob("*.py") if p.stem != "__init__"}
+    assert set(shown) == packages | modules, f"README table vs the package: {sorted(set(shown) ^ (packages | modules))}"
+    assert all(layer_of(f"asset_dist.{name}") == layer for name, layer in shown.items()), shown
