@@ -4,6 +4,7 @@
   stored under several names) to our state dict (fused qkv / kv projections, one table per embedding). Loading is
   strict: unknown, missing and mis-shaped tensors are all reported by name, and tied copies must be equal.
 - Config: `config_from_official(params)` builds a TransformerConfig from the official `transformer_config.params`.
+
 Picks in the official layout: official/guides.py; the official attention rule: official/attention.py (sparse,
 registered as `transformer.sga_semantics: official`) and official/dense.py (its dense reference).
 """
@@ -15,7 +16,7 @@ from typing import Any, Mapping
 import torch
 
 from asset_dist.config import TransformerConfig
-from asset_dist.models.transformer import AssetTransformer, Guides
+from asset_dist.models.transformer import AssetTransformer
 
 # ours (without the weight/bias suffix) -> official modules whose tensors are concatenated along dim 0
 _TOP = {
