@@ -47,7 +47,8 @@ from asset_dist.infer.progress import Progress
 from asset_dist.infer.results import FORMATS, open_results
 from asset_dist.infer.sampler import row_generator
 from asset_dist.infer.scheduler import ContinuousSampler, Row, ScheduleStats
-from asset_dist.distenv import EXIT_REQUEUE, DistEnv, dist_env, pick_device
+from asset_dist.distenv import DistEnv, dist_env, pick_device
+from asset_dist.exitcodes import EXIT_REQUEUE
 from asset_dist.models.tokens import Tokenizers, load_weights
 from asset_dist.models.transformer import AssetTransformer
 from asset_dist.runlock import job_lock
