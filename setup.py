@@ -13,7 +13,6 @@ setup(
         "torch>=2.4",
         "deepspeed>=0.15",
         "webdataset>=0.2.90",
-        "einops",
         "numpy",
         "pillow",
         "tensorboard",

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -138,7 +139,7 @@ class TransformerConfig:
     attention_impl: str = "auto"  # one of ATTENTION_IMPLS (asset_dist.attention.sga_attention's impl)
     # SGA key set per query block. "union": window UNION picks (a repeated block counts once, nothing after the
     # query is visible). "official": the official concatenation (repeats count twice, a causal self-pick shows the
-    # whole own block, causal blocks 0-4 dense), asset_dist.attention.official; for imported official weights.
+    # whole own block, causal blocks 0-4 dense), asset_dist.official.attention; for imported official weights.
     sga_semantics: str = "union"
 
     def validate(self, c: Checks, at: str) -> None:
@@ -174,10 +175,14 @@ class ModelConfig:
     )
     disc: DiscConfig = field(default_factory=DiscConfig)
     transformer: TransformerConfig = field(default_factory=TransformerConfig)
+    # which tokens are unknown (resampled when editing, predicted when training; the tokenizers' hole): "any" = a
+    # token whose 16x16 patch has any masked pixel; "nearest" = official, the patch's top-left pixel decides
+    token_hole: str = "any"
 
     def validate(self, c: Checks, at: str) -> None:
         for name in ("vqgan", "seg", "disc", "transformer"):
             getattr(self, name).validate(c, f"{at}.{name}")
+        c.one_of(f"{at}.token_hole", self.token_hole, ("any", "nearest"))
 
 
 @dataclass
@@ -295,8 +300,6 @@ class TrainConfig:
     seg_weights: str = ""  # seg tokenizer export (seg.pt)
     guide_weights: str = ""  # guide export: SGA picks come from it (frozen)
     init_from: str = ""  # initialise the trained model from this export (SGA from guide, 1024 from 512)
-    # token hole: "any" = a token is unknown if any pixel of its patch is masked; "nearest" = official
-    token_hole: str = "any"
 
     def validate(self, c: Checks, at: str) -> None:
         c.one_of(f"{at}.stage", self.stage, STAGES)
@@ -313,7 +316,6 @@ class TrainConfig:
         c.one_of(f"{at}.schedule", self.schedule, ("constant", "cosine"))
         c.within(f"{at}.min_lr_ratio", self.min_lr_ratio, 0.0, 1.0)
         c.one_of(f"{at}.precision", self.precision, PRECISIONS)
-        c.one_of(f"{at}.token_hole", self.token_hole, ("any", "nearest"))
         self.loss.validate(c, f"{at}.loss")
 
 
@@ -448,6 +450,32 @@ class Config:
 # ----------------------------------------------------------------------------------------------------------
 # Loading
 
+# Keys that moved: old name -> new name. Files, `--set` overrides and saved configs (run folders' config.yaml,
+# checkpoints' meta.json, exports) that use the old name still load; both names with different values is an
+# error. Configs are always written with the new name.
+RENAMED = {"train.token_hole": "model.token_hole"}
+
+
+def upgrade_keys(data: dict, src: str) -> dict:
+    """`data` (one file's or one saved config's mapping) with every RENAMED key (`section.key` names) under its
+    new name; the caller's mapping is left as it is."""
+    out = data
+    for old, new in RENAMED.items():
+        (osec, okey), (nsec, nkey) = old.split("."), new.split(".")
+        sec = out.get(osec)
+        if not isinstance(sec, dict) or okey not in sec:
+            continue
+        value = sec[okey]
+        out = {**out, osec: {k: v for k, v in sec.items() if k != okey}}
+        target = out.get(nsec, {})
+        if not isinstance(target, dict):
+            continue  # not a section: the type check names it
+        if nkey in target and target[nkey] != value:
+            raise ConfigError(f"{src}: '{old}' (the old name of '{new}') is {value!r} but '{new}' is "
+                              f"{target[nkey]!r}; keep only '{new}'")
+        out[nsec] = {**target, nkey: value}
+    return out
+
 
 def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
@@ -532,6 +560,12 @@ def _read_yaml(path: Path, seen: tuple = ()) -> dict:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping")
     base = data.pop("base", None)
+    new = upgrade_keys(data, str(path))  # before the merge: a child's old name still overrides its base
+    if new is not data:
+        old = [k for k in RENAMED if k.split(".")[1] in (data.get(k.split(".")[0]) or {})]
+        warnings.warn(f"{path}: {', '.join(f'{k} is now {RENAMED[k]}' for k in old)} (the old name still "
+                      "loads; rename it)", FutureWarning, stacklevel=2)
+        data = new
     if base:
         parent = _read_yaml((path.parent / base), seen + (path.resolve(),))
         data = _merge(parent, data)
@@ -554,6 +588,7 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     data = _merge({}, data)
     for item in overrides or []:
         keys, value = parse_override(item)
+        keys = RENAMED.get(".".join(keys), ".".join(keys)).split(".")
         node = data
         for k in keys[:-1]:
             node = node.setdefault(k, {})
@@ -597,7 +632,7 @@ def load_config(path: Optional[str | os.PathLike] = None, overrides: Optional[li
 
 
 def config_from_dict(data: dict, src: str = "<dict>") -> Config:
-    cfg = _build(Config, data, "", src)
+    cfg = _build(Config, upgrade_keys(data, src), "", src)
     return cfg
 
 

@@ -81,7 +81,18 @@ def render() -> str:
         parts.append("| key | type | default | meaning |\n|---|---|---|---|\n")
         for key, t, d, note in rows(v, f"{f.name}."):
             parts.append(f"| `{key}` | {t} | {d} | {note.replace('|', '/')} |\n")
-    return "".join(parts) + render_launch()
+    return "".join(parts) + render_renamed() + render_launch()
+
+
+def render_renamed() -> str:
+    """Deprecated key names (config.RENAMED) that still load."""
+    parts = ["\n## Renamed keys (deprecated names)\n\n",
+             "The old name still loads, from files (with a warning), `--set`, and saved configs (run folders' "
+             "`config.yaml`, checkpoints, exports); giving both names with different values is an error. "
+             "Configs are written with the new name: rename the old one in your files.\n\n",
+             "| deprecated | use |\n|---|---|\n"]
+    parts += [f"| `{old}` | `{new}` |\n" for old, new in C.RENAMED.items()]
+    return "".join(parts)
 
 
 def render_launch() -> str:

@@ -17,7 +17,6 @@ import re
 from dataclasses import asdict, dataclass
 from typing import Mapping, MutableMapping, Optional
 
-from asset_dist.exitcodes import EXIT_REQUEUE  # noqa: F401 - re-exported for the launchers
 
 # MASTER_PORT under SLURM: a function of the job id, so every task (and a requeued run, which keeps its
 # id) agrees without talking, and two jobs sharing a node rarely collide.

@@ -109,7 +109,7 @@ class SteadySlots(Slots):
 
     def admit(self, slots, ids, cond, hole, guides=None):
         js = torch.as_tensor(list(slots), device=ids.device)
-        sem = self.model.cfg.sga_semantics
+        sem = self.model.semantics.table
         for key in GUIDE_KEYS:
             self.guides[key][:, js] = guides[key]
         for w, key, causal in (("self", "d_causal", True), ("cross", "d_cross", False)):

@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         if cfg is not None:
             n, shift = cfg.model.seg.in_channels, cfg.data.label_shift
             names, extra = a.class_names or cfg.infer.class_names, cfg.infer.classes
-            hole_rule = cfg.train.token_hole
+            hole_rule = cfg.model.token_hole
         else:
             (n, shift), names, extra, hole_rule = CONVENTIONS[conv], a.class_names, {}, "any"
         b = Builder(class_table(n, shift, names, extra), hole_rule, log)

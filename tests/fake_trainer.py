@@ -35,7 +35,8 @@ import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from asset_dist.distenv import EXIT_REQUEUE, dist_env, export_torch_env  # noqa: E402
+from asset_dist.distenv import dist_env, export_torch_env  # noqa: E402
+from asset_dist.exitcodes import EXIT_REQUEUE  # noqa: E402
 from asset_dist.utils import atomic_write_json, atomic_write_text  # noqa: E402
 
 

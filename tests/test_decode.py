@@ -7,7 +7,7 @@ import torch
 
 from asset_dist.attention import block_table
 from asset_dist.attention import decode as AD
-from asset_dist.attention.official import official_block_attention
+from asset_dist.official.attention import official_block_attention, official_table
 
 torch.set_num_threads(1)
 B, H, NB, NT, D = 2, 3, 8, 4, 8
@@ -51,7 +51,7 @@ def test_buffer_attention_equals_block_kernel(semantics, causal):
     q, k, v = (torch.randn(B, H, L, D, generator=gen, dtype=torch.float64) for _ in range(3))
     pk, pv = (torch.randn(B, H, 1, D, generator=gen, dtype=torch.float64) for _ in range(2))
     g = picks(causal, seed=2)
-    table = AD.step_table(g, NB, causal, semantics)
+    table = AD.step_table(g, NB, causal, official_table if semantics == "official" else block_table)
     kernel = official_block_attention if semantics == "official" else AD.block_attention
     prefix = (pk, pv) if causal else None
     for b in range(NB):
@@ -75,11 +75,11 @@ def test_official_table_counts_repeats():
     the own block, not a slot."""
     g = torch.full((1, 1, NB, 3), -1)
     g[0, 0, 6] = torch.tensor([6, 4, 4])  # self-pick, window block 4 picked twice (+ its window copy)
-    t = AD.step_table(g, NB, True, "official")
+    t = AD.step_table(g, NB, True, official_table)
     row = dict(zip(t.blocks[0, 0, 6].tolist(), t.bias[0, 0, 6].tolist()))
     assert row == {6: 0.0, 4: pytest.approx(torch.tensor(3.0).log().item()), 5: 0.0, -1: float("-inf")}
     assert t.own_picks[0, 0, 6] == 1 and t.own_picks[0, 0, 5] == 0
-    u = AD.step_table(g, NB, True, "union")
+    u = AD.step_table(g, NB, True)
     assert u.own_picks is None and sorted(x for x in u.blocks[0, 0, 6].tolist() if x >= 0) == [4, 5, 6]
 
 

@@ -8,14 +8,13 @@ import torch
 import torch.nn.functional as F
 
 from asset_dist.attention import (
-    causal_rows_from_official,
-    causal_rows_to_official,
     guide_blocks,
     official_mask,
     pick_blocks,
     pool_blocks,
     sga_mask,
 )
+from asset_dist.official.guides import causal_rows_from_official, causal_rows_to_official
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "official_asset"
 

@@ -2,7 +2,7 @@
 the combined guide checkpoint, plus the SGA / standalone-VQGAN / standalone-seg variants built from it in tmp_path
 (README "Checkpoint layout"), are imported through the CLI; every model is then rebuilt from the written
 config.yaml and the exports only, and reproduces the saved official outputs (README tolerances). Also: the sparse
-official-semantics SGA kernel (asset_dist/attention/official.py) against the dense reference, the error cases,
+official-semantics SGA kernel (asset_dist/official/attention.py) against the dense reference, the error cases,
 and configs/official_*.yaml against the full-size official layouts.
 
 Float64: every transformer output, the sparse kernel and the seg encoder run in both precisions here. The image
@@ -22,17 +22,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from asset_dist.attention import official as AO
-from asset_dist.attention.guide import causal_rows_from_official
 from asset_dist.config import load_config
 from asset_dist.models import SegVQModel, VQModel
 from asset_dist.models import decoding as D
-from asset_dist.models import official_transformer as OT
-from asset_dist.models.official import load_official_vq, vq_config_from_official
 from asset_dist.models.tokens import Tokenizers, load_weights
 from asset_dist.models.transformer import AssetTransformer, guides_from_maps
 from asset_dist.official import CheckpointError, import_official, infer_transformer_config, infer_vq_config
+from asset_dist.official import attention as AO
+from asset_dist.official import dense as OD
+from asset_dist.official import transformer as OT
 from asset_dist.official.args import add_args
+from asset_dist.official.guides import causal_rows_from_official
+from asset_dist.official.vq import load_official_vq, vq_config_from_official
 from asset_dist.official.importer import main
 from asset_dist.official.sizes import read_official_config
 from asset_dist.artifacts import read_export
@@ -123,7 +124,7 @@ def test_exports_config_and_sources(imported):
     assert cfg.model.seg == vq_config_from_official(params["cond_stage_config"]["params"])
     t = cfg.model.transformer
     assert (t.n_heads, t.block_grid, t.vocab_size, t.cond_vocab_size, t.encoder_layers) == (4, [16, 4], 64, 64, 2)
-    assert (t.causal_picks, t.sga_semantics, cfg.train.token_hole) == ("official", "official", "nearest")
+    assert (t.causal_picks, t.sga_semantics, cfg.model.token_hole) == ("official", "official", "nearest")
     assert (cfg.data.resolution, cfg.data.guide_resolution, cfg.data.num_classes, cfg.train.stage) == (512, 256, 182,
                                                                                                       "sga")
     assert cfg.infer.sga_weights == str((out / "sga.pt").resolve()) == cfg.train.init_from
@@ -326,7 +327,7 @@ def test_sparse_official_kernel_matches_dense(causal, prefix):
     g = _guide(B, H, 64, causal, seed=1)
     kw = dict(causal=causal, prefix_k=pre[0] if pre else None, prefix_v=pre[1] if pre else None)
     ours = AO.official_sga_attention(*x, g, grid, **kw)
-    ref = OT.official_sga_attention(*x, g, grid, **kw)
+    ref = OD.official_sga_attention(*x, g, grid, **kw)
     close(ours, ref, atol=1e-12)
     w = torch.randn_like(ours)
     for a, b in zip(torch.autograd.grad(ours, x + pre, w), torch.autograd.grad(ref, x + pre, w)):
@@ -454,7 +455,7 @@ def test_pickled_checkpoint_needs_trust(tmp_path, capsys):
 def test_official_configs_describe_the_release(dataset):
     cfg = load_config(ROOT / "configs" / f"official_{dataset}.yaml")
     t = cfg.model.transformer
-    assert (cfg.model.vqgan.region_norm, t.causal_picks, t.sga_semantics, cfg.train.token_hole) == \
+    assert (cfg.model.vqgan.region_norm, t.causal_picks, t.sga_semantics, cfg.model.token_hole) == \
            ("official", "official", "official", "nearest")
     layout = json.loads((FIX / "key_layouts.json").read_text())[f"official_full_{dataset}_guide_ckpt"]
     meta = {name: torch.empty(shape, device="meta") for name, shape, *_ in layout}
@@ -471,7 +472,7 @@ def test_official_configs_describe_the_release(dataset):
     with torch.device("meta"):
         models = {"first_stage_model.": VQModel(cfg.model.vqgan), "cond_stage_model.": SegVQModel(cfg.model.seg)}
         tr = AssetTransformer(t)
-    from asset_dist.models.official import official_vq_state_dict
+    from asset_dist.official.vq import official_vq_state_dict
     for prefix, model in models.items():
         assert set(official_vq_state_dict(sub(prefix), "", expected=model)) == set(model.state_dict())
     assert set(OT.convert_official_state_dict(sub("transformer."), tr)) == set(tr.state_dict())

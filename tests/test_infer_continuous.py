@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import asset_dist.official.attention  # noqa: F401  registers transformer.sga_semantics "official"
 from asset_dist.infer.sampler import SAMPLERS, sample_cached
 from asset_dist.infer.scheduler import ContinuousSampler, Row, sample_continuous
 from asset_dist.models import decoding as D

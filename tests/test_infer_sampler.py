@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+import asset_dist.official.attention  # noqa: F401  registers transformer.sga_semantics "official"
 from asset_dist.config import TransformerConfig
 from asset_dist.infer import guides as G
 from asset_dist.infer.sampler import SAMPLERS, pick_tokens, row_generator, sample_cached

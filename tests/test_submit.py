@@ -20,7 +20,8 @@ import submitit
 
 from asset_dist.cli import main as cli_main
 from asset_dist.launch import pipeline as pl
-from asset_dist.distenv import EXIT_REQUEUE, dist_env
+from asset_dist.distenv import dist_env
+from asset_dist.exitcodes import EXIT_REQUEUE
 from asset_dist.jobspec import Resources, time_seconds
 from asset_dist.launch.submit import TASK_PYTHON, TrainJob, child_env, make_executor, submit_jobs, task_place, wait_job
 

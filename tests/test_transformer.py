@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import asset_dist.official.attention  # noqa: F401  registers transformer.sga_semantics "official"
 from asset_dist.config import TransformerConfig
 from asset_dist.models import decoding as D
 from asset_dist.models.transformer import AssetTransformer, guides_from_maps, param_groups

@@ -10,7 +10,9 @@ import torch.nn.functional as F
 
 from asset_dist import attention as A
 from asset_dist.models import decoding as D
-from asset_dist.models import official_transformer as O
+from asset_dist.official import dense as OD
+from asset_dist.official import guides as OG
+from asset_dist.official import transformer as O
 from asset_dist.models.transformer import AssetTransformer
 
 torch.set_num_threads(1)
@@ -84,7 +86,7 @@ def test_mapping_errors_name_the_tensors(ckpt, model):
 
 def test_official_guides_warmup_rows():
     e, dc, x = official_picks()
-    g = O.official_guides(e, dc, x)
+    g = OG.official_guides(e, dc, x)
     assert g["d_causal"].shape == (2, 1, 4, 64, 3)
     assert torch.equal(g["d_causal"][..., 5:, :], dc) and torch.equal(g["e_self"], e)
     rows = g["d_causal"][0, 0, 0, :5].tolist()
@@ -144,9 +146,9 @@ def test_sga_512_official_semantics(model, dtype):
     """Official picks, official attention semantics (picks concatenated to the window): official logits and loss."""
     z, c, hole, ref, loss = sga_case(model)
     m = model.to(dtype)
-    m.sga_fn = O.official_sga_attention
+    m.sga_fn = OD.official_sga_attention
     with torch.no_grad():
-        logits = m(z, c, hole, guides=O.official_guides(*official_picks()))
+        logits = m(z, c, hole, guides=OG.official_guides(*official_picks()))
     torch.testing.assert_close(logits.float(), ref, rtol=0, atol=1e-4)
     torch.testing.assert_close(m.loss(logits, z, hole), loss, rtol=0, atol=1e-5)
 
@@ -159,7 +161,7 @@ def test_sga_512_union_semantics(model):
     z, c, hole, ref, _ = sga_case(model)
     m = model.double()
     e, dc, x = official_picks()
-    g = O.official_guides(e, dc, x)
+    g = OG.official_guides(e, dc, x)
     with torch.no_grad():
         ours = m(z, c, hole, guides=g)
         torch.testing.assert_close(ours[:, :81].float(), ref[:, :81], rtol=0, atol=1e-4)  # outputs in blocks 0-4
@@ -167,7 +169,7 @@ def test_sga_512_union_semantics(model):
         rows = torch.arange(64).view(64, 1)
         clean = dict(g, d_causal=g["d_causal"].masked_fill(g["d_causal"] >= rows - 2, -1))
         ours = m(z, c, hole, guides=clean)
-        m.sga_fn = O.official_sga_attention
+        m.sga_fn = OD.official_sga_attention
         theirs = m(z, c, hole, guides=clean)
     torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-10)
 
@@ -176,7 +178,7 @@ def test_incremental_decode_official_sga(model):
     """decode_step on the official weights at 512 (SGA): a few chunks equal the forward pass."""
     z, c, hole, _, _ = sga_case(model)
     rows = torch.arange(64).view(64, 1)
-    g = O.official_guides(*official_picks())
+    g = OG.official_guides(*official_picks())
     g["d_causal"] = g["d_causal"].masked_fill(g["d_causal"] >= rows - 2, -1)
     with torch.no_grad():
         full = model(z, c, hole, guides=g)
@@ -200,4 +202,4 @@ def test_guide_blocks_reproduce_official_picks(model):
     assert torch.equal(A.guide_blocks(maps["e_self"], (16, 4), k=3), e)
     assert torch.equal(A.guide_blocks(maps["d_cross"], (16, 4), k=3), x)
     got = A.guide_blocks(maps["d_causal"], (16, 4), k=3, causal=True, mode="official")
-    assert torch.equal(got, O.official_guides(e, dc, x)["d_causal"])  # rows 5..63 official, 0..4 the warm-up
+    assert torch.equal(got, OG.official_guides(e, dc, x)["d_causal"])  # rows 5..63 official, 0..4 the warm-up

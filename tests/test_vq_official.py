@@ -15,7 +15,7 @@ import torch
 
 from asset_dist.config import VQConfig
 from asset_dist.models import SegVQModel, VQModel
-from asset_dist.models.official import load_official_vq, official_vq_state_dict, vq_config_from_official
+from asset_dist.official.vq import load_official_vq, official_vq_state_dict, vq_config_from_official
 from asset_dist.models.seg_vq import seg_config
 
 torch.set_num_threads(1)  # small shared CI box

@@ -10,23 +10,24 @@ each visible key once instead of gathering (copying) 6 blocks per layer and read
 `StepTable` (built once per image and layer) holds each query block's distinct key blocks, own block first
 (causal), valid ones before the -1 pads, and the additive bias of each slot:
 - union (`layout.block_table`): 0 visible, -inf unused;
-- official (`official.official_table`, imported weights): a block listed twice enters the official softmax
+- other rules give their own slot table (`semantics.Semantics.table`), repeats kept. The official one
+  (asset_dist.official.attention, imported weights): a block listed twice enters the official softmax
   twice, which is the same as one copy with bias log(2); a causal self-pick (the rows-5/6 leak) shows the own
   block up to the run's last query, the window copy only up to each query (`own_picks` extra copies);
   picks of a later block (never produced by our guides) are hidden, and a run from such a block into the
-  picked one must take the block kernel (`StepTable.spill`), as `official_block_attention` shows it there.
+  picked one must take the block kernel (`StepTable.spill`), as the official run kernel shows it there.
+  Union tables never hold such repeats or later blocks, so the same code gives no extras for them.
 `block_attention` is the kernel for runs of whole blocks (known chunks, the official re-run strategy): it
 pads the run to its blocks and shares one gather per block.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import torch
 
 from .layout import SELF_SLOT, block_table
-from .official import official_table
 
 _NEG_INF = float("-inf")
 
@@ -76,15 +77,12 @@ def _sorted_slots(t: torch.Tensor, first: torch.Tensor, own: Optional[torch.Tens
     return order, torch.gather(rank, -1, order)
 
 
-def step_table(guide: torch.Tensor, n_blocks: int, causal: bool, semantics: str = "union") -> StepTable:
-    """guide: long [B|1, H, nb, K] picks (-1 = none) of one layer -> its StepTable (see the module doc)."""
+def step_table(guide: torch.Tensor, n_blocks: int, causal: bool,
+               table: Callable[[torch.Tensor, int, bool], torch.Tensor] = block_table) -> StepTable:
+    """guide: long [B|1, H, nb, K] picks (-1 = none) of one layer -> its StepTable (see the module doc);
+    table: the semantics' slot table (`Semantics.table`; default the union's)."""
     B, H, nb, K = guide.shape
-    if semantics == "official":
-        t = official_table(guide, n_blocks, causal)
-    elif semantics == "union":
-        t = block_table(guide, n_blocks, causal)
-    else:
-        raise ValueError(f"unknown SGA semantics {semantics!r} (union or official)")
+    t = table(guide, n_blocks, causal)
     S = t.shape[-1]
     valid = t >= 0
     same = (t.unsqueeze(-1) == t.unsqueeze(-2)) & valid.unsqueeze(-1) & valid.unsqueeze(-2)  # [.., S, S]
@@ -98,11 +96,10 @@ def step_table(guide: torch.Tensor, n_blocks: int, causal: bool, semantics: str 
         own = torch.zeros_like(first)
         own[..., SELF_SLOT[True]] = True  # the window slot of b itself: always valid, always the first copy
         later = valid & (t > b)
-        if semantics == "official":
-            extra = (t[..., SELF_SLOT[True] + 1:] == b).sum(-1)  # picks of b: see it up to the run's last query
-            own_picks = extra.float() if bool(extra.any()) else None
-            nxt = (t == b + 1).any(-1).reshape(-1, nb).any(0)
-            spill = [bool(x) for x in nxt.tolist()]
+        extra = (t[..., SELF_SLOT[True] + 1:] == b).sum(-1)  # picks of b: see it up to the run's last query
+        own_picks = extra.float() if bool(extra.any()) else None
+        nxt = (t == b + 1).any(-1).reshape(-1, nb).any(0)
+        spill = [bool(x) for x in nxt.tolist()]
         first = first & ~later  # later blocks: invisible to token steps (union tables never have them)
     order, rank = _sorted_slots(t, first, own)
     blocks = torch.gather(torch.where(first, t, -1), -1, order)

@@ -13,7 +13,7 @@ mode="fixed" (default): never a window block; causal: only blocks before b-2; -1
 mode="official": the official picks bit for bit - pooled map + the -10000 additive mask (non-causal: the
   window; causal: blocks >= b-2, but only from row 7 on), then torch.topk order. The official causal output
   has rows 5..63 only; here rows 0-4 hold the warm-up (every block before b-2, -1 padded), so the kernels
-  reproduce the official dense warm-up. `causal_rows_from_official` / `causal_rows_to_official` convert.
+  reproduce the official dense warm-up (asset_dist/official/guides.py converts the official row layout).
   sga_attention never lets a key after the query position through, so the official leak's picks of
   blocks >= b-2 only duplicate window blocks there (no leak, fewer distinct keys).
 """
@@ -102,17 +102,3 @@ def guide_blocks(attn: torch.Tensor, grid: Grid, k: int = 3, causal: bool = Fals
                  mode: str = "fixed") -> torch.Tensor:
     """Block picks from attention probabilities [..., L, L] in strip order: long [..., n_blocks, k]."""
     return pick_blocks(pool_blocks(attn, grid), k, causal, mode)
-
-
-def causal_rows_from_official(picks: torch.Tensor, n_blocks: int = 64) -> torch.Tensor:
-    """Official causal picks [..., n_blocks - 5, k] (row r = block r+5) -> our layout [..., n_blocks, k]."""
-    first = OFFICIAL_CAUSAL_FIRST_ROW
-    if picks.shape[-2] != n_blocks - first:
-        raise ValueError(f"official causal picks need {n_blocks - first} rows, got {tuple(picks.shape)}")
-    warm = warmup_rows(picks.shape[-1], first, picks.device).expand(*picks.shape[:-2], first, picks.shape[-1])
-    return torch.cat([warm, picks.long()], -2)
-
-
-def causal_rows_to_official(picks: torch.Tensor) -> torch.Tensor:
-    """Our causal layout [..., n_blocks, k] -> the official one [..., n_blocks - 5, k] (rows 5..)."""
-    return picks[..., OFFICIAL_CAUSAL_FIRST_ROW:, :]

@@ -61,7 +61,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
                         "guide256 (default: %(default)s)")
     m.add_argument("--seed", type=int, default=0, help="seed of the random picks (with each sample's key)")
 
-    a = sub.add_parser("ablation", help="does the guide matter? guided vs window vs random picks, with 95 % CIs",
+    a = sub.add_parser("ablation", help="does the guide matter? guided vs window vs random picks, with 95 %% CIs",
                        description="Teacher-forced hole-token NLL and top-1 of one SGA model on val crops with the "
                                    "guide's block picks, random picks and the window alone: pooled over hole "
                                    "tokens, bootstrap 95 %% intervals over samples and paired intervals of the "

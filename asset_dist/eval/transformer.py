@@ -22,6 +22,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+import asset_dist.official.attention  # noqa: F401  registers transformer.sga_semantics "official"
 from asset_dist import attention as A
 from asset_dist.config import Config
 from asset_dist.eval import metrics as M
@@ -187,7 +188,7 @@ def evaluate_transformer(cfg: Config, weights: Optional[str] = None, max_samples
     t = cfg.model.transformer
     return {"kind": "transformer", "split": "val", "samples": total, "resolution": cfg.data.resolution,
             "guide_resolution": cfg.data.guide_resolution, "block_grid": list(t.block_grid), "guide_k": k,
-            "causal_picks": t.causal_picks, "token_hole": cfg.train.token_hole, "seed": seed,
+            "causal_picks": t.causal_picks, "token_hole": cfg.model.token_hole, "seed": seed,
             "world_size": env.world_size, "weights": paths, "model_stage": model_stage, "settings": rows}
 
 

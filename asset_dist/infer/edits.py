@@ -176,7 +176,7 @@ def decode_edit(files: EditFiles, num_classes: int, token_hole: str = "any", lab
         raise EditError(f"edit {eid!r}: the mask covers the whole image: nothing to keep or blend into")
     if token_hole == "nearest" and not mask[::TOKEN, ::TOKEN].any():
         raise EditError(f"edit {eid!r}: the mask yields no hole token under the 'nearest' token-hole rule "
-                        "(it misses every token's top-left pixel); enlarge it or use train.token_hole=any")
+                        "(it misses every token's top-left pixel); enlarge it or use model.token_hole=any")
     seg = read_labels(eid, "label map", files.seg, h, w, num_classes)
     if not -1 <= cid < num_classes:
         raise EditError(f"edit {eid!r}: class id {cid} is outside the model's {num_classes} classes")

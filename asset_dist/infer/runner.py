@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+import asset_dist.official.attention  # noqa: F401  registers transformer.sga_semantics "official"
 from asset_dist.config import Config, save_config, validate
 from asset_dist.data.views import image_to_unit
 from asset_dist.infer import canvas as C
@@ -46,7 +47,8 @@ from asset_dist.infer.progress import Progress
 from asset_dist.infer.results import FORMATS, open_results
 from asset_dist.infer.sampler import row_generator
 from asset_dist.infer.scheduler import ContinuousSampler, Row, ScheduleStats
-from asset_dist.distenv import EXIT_REQUEUE, DistEnv, dist_env, pick_device
+from asset_dist.distenv import DistEnv, dist_env, pick_device
+from asset_dist.exitcodes import EXIT_REQUEUE
 from asset_dist.models.tokens import Tokenizers, load_weights
 from asset_dist.models.transformer import AssetTransformer
 from asset_dist.runlock import job_lock
@@ -150,7 +152,7 @@ class EditRunner:
     def fingerprint(self, digest: str) -> dict:
         i = self.cfg.infer
         return {"guide": self.m.guide_digest, "edit": digest, "seed": i.seed, "top_k": i.top_k,
-                "temperature": i.temperature, "precision": i.precision, "token_hole": self.cfg.train.token_hole,
+                "temperature": i.temperature, "precision": i.precision, "token_hole": self.cfg.model.token_hole,
                 "guide_k": self.cfg.model.transformer.guide_k, "causal_picks": self.cfg.model.transformer.causal_picks,
                 "resolution": self.resolution, "blend_band": i.blend_band}  # these two place the canvas
 
@@ -158,7 +160,7 @@ class EditRunner:
         """Decode and check one edit, place it on its canvas and tokenize the working image and the guide's view
         (one edit at a time: tokens never depend on a batch)."""
         t0 = time.perf_counter()
-        edit = decode_edit(files, self.cfg.model.seg.in_channels, self.cfg.train.token_hole,
+        edit = decode_edit(files, self.cfg.model.seg.in_channels, self.cfg.model.token_hole,
                            self.cfg.data.label_shift)
         canvas = C.plan(edit.edit_id, edit.mask, self.resolution, self.cfg.infer.blend_band)
         v = C.working_views(canvas, edit.image, edit.seg, edit.mask)
@@ -172,8 +174,8 @@ class EditRunner:
         p = Prepared(files, edit, files.digest(), canvas, tok("_lr"), tok("") if need_hr else None)
         if need_hr and not bool(p.hr[2].any()):
             raise EditError(f"edit {edit.edit_id!r}: the mask yields no hole token on the {canvas.W}x{canvas.H} "
-                            f"working canvas under the '{self.cfg.train.token_hole}' token-hole rule; enlarge it "
-                            "or use train.token_hole=any")
+                            f"working canvas under the '{self.cfg.model.token_hole}' token-hole rule; enlarge it "
+                            "or use model.token_hole=any")
         p.timings["prepare"] = time.perf_counter() - t0
         return p
 
@@ -419,7 +421,7 @@ def _batch_edits(cfg: Config, edits: str, out: Path, guides_dir: Optional[str], 
     i = cfg.infer
     settings = {"samples": samples, "seed": i.seed, "top_k": i.top_k, "temperature": i.temperature,
                 "precision": i.precision, "blend_levels": i.blend_levels, "blend_band": i.blend_band,
-                "token_hole": cfg.train.token_hole, "weights": paths, "resolution": canvas_resolution(cfg)}
+                "token_hole": cfg.model.token_hole, "weights": paths, "resolution": canvas_resolution(cfg)}
     if out_format != "files":  # absent for the default: outputs of earlier versions stay resumable
         settings["out_format"] = out_format
     _check_run_settings(out, settings, env)

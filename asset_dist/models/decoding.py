@@ -51,11 +51,8 @@ if TYPE_CHECKING:
 
 
 def block_kernel(m: "AssetTransformer") -> Callable[..., torch.Tensor]:
-    """The SGA kernel for runs of a block or more: union semantics, or the official ones (imported weights)."""
-    if m.cfg.sga_semantics == "official":
-        from asset_dist.attention.official import official_block_attention
-        return official_block_attention
-    return AD.block_attention
+    """The SGA kernel for runs of a block or more: the model's rule's (`attention.semantics`)."""
+    return m.semantics.attend_run
 
 
 SLICE = 256
@@ -143,7 +140,7 @@ def new_cache(m: "AssetTransformer") -> DecodeCache:
 def _tables(m: "AssetTransformer", state: EncoderState) -> Optional[dict[str, list[AD.StepTable]]]:
     """The state's token-step tables (once per image: not per token and layer)."""
     if state.guides is not None and state.tables is None:
-        sem = m.cfg.sga_semantics
+        sem = m.semantics.table
         state.tables = {
             "self": [AD.step_table(g.to(state.enc.device), m.n_blocks, True, sem)
                      for g in state.guides["d_causal"]],
@@ -339,7 +336,7 @@ class Slots:
         self.peg = [None if layer.peg is None else z(B, L, cfg.d_model) for layer in model.decoder]
         self.length = [0] * B  # decoder positions held per slot
         self.block = [-1] * B  # query block the slot's buffers hold (-1: none)
-        self.spill: Optional[list[set]] = None  # official semantics: per slot, blocks whose causal picks hold b+1
+        self.spill: Optional[list[set]] = None  # per slot, blocks whose causal picks hold b+1 (official rule)
         if not sparse:
             return
         K = int(guide_k if guide_k is not None else cfg.guide_k)
@@ -347,7 +344,7 @@ class Slots:
         self.guides = {key: torch.full((len(model.encoder) if key == "e_self" else n, B, H, nb, K), -1,
                                        dtype=torch.long, device=device) for key in GUIDE_KEYS}
         S = AD.step_table(torch.full((1, H, nb, K), -1, dtype=torch.long), nb, True,
-                          cfg.sga_semantics).blocks.shape[-1]
+                          model.semantics.table).blocks.shape[-1]
         sdt = AD._score_dtype(dtype)
         self.S = S
         self.tab = {w: [(torch.full((B, H, nb, S), -1, dtype=torch.long, device=device),
@@ -385,14 +382,14 @@ class Slots:
             self.length[j], self.block[j] = 0, -1
         if not self.sparse:
             return
-        if m.cfg.sga_semantics == "official":  # runs from such a block into the next take the kernel
-            from asset_dist.attention.official import official_table
-
-            nb = m.n_blocks
-            nxt = torch.arange(1, nb + 1, device=ids.device).view(nb, 1)
-            hit = torch.zeros(len(slots), nb, dtype=torch.bool, device=ids.device)
-            for g in guides["d_causal"]:  # [m, H, nb, K]
-                hit |= (official_table(g, nb, True) == nxt).any(-1).any(1)
+        # causal rows of block b whose table holds b+1 (the official rule's picks; never union tables):
+        # runs from such a block into the next take the block kernel
+        nb = m.n_blocks
+        nxt = torch.arange(1, nb + 1, device=ids.device).view(nb, 1)
+        hit = torch.zeros(len(slots), nb, dtype=torch.bool, device=ids.device)
+        for g in guides["d_causal"]:  # [m, H, nb, K]
+            hit |= (m.semantics.table(g, nb, True) == nxt).any(-1).any(1)
+        if self.spill is not None or bool(hit.any()):
             self.spill = self.spill or [set() for _ in range(self.B)]
             for n, j in enumerate(slots):
                 self.spill[j] = set(hit[n].nonzero().view(-1).tolist())

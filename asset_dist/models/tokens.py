@@ -65,7 +65,7 @@ class Tokenizers(nn.Module):
         super().__init__()
         self.vqgan = VQModel(cfg.model.vqgan)
         self.seg = SegVQModel(cfg.model.seg)
-        self.rule = cfg.train.token_hole
+        self.rule = cfg.model.token_hole
         if load:
             load_weights(self.vqgan, vqgan_path if vqgan_path is not None else cfg.train.vqgan_weights, "vqgan")
             load_weights(self.seg, seg_path if seg_path is not None else cfg.train.seg_weights, "seg")

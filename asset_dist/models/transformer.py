@@ -11,7 +11,7 @@ Conventions
   A query block b sees its window ({b-1,b,b+1}; causal {b-2,b-1,b}) UNION its picks (a pick inside the window counts
   once), and causal attention never sees a key after the query's own position. Consequence for the official warm-up:
   the official decoder lets blocks 0-4 see all of blocks 0..b; here that is expressed by picks, i.e. rows 0-4 of
-  "d_causal" must list the blocks < b-2 (`official_transformer.official_guides` fills them). guide_blocks' "fixed" mode
+  "d_causal" must list the blocks < b-2 (`asset_dist.official.guides.official_guides` fills them). guide_blocks' "fixed" mode
   does this by itself: a causal row b has at most b-2 eligible blocks, so rows 0..k+2 list all of them and those
   blocks attend densely-causally (rows 0-2 have nothing to pick and see their window, which is everything before them).
 - Decoder [start]: its key/value is visible to every decoder query; its own query attends only to itself in causal
@@ -217,12 +217,10 @@ class AssetTransformer(nn.Module):
         self.decoder = nn.ModuleList(DecoderLayer(cfg, i in dec_peg) for i in range(cfg.decoder_layers))
         self.lm_head = nn.Linear(d, V, bias=False)
         self.use_checkpoint = False  # activation checkpointing per layer (set by the trainer)
-        # SGA kernel: None -> asset_dist.attention.sga_attention (union semantics); fidelity checks swap in
-        # official_transformer.official_sga_attention (the official concatenation semantics, dense, small L only)
-        self.sga_fn: Optional[Callable[..., torch.Tensor]] = None
-        if cfg.sga_semantics == "official":  # imported official weights: asset_dist/attention/official.py
-            from asset_dist.attention.official import official_sga_attention
-            self.sga_fn = official_sga_attention
+        # SGA rule (attention/semantics.py): union, or one registered from above (official: imported weights).
+        # sga_fn is its whole-sequence kernel; fidelity checks may swap in a dense reference (small L only).
+        self.semantics = A.get_semantics(cfg.sga_semantics)
+        self.sga_fn: Callable[..., torch.Tensor] = self.semantics.attend
         self._layouts: dict[tuple, Layout] = {}
         self.apply(self._init_weights)
 
@@ -273,9 +271,8 @@ class AssetTransformer(nn.Module):
     def _sga(self, q, k, v, guide, causal, prefix_k=None, prefix_v=None) -> torch.Tensor:
         if self._attn_p() > 0:
             raise ValueError("SGA attention has no attention dropout; set transformer.attention_dropout=0")
-        fn = self.sga_fn or A.sga_attention
-        return fn(q, k, v, guide, self.grid, causal=causal, prefix_k=prefix_k, prefix_v=prefix_v,
-                  impl=self.cfg.attention_impl, validate=False)  # values: checked where guides come in
+        return self.sga_fn(q, k, v, guide, self.grid, causal=causal, prefix_k=prefix_k, prefix_v=prefix_v,
+                           impl=self.cfg.attention_impl, validate=False)  # values: checked where guides come in
 
     def _run(self, layer: nn.Module, *args) -> torch.Tensor:
         if self.use_checkpoint and torch.is_grad_enabled():

@@ -6,7 +6,7 @@ so every latent whose (nearest-sampled) mask value is 0 is computed from known p
 changes no token outside the token hole. `mask=None` means "nothing is masked" (an all-zero mask).
 
 Module names follow the official taming/ASSET layout (`encoder.down.0.block.0.norm1.weight`, ...), so an official
-`first_stage_model.*` / `cond_stage_model.*` state dict loads after stripping the prefix (see models/official.py).
+`first_stage_model.*` / `cond_stage_model.*` state dict loads after stripping the prefix (see asset_dist/official/vq.py).
 Every ResnetBlock / AttnBlock has a `use_checkpoint` attribute (activation checkpointing, use_reentrant=False).
 """
 from __future__ import annotations

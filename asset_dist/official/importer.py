@@ -17,7 +17,7 @@ what this order gives. A model present in several files is imported from one; th
 it and any difference is reported.
 
 Strictness: every tensor of every file is either mapped onto a model (shapes checked), a documented ignore
-(`colorize`, `loss.*`, see models/official.py), or a copy of a model imported from another file (reported);
+(`colorize`, `loss.*`, see official/vq.py), or a copy of a model imported from another file (reported);
 anything else is an error naming the tensors. All files are validated before anything is written, and the
 outputs replace existing files only with --force.
 """
@@ -36,13 +36,13 @@ import torch
 import yaml
 
 from asset_dist.config import Config, apply_overrides, config_from_dict, load_config, to_dict
-from asset_dist.models.official import IGNORED_NAMES, IGNORED_PREFIXES, official_vq_state_dict
-from asset_dist.models.official_transformer import convert_official_state_dict
 from asset_dist.models.seg_vq import SegVQModel
 from asset_dist.models.transformer import AssetTransformer
 from asset_dist.models.vqgan import VQModel
 from asset_dist.official.checkpoint import OfficialFile, read_official_file, under
 from asset_dist.official.sizes import OfficialParams, infer_transformer_config, infer_vq_config, read_official_config
+from asset_dist.official.transformer import convert_official_state_dict
+from asset_dist.official.vq import IGNORED_NAMES, IGNORED_PREFIXES, official_vq_state_dict
 from asset_dist.artifacts import file_digest, write_export
 from asset_dist.utils import atomic_write_text
 
@@ -254,7 +254,7 @@ def build_config(parts: dict[str, Part], out_files: dict[str, Path], params: Off
         cfg.model.transformer = dataclasses.replace(t.cfg, causal_picks="official", sga_semantics="official",
                                                     attention_impl=cfg.model.transformer.attention_impl, guide_k=3)
         cfg.train.stage = "sga" if "sga" in parts else "guide"
-    cfg.train.token_hole = "nearest"
+    cfg.model.token_hole = "nearest"
     if params.d_size:  # the official SGA config's [high resolution, guide resolution]
         cfg.data.resolution, cfg.data.guide_resolution = int(params.d_size[0]), int(params.d_size[1])
     if not base and cfg.data.label_shift:  # COCO: short side 296 per 256 before the crop (docs/ASSET_NOTES.md §6.1)

@@ -21,8 +21,8 @@ import torch
 import yaml
 
 from asset_dist.config import TransformerConfig, VQConfig
-from asset_dist.models.official import vq_config_from_official
-from asset_dist.models.official_transformer import config_from_official
+from asset_dist.official.transformer import config_from_official
+from asset_dist.official.vq import vq_config_from_official
 
 PAPER_HEAD_DIM = 64  # 1024 / 16 heads (docs/ASSET_NOTES.md §4.1)
 PAPER_GRID = [16, 4]

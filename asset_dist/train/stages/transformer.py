@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+import asset_dist.official.attention  # noqa: F401  registers transformer.sga_semantics "official"
 from asset_dist.models.tokens import Tokenizers, load_weights
 from asset_dist.models.transformer import AssetTransformer, guides_from_maps, param_groups
 from asset_dist.train.stage import Stage, StepContext, StepOutput

@@ -4,26 +4,19 @@
   stored under several names) to our state dict (fused qkv / kv projections, one table per embedding). Loading is
   strict: unknown, missing and mis-shaped tensors are all reported by name, and tied copies must be equal.
 - Config: `config_from_official(params)` builds a TransformerConfig from the official `transformer_config.params`.
-- Picks: `official_guides` turns official top-k indices (`e_self_rand_attn`, `d_causal_rand_attn` with 59 rows for
-  query blocks 5..63, `d_cross_rand_attn`) into the model's 64-row guide layout.
-- Attention semantics: `official_sga_attention` is a dense reference of the official concatenation semantics (window
-  copy + gathered picks, a block listed twice is counted twice, a picked block is fully visible even in the causal
-  decoder). It differs from our union semantics only where the official causal picks of blocks 5/6 hit their own
-  window (docs/ASSET_NOTES.md §10.1). It is O(L^2), for tests; models built with
-  `transformer.sga_semantics: official` (imported weights, docs/OFFICIAL_COMPAT.md) run the same rule sparsely
-  through asset_dist.attention.official.
+
+Picks in the official layout: official/guides.py; the official attention rule: official/attention.py (sparse,
+registered as `transformer.sga_semantics: official`) and official/dense.py (its dense reference).
 """
 from __future__ import annotations
 
 import os
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping
 
 import torch
-import torch.nn.functional as F
 
-from asset_dist import attention as A
 from asset_dist.config import TransformerConfig
-from asset_dist.models.transformer import AssetTransformer, Guides
+from asset_dist.models.transformer import AssetTransformer
 
 # ours (without the weight/bias suffix) -> official modules whose tensors are concatenated along dim 0
 _TOP = {
@@ -184,47 +177,3 @@ def config_from_official(params: Mapping[str, Any]) -> TransformerConfig:
         max_position_embeddings=p.get("max_position_embeddings", 256),
         peg=list(p.get("PEG_list", [])), peg_kernel=p.get("PEG_ks", 5),
         dropout=p.get("dropout", 0.0), attention_dropout=p.get("attention_dropout", 0.0))
-
-
-def official_guides(e_self: torch.Tensor, d_causal: torch.Tensor, d_cross: torch.Tensor,
-                    n_blocks: int = 64) -> Guides:
-    """Official picks [n_layers, B, H, rows, K] -> the model's guide dict. The official causal picks cover query
-    blocks 5..63; the official decoder lets the warm-up blocks b < 5 see all of blocks 0..b, so those rows get the
-    blocks < b-2 as picks (`asset_dist.attention.causal_rows_from_official`): their union with the window
-    {b-2,b-1,b} is then exactly 0..b."""
-    e_self, d_causal, d_cross = (torch.as_tensor(t).long() for t in (e_self, d_causal, d_cross))
-    for name, t in (("e_self", e_self), ("d_cross", d_cross)):
-        if t.shape[-2] != n_blocks:
-            raise ValueError(f"official {name} picks have {t.shape[-2]} rows, expected {n_blocks}")
-    return {"e_self": e_self, "d_causal": A.causal_rows_from_official(d_causal, n_blocks), "d_cross": d_cross}
-
-
-def official_sga_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, guide: torch.Tensor, grid,
-                           causal: bool = False, prefix_k: Optional[torch.Tensor] = None,
-                           prefix_v: Optional[torch.Tensor] = None, impl: str = "auto",
-                           validate: bool = True) -> torch.Tensor:
-    """Dense reference of the official SGA semantics (same signature as asset_dist.attention.sga_attention): keys are
-    the concatenation of the window copy (causal mask inside the own block only) and the picked blocks (always fully
-    visible), so a block listed twice has weight x2 in the softmax and a causal pick of the own block leaks, as in the
-    official code. O(L^2): for tests and fidelity checks only."""
-    B, H, L, d = q.shape
-    nb = int(grid[0]) * int(grid[1])
-    nt = L // nb
-    blk = torch.arange(nb, device=q.device)
-    delta = blk.view(-1, 1) - blk.view(1, -1)  # query block - key block
-    window = ((delta >= 0) & (delta <= 2)) if causal else (delta.abs() <= 1)
-    g = guide.to(q.device)
-    picks = (F.one_hot(g.clamp(min=0), nb) * (g >= 0).unsqueeze(-1)).sum(-2)  # [B, H, nb, nb] multiplicity
-    tok_causal = torch.ones(nt, nt, dtype=torch.bool, device=q.device).tril()
-    win = window.to(q.dtype).repeat_interleave(nt, 0).repeat_interleave(nt, 1)
-    if causal:  # inside the own block the window copy is causal
-        own = torch.block_diag(*[tok_causal.to(q.dtype)] * nb)
-        win = torch.where(torch.eye(nb, dtype=torch.bool, device=q.device)
-                          .repeat_interleave(nt, 0).repeat_interleave(nt, 1), own, win)
-    count = win + picks.to(q.dtype).repeat_interleave(nt, -2).repeat_interleave(nt, -1)
-    s = (q @ k.transpose(-1, -2)) * (d ** -0.5) + torch.log(count)  # log 0 = -inf: invisible
-    if prefix_k is not None:
-        s = torch.cat([(q @ prefix_k.transpose(-1, -2)) * (d ** -0.5), s], -1)
-        v = torch.cat([prefix_v, v], 2)
-    return s.softmax(-1) @ v
-

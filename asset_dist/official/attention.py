@@ -12,13 +12,17 @@ block b of nb blocks, nt tokens each, strip order:
 - decoder causal, warm-up blocks b < 5: dense causal over blocks 0..b; their picks are ignored (the official
   guide has no rows for them);
 - prefix keys (the decoder's [start]) are visible to every query.
-`models.official_transformer.official_sga_attention` is the dense O(L^2) statement of the same rule (tests).
+`official.dense.official_sga_attention` is the dense O(L^2) statement of the same rule (tests).
 
 Here every query block gets one slot table row [window (3 slots), picks (K slots)], slots -1 = nothing; the
 kernel gathers those key blocks (duplicates are gathered twice, which IS the official weighting) and runs SDPA
 with a boolean mask over [prefix, gathered], a chunk of query blocks at a time: memory O(chunk), never L x L.
 Gradients come from autograd (the gather's backward adds into repeated blocks); training keeps each chunk's
-gathered keys/values (about 6x K and V per layer). The union semantics of this package live in `sga.py`.
+gathered keys/values (about 6x K and V per layer). The union semantics of this package live in
+asset_dist/attention/sga.py.
+
+Importing this module registers the rule as `transformer.sga_semantics: official` (`OFFICIAL`,
+asset_dist.attention.semantics): the model layer reaches it through that registry, never by importing it.
 """
 from __future__ import annotations
 
@@ -27,8 +31,9 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .layout import Grid, check_guide, window_table
-from .sga import check_inputs
+from asset_dist.attention.layout import Grid, check_guide, window_table
+from asset_dist.attention.semantics import Semantics, register_semantics
+from asset_dist.attention.sga import check_inputs
 
 WARMUP_BLOCKS = 5  # official: n_rand_blocks (3) + n_neighbor_blocks (3) - 1 causal blocks run dense
 OWN_SLOT = {False: 1, True: 2}  # slot of the own block in the window part of a table row
@@ -125,7 +130,7 @@ def official_sga_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gu
 def official_block_attention(q: torch.Tensor, qtok: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                              guide: torch.Tensor, nt: int, causal: bool,
                              prefix: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
-    """Incremental-decoding form (the signature of `models.transformer._block_attention`): queries q [B,H,n,d]
+    """Incremental-decoding form (the signature of `attention.decode.block_attention`): queries q [B,H,n,d]
     at consecutive strip tokens qtok [n]; k, v [B,H,L,d] the cached keys/values in strip order.
 
     Causal: only the own window copy hides keys after the query; a pick of the own block (the official leak,
@@ -145,3 +150,6 @@ def official_block_attention(q: torch.Tensor, qtok: torch.Tensor, k: torch.Tenso
     out = _attend_blocks(Q.view(B, H, m, nt, d), k.reshape(B, H, nb, nt, d), v.reshape(B, H, nb, nt, d), table,
                          causal, pk, pv, int(qtok[-1]) if causal else None)
     return out.view(B, H, m * nt, d)[:, :, qtok - b0 * nt]
+
+
+OFFICIAL = register_semantics(Semantics("official", official_sga_attention, official_block_attention, official_table))
