@@ -18,6 +18,7 @@ from typing import Any, Optional
 
 import yaml
 
+from asset_dist import registry
 from asset_dist.utils import InputError
 
 MISSING = "???"  # a required value; YAML files set it, or `--set` must
@@ -29,7 +30,6 @@ class ConfigError(InputError):
     """A config problem, with the key path and the file it came from."""
 
 
-STAGES = ("vqgan", "seg", "guide", "sga")
 PRECISIONS = ("fp32", "bf16", "fp16")
 INFER_PRECISIONS = ("fp32", "bf16", "fp16", "fp64")
 TOKEN = 16  # pixels per token: every tokenizer downsamples by 16 (5 levels of ch_mult)
@@ -302,8 +302,8 @@ class TrainConfig:
     init_from: str = ""  # initialise the trained model from this export (SGA from guide, 1024 from 512)
 
     def validate(self, c: Checks, at: str) -> None:
-        c.one_of(f"{at}.stage", self.stage, STAGES)
-        c.one_of(f"{at}.backend", self.backend, ("deepspeed", "fsdp2"))  # asset_dist/train/registry.py
+        c.one_of(f"{at}.stage", self.stage, tuple(registry.STAGES))  # a new stage: a file + a line in registry.py
+        c.one_of(f"{at}.backend", self.backend, tuple(registry.BACKENDS))
         for key in ("max_steps", "grad_accum", "ckpt_every", "keep_last", "sync_every"):
             c.at_least(f"{at}.{key}", getattr(self, key), 1)
         if not self.lr > 0 or self.lr == float("inf"):

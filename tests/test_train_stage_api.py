@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from asset_dist.config import load_config
-from asset_dist.train import registry
+from asset_dist import registry
 from asset_dist.train.stages.tokenizer import SegStage
 from tests.train_utils import REPO
 

@@ -33,7 +33,7 @@ from asset_dist.runlock import LockHeld, RunLock
 from asset_dist.train import checkpoint as ckpt
 from asset_dist.train.backends.base import check_backend_config
 from asset_dist.train.logger import RunLogger
-from asset_dist.train.registry import UnknownName, check
+from asset_dist.registry import UnknownName, check
 from asset_dist.train.resume import MAY_CHANGE, refused_changes
 from asset_dist.train.stage import StepContext, get_stage
 

@@ -6,7 +6,7 @@ A stage trains one or more networks in a fixed order each step (the VQGAN: gener
 It calls a network through `nets[name](...)` (the backend's training forward) and keeps its own references
 to the modules it built for everything else (methods, shapes), so it never sees a wrapper.
 
-A new stage is a new file plus one line in asset_dist/train/registry.py.
+A new stage is a new file plus one line in asset_dist/registry.py.
 """
 from __future__ import annotations
 
@@ -114,6 +114,6 @@ class Stage(ABC):
 
 
 def get_stage(cfg: Config, device: torch.device) -> Stage:
-    from asset_dist.train.registry import resolve
+    from asset_dist.registry import resolve
 
     return resolve("stage", cfg.train.stage)(cfg, device)

@@ -137,7 +137,7 @@ class Backend(ABC):
 
 def check_backend_config(cfg: Config) -> type:
     """The backend class of `cfg` after its own config checks (named errors)."""
-    from asset_dist.train.registry import UnknownName, resolve
+    from asset_dist.registry import UnknownName, resolve
 
     try:
         cls = resolve("backend", cfg.train.backend)
