@@ -30,24 +30,30 @@ phase "1/7 shard the bundled photos -> $OUT/shards"
 python data_tools/shard.py --images sample_data/sflckr/images --labels sample_data/sflckr/segmentations \
   --out "$OUT/shards" --samples-per-shard 4 --val-fraction 0.2 --seed 0 --workers 2 --resume
 
-train() {  # train STAGE_CONFIG RUN_NAME [--set ...]
-  local cfg=$1 name=$2; shift 2
-  phase "train $name ($cfg, $NPROC processes, ZeRO-2) -> $OUT/$name"
+train() {  # train STAGE_CONFIG RUN_NAME STEPS [--set ...]
+  local cfg=$1 name=$2 steps=$3; shift 3
+  # a stage whose last checkpoint is its final step and whose export exists is kept without starting the
+  # processes (the trainer would find the same and exit: tests/test_train_engine.py a_finished_run_is_kept)
+  if [ "$(cat "$OUT/$name/checkpoints/latest" 2>/dev/null)" = "$(printf 'step_%08d' "$steps")" ] &&
+     compgen -G "$OUT/$name/export/*.pt" >/dev/null; then
+    phase "$name: already finished at step $steps (kept: $(ls "$OUT/$name"/export/*.pt))"; return 0
+  fi
+  phase "train $name ($cfg, $steps steps, $NPROC processes, ZeRO-2) -> $OUT/$name"
   dist train --config "configs/$cfg" --resume auto --set "data.train_shards=$OUT/shards" \
     --set "data.val_shards=$OUT/shards" --set "paths.run_dir=$OUT/$name" --set deepspeed.zero_stage=2 \
-    --set logging.image_every=10 "$@"
+    --set logging.image_every=10 --set train.max_steps="$steps" "$@"
 }
 phase "2/7 tokenizers"
-train tiny_vqgan.yaml vqgan --set train.max_steps="$VQ_STEPS"
-train tiny_seg.yaml seg --set train.max_steps="$SEG_STEPS"
+train tiny_vqgan.yaml vqgan "$VQ_STEPS"
+train tiny_seg.yaml seg "$SEG_STEPS"
 W="--set train.vqgan_weights=$OUT/vqgan/export/vqgan.pt --set train.seg_weights=$OUT/seg/export/seg.pt"
 phase "3/7 guide transformer at 256 (full attention)"
 # shellcheck disable=SC2086
-train tiny_guide.yaml guide $W --set train.max_steps="$GUIDE_STEPS"
+train tiny_guide.yaml guide "$GUIDE_STEPS" $W
 phase "4/7 SGA transformer at 512 (sparsified guided attention, starts from the guide)"
 # shellcheck disable=SC2086
-train tiny_sga.yaml sga512 $W --set "train.guide_weights=$OUT/guide/export/guide.pt" \
-  --set "train.init_from=$OUT/guide/export/guide.pt" --set train.max_steps="$SGA_STEPS"
+train tiny_sga.yaml sga512 "$SGA_STEPS" $W --set "train.guide_weights=$OUT/guide/export/guide.pt" \
+  --set "train.init_from=$OUT/guide/export/guide.pt"
 
 phase "5/7 edit set: the official edits at 512 + edits from held-out photos -> $OUT/edits"
 CONF="$OUT/sga512/config.yaml"  # the trained run's resolved config: every weight path is in it

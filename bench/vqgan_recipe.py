@@ -7,7 +7,7 @@ print the held-out reconstruction every few steps.
         --steps 300 --eval-every 25 --eval-resolution 512 [--set train.loss.disc_start=100 ...]
 
 --scenes: the curve of tests/test_tokenizer_recipe.py (64 px crops of flat-shape scenes drawn in memory by
-data_tools/make_longrange.py, held-out PSNR every 40 steps over 160) for the config and overrides. Otherwise the real loader on SHARDS:
+data_tools/make_longrange.py, held-out PSNR every 25 steps over 100) for the config and overrides. Otherwise the real loader on SHARDS:
 
 The generator and discriminator steps are those of `asset-dist train` (VQGANLoss: L1 + LPIPS + codebook +
 adaptive GAN term; hinge discriminator), with two Adam optimizers and no DeepSpeed, so a recipe can be
@@ -39,7 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "data_tools"))
 import make_longrange as LR  # noqa: E402
 
-STEPS, EVERY, BATCH, SIZE = 160, 40, 4, 64
+STEPS, EVERY, BATCH, SIZE = 100, 25, 4, 64
 
 
 def scenes(n: int, seed: int) -> torch.Tensor:

@@ -137,8 +137,9 @@ def node_loss(cluster: SlurmCluster, sflckr_shards, tmp_path_factory):
         _wait(lambda: cluster.job(seg)["JobState"] == "RUNNING", "the training job to start", 120)
         seg_nodes = _nodes(cluster, seg)
         victim = seg_nodes[1]  # rank 1's node; rank 0 and the batch shell stay alive on seg_nodes[0]
-        # three ranks on 2 or 3 nodes: it starts on all three and comes back on the two left
-        edit = cluster.sbatch("--nodes=2-3", "-n", "3", "--ntasks-per-node=4", "--gpus-per-node=0", "-c1",
+        # three ranks on 2 or 3 nodes: it starts on all three and comes back on the two left (3 CPUs a node: the
+        # 4-CPU nodes keep one each for the training job, so both jobs run side by side)
+        edit = cluster.sbatch("--nodes=2-3", "-n", "3", "--ntasks-per-node=3", "--gpus-per-node=0", "-c1",
                               "-J", "asset-test-edit-nodeloss", "-t", "00:20:00", f"--output={tmp}/edit-%j.out",
                               "slurm/edit_batch.sh", "infer.batch_size=2",
                               env=_env(RUN_DIR=str(edit_run), CONFIG=str(cfg), ASSET_NODES="2-3",
@@ -163,6 +164,7 @@ def node_loss(cluster: SlurmCluster, sflckr_shards, tmp_path_factory):
         assert done_before < len(ids), "the edit batch finished before the node loss: make it longer"
         report.update(kill_step=seg_step(), latest_at_kill=(seg_run / "checkpoints" / "latest").read_text().strip(),
                       records_at_kill=done_before)
+        assert cluster.job(seg)["JobState"] == "RUNNING", "the training job ended before the node loss"
         cluster.script("kill-node", victim)
         report["killed_at"] = time.time()
         # slurmctld: the node stops answering -> DOWN after SlurmdTimeout -> both --requeue jobs requeued

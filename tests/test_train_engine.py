@@ -86,8 +86,10 @@ def own_consolidation(tag_dir: Path, net: str, backend: str, scratch: Path) -> d
 def test_gan_trains_logs_and_steps_both_networks(runs):
     m = metrics(runs.full)
     assert [r["step"] for r in m] == list(range(1, STEPS + 1))
-    early, late = early_late([r["loss/l1"] for r in m], 3)
-    assert late < 0.9 * early, [r["loss/l1"] for r in m]
+    l1 = [r["loss/l1"] for r in m]
+    # the codebook is seeded from the first latents (train.loss.codebook_init=data), so L1 starts low and noisy
+    # (measured 0.53 at step 1, mean of the last 3 steps 0.41 on both backends): compare to the first step
+    assert early_late(l1, 3)[1] < 0.85 * l1[0], l1
     gan = [r for r in m if r["step"] > 2]
     assert gan and all("loss/g_loss" in r and r["loss/d_weight"] > 0 for r in gan), "GAN term off or no adaptive weight"
     assert all(r["data/corrupt_samples"] == 0 and 0 <= r["perf/data_wait_frac"] <= 1 for r in m)
@@ -287,6 +289,21 @@ def test_legacy_checkpoint_resumes_and_may_extend_max_steps(seg_ckpts, sflckr_sh
     check(proc)
     assert "at step 2" in proc.stdout and read_export(run / "export" / "seg.pt")["step"] == 3
     assert "max_steps: 3" in (run / "config.yaml").read_text()
+
+
+@pytest.mark.parametrize("backend", list(BACKENDS))
+def test_a_finished_run_is_kept(backend, seg_ckpts, sflckr_shards, tmp_path):
+    """Training a finished run again (what a re-run of quickstart.sh or a pipeline does) trains nothing and keeps
+    the export and the checkpoints as they are."""
+    run = tmp_path / "run"
+    shutil.copytree(seg_ckpts[backend], run)
+    before = {f: f.stat().st_mtime_ns for f in run.rglob("*") if f.is_file() and f.name != ".asset_dist.lock"}
+    proc = run_train("tiny_seg.yaml", seg_opts(sflckr_shards, run, backend, **{"train.max_steps": 2}))
+    check(proc)
+    assert "already finished: step 2" in proc.stdout, proc.stdout[-2000:]
+    kept = {f: f.stat().st_mtime_ns for f in before}
+    assert {f: t for f, t in kept.items() if f.suffix in (".pt", ".json") or "checkpoints" in f.parts} == \
+        {f: t for f, t in before.items() if f.suffix in (".pt", ".json") or "checkpoints" in f.parts}
 
 
 def test_a_held_run_folder_is_refused(sflckr_shards, tmp_path):
