@@ -33,6 +33,7 @@ infer:
   batch_size: 3
   blend_band: 8
   preview_size: 64
+  claim_chunk: 1
 """
 
 
