@@ -65,7 +65,7 @@ def throttle(pid: int, stop: threading.Event, on_s: float, off_s: float) -> None
 def run(args, cfg: Path, edits: Path, out: Path, chunk: int, port: int) -> dict:
     cmd = [sys.executable, "-m", "asset_dist.cli", "edit-batch", "--config", str(cfg), "--edits", str(edits),
            "--out", str(out), "--device", "cpu", "--set", f"infer.claim_chunk={chunk}",
-           f"infer.batch_size={args.batch}", f"infer.resolution={args.res}"]
+           "--set", f"infer.batch_size={args.batch}"]
     procs = []
     t0 = time.perf_counter()
     for rank in (0, 1):

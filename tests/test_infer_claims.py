@@ -189,15 +189,15 @@ def world(tmp_path_factory):
     table = ClassTable(182)
     recs, ids = [], []
     for k in range(N_EDITS):
-        img, lab = square(k % 6, 128)
-        y = 16 + 8 * (k % 5)
+        img, lab = square(k % 6, 256)
+        y = 32 + 16 * (k % 5)
         cid = table.lookup(("sea", "tree", "snow", "grass")[k % 4])
-        recs.append(make_record(f"e{k:02d}", png(img), png(lab), png(rect_mask(128, y, y + 40, 24, 96)),
+        recs.append(make_record(f"e{k:02d}", png(img), png(lab), png(rect_mask(256, y, y + 64, 48, 160)),
                                 class_id=cid, class_name=table.name(cid), num_classes=182, label_shift=0))
         ids.append(f"e{k:02d}")
     write_edit_shards(tmp / "edits", recs, samples_per_shard=4)
     base = ["edit-batch", "--config", str(cfg), "--edits", str(tmp / "edits"), "--device", "cpu",
-            "--set", "infer.batch_size=2", "infer.resolution=128"]
+            "--set", "infer.batch_size=2"]
     check(cli([*base, "--out", str(tmp / "ref")]))
     return {"tmp": tmp, "cfg": cfg, "ids": ids, "base": base, "ref": tmp / "ref"}
 
@@ -259,7 +259,7 @@ def test_joined_workers_of_unequal_speed_share_the_batch(world):
         t.join()
         os.kill(slow.pid, signal.SIGCONT) if slow.poll() is None else None
     assert fast.returncode == 0 and slow.returncode == 0, (err_fast[-3000:], err_slow[-3000:])
-    assert "joined the running batch" in err_slow and "joined" not in err_fast
+    assert "(joined the running batch)" in err_slow and "(joined the running batch)" not in err_fast
     _same_as_ref(world, out)
     done = _written(out)
     assert sorted(d["edit"] for d in done) == world["ids"]  # each edit written once, by one of the two
