@@ -404,7 +404,8 @@ class InferConfig:
 @dataclass
 class DistConfig:
     """The process group of `train` and `evaluate` (edit-batch ranks do not exchange data, only the output
-    folder's lock: a lost node leaves its own edits undone; asset_dist/runlock.py has its own timeouts)."""
+    folder's lock, asset_dist/runlock.py, with its own timeouts: a lost node's claimed edits are taken over by
+    the other workers after infer.claim_lease_s)."""
 
     # seconds any collective (all-reduce, barrier, broadcast) may wait for a peer before this rank fails with
     # an error instead of hanging (gloo and NCCL; torch's own default is 10-30 min and it reads no environment

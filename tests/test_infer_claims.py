@@ -99,24 +99,25 @@ def test_of_several_stealers_one_wins(tmp_path):
 
 
 def test_steal_puts_back_a_claim_renewed_in_between(tmp_path, monkeypatch):
-    """The stealer judged an old claim, but by its rename the file is a new live claim (another stealer was
-    faster and claimed again): it links it back and loses."""
+    """The stealer judged an expired claim, but by its rename the owner woke up and beat (a new mtime): the
+    stealer links the file back and loses; the owner keeps the chunk. Meanwhile other stealers of that very
+    file find its ticket taken."""
     clk = Clock()
     old = _board(tmp_path, "old", clk, n=1)
     assert old.next_chunk() == 0
     clk.t += 100.0
-    slow, fast = _board(tmp_path, "slow", clk, n=1), _board(tmp_path, "fast", clk, n=1)
+    slow, late = _board(tmp_path, "slow", clk, n=1), _board(tmp_path, "late", clk, n=1)
     real_rename, first = os.rename, [True]
 
-    def rename(src, dst):  # the fast stealer takes and re-claims the chunk just before the slow one renames
+    def rename(src, dst):
         if first[0] and slow.token in str(dst):
             first[0] = False
-            fast.cursor = 1
-            assert fast.next_chunk() == 0
+            assert late.steal(0) is False  # the same expired file: its ticket is slow's
+            old.beat()  # the owner wakes up just before the rename
         return real_rename(src, dst)
     monkeypatch.setattr(os, "rename", rename)
-    assert slow.steal(0) is False
-    assert fast.owns(0) and 0 not in slow.held and not first[0]
+    assert slow.steal(0) is False and not first[0]
+    assert old.owns(0) and 0 not in slow.held
     assert not list((tmp_path / C.CLAIMS / "s1").glob(".*stolen*"))
 
 

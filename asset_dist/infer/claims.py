@@ -13,10 +13,10 @@ claims the next free chunk whenever it needs work:
     OUT/claims/<session>/<i>.done    every edit of chunk i has its record (written before the claim is removed)
 
 A claim is expired when its heartbeat is older than `infer.claim_lease_s`, or at once when its owner ran on
-this host and that process is gone. A stealer renames the expired file aside under a name of its own: of
-several stealers exactly one rename succeeds (the others find the file gone), and the winner checks it moved
-the very file it judged (same inode and mtime; else it links it back). Then the chunk is claimed like a free
-one. Before it writes an edit (files) or a tar (shards) an owner checks that the claim file is still its own,
+this host and that process is gone. A stealer first creates (O_EXCL) a ticket named after the expired file's
+inode and mtime, so of the stealers that judged that file one goes on; it renames the file aside (a rename:
+never two winners), checks it moved the very file it judged (else it links it back), and then claims the
+chunk like a free one (O_EXCL again: a worker that found the chunk free in between may win instead). Before it writes an edit (files) or a tar (shards) an owner checks that the claim file is still its own,
 and drops the edits of a chunk it lost: each edit is written by one worker, whatever froze or died. Left open:
 a worker frozen for longer than the lease exactly between that check and its write; and the nodes' clocks
 must agree to well within the lease (mtimes are compared with the reader's clock, as for the lock).
@@ -208,11 +208,18 @@ class Board:
         why = self.stale_reason(rec, self.clock() - st.st_mtime)
         if why is None:
             return False
+        # one ticket per expired file (inode and mtime: a heartbeat makes a new one): of the stealers that judged
+        # this very file, one goes on; tickets stay (a late stealer of an old file finds its ticket taken)
+        ticket = self.dir / f".{i:07d}.steal.{st.st_ino}-{st.st_mtime_ns}"
+        try:
+            os.close(os.open(ticket, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+        except FileExistsError:
+            return False
         aside = self.dir / f".{i:07d}.stolen.{self.token}.{uuid.uuid4().hex[:8]}"
         try:
             os.rename(p, aside)
         except FileNotFoundError:
-            return True  # another stealer was first (or the owner finished): try to claim it like a free one
+            return True  # the owner finished or released it meanwhile: try to claim it like a free one
         got = aside.stat()
         if (got.st_ino, got.st_mtime_ns) != (st.st_ino, st.st_mtime_ns):  # not the file judged: a new claim
             try:

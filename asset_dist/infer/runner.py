@@ -1,7 +1,10 @@
 """The edit runner: edits -> guide picks (256) -> sampled hole tokens -> decoded, blended images.
 
-One process per device (torchrun, or srun via slurm/edit_batch.sh). Rank r takes every world-th edit of the
-sorted id list (`edits.split_for_rank`), so each edit is done exactly once with no communication. The
+One process per device (torchrun, or srun via slurm/edit_batch.sh), plus any helpers started with `--join`.
+Workers claim chunks of `infer.claim_chunk` edits of the sorted id list on the shared filesystem as they need
+work (`claims.py`: exclusive claim files with heartbeats, expired ones taken over), so each edit is done exactly
+once, fast and slow workers finish together and a dead worker's edits are redone by the others;
+`infer.claim_chunk=0` keeps the static split (rank r takes every world-th id: `edits.split_for_rank`). The
 (edit, sample) rows of all its edits feed one queue of the continuous sampler (`scheduler.py`), which keeps
 `infer.batch_size` rows sampling, each at its own position, whatever their masks (rows of other image sizes
 wait for their own lane); the runner only feeds the queue and collects finished rows.
@@ -14,12 +17,14 @@ Outputs under OUT (all written atomically):
     <edit_id>/sample_<k>.png   the k-th edited image (PNG: outside the blend band it equals the input)
     <edit_id>/preview.png      input | hole | edited labels | samples, side by side
     <edit_id>/record.json      status, timings, token counts, error; written last = the edit is done
-    logs/rank<r>.jsonl         what each rank did, one line per edit (appended)
+    logs/<worker>.jsonl        what each worker (rank<r>, a helper rank<r>-<id>) wrote, one line per edit
+    claims/                    the claim session: session.json and one file per chunk (claims.py)
     run.json, config.yaml      the settings; a restart with other settings is refused
-    logs/rank<r>.stats.jsonl   the sampling schedule of each session of each rank
-    manifest.jsonl             every record in id order, written by whichever rank finds all edits done
-    summary.json               with the manifest: hole tokens, decode steps, batch size, rows active per step and
-                               efficiency (steps x batch / hole tokens) per rank
+    logs/<worker>.stats.jsonl  the sampling schedule and timing of each session of each worker
+    manifest.jsonl             every record in id order, written by whichever worker finds all edits done
+    summary.json               with the manifest: per worker hole tokens, decode steps, batch size, rows active per
+                               step, efficiency (steps x batch / hole tokens), edits written, busy time and idle
+                               time at the end; per node; in total
 A killed run restarted with the same command skips edits that have a record.
 """
 from __future__ import annotations
@@ -403,6 +408,8 @@ def run_batch_edits(cfg: Config, edits: str, out: str | Path, *, guides_dir: Opt
     def setup(lock) -> dict:
         _check_run_settings(out, settings, write=True)
         save_config(cfg, out / "config.yaml")
+        if redo:  # the single-edit command: nobody joins it, no claims folder in its output
+            return {"session": lock.me["token"], "chunk": 0, "role": "primary"}
         return {**claims.open_session(out, lock.me["token"], plan, lease), "role": "primary"}
 
     def join_running(holder: dict) -> dict:
@@ -545,9 +552,9 @@ class _Work:
     def chunks(self, stop: "_StopFlag") -> Iterator[list[str]]:
         """The ids to edit, a chunk at a time (claimed just before it is needed); ends when nothing is free."""
         if self.board is None:
-            if not self.static_given:
+            if not self.static_given and self.parts[0]:
                 self.static_given = True
-                yield [e for e in self.parts[0]]
+                yield list(self.parts[0])
             return
         while not stop.set:
             i, self.first = (self.first, None) if self.first is not None else (self.board.next_chunk(), None)
