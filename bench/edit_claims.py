@@ -31,24 +31,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tests.test_infer_common import make_exports, png, rect_mask, square  # noqa: E402
-
-
-def make_edits(out: Path, n: int, res: int) -> list[str]:
-    from asset_dist.infer.classes import ClassTable
-    from asset_dist.infer.edits import make_record, write_edit_shards
-
-    table = ClassTable(182)
-    recs, ids = [], []
-    for k in range(n):
-        img, lab = square(k % 6, res)
-        y = res // 8 + (k % 5) * res // 16
-        cid = table.lookup(("sea", "tree", "snow", "grass")[k % 4])
-        recs.append(make_record(f"e{k:03d}", png(img), png(lab), png(rect_mask(res, y, y + res // 4, res // 5, res // 2)),
-                                class_id=cid, class_name=table.name(cid), num_classes=182, label_shift=0))
-        ids.append(f"e{k:03d}")
-    write_edit_shards(out, recs, samples_per_shard=8)
-    return ids
+from tests.test_infer_common import make_exports, many_edits  # noqa: E402
 
 
 def throttle(pid: int, stop: threading.Event, on_s: float, off_s: float) -> None:
@@ -102,7 +85,7 @@ def main() -> None:
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="edit_claims_"))
     cfg = make_exports(tmp / "w")
-    ids = make_edits(tmp / "edits", args.edits, args.res)
+    ids = many_edits(tmp / "edits", args.edits, args.res)
     results: dict[str, list[dict]] = {"static": [], "dynamic": []}
     port = 29000 + os.getpid() % 1000
     for r in range(args.repeat):

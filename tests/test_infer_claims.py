@@ -22,7 +22,7 @@ import pytest
 
 from asset_dist.infer import claims as C
 from asset_dist.runlock import JoinRefused
-from tests.test_infer_common import REPO, check, cli, cli_env, make_exports, png, rect_mask, square
+from tests.test_infer_common import REPO, check, cli, cli_env, make_exports, many_edits
 
 
 class Clock:
@@ -182,21 +182,9 @@ S = 2
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """Tiny exports, 12 small edits, and the one-process reference output."""
-    from asset_dist.infer.classes import ClassTable
-    from asset_dist.infer.edits import make_record, write_edit_shards
-
     tmp = tmp_path_factory.mktemp("claims")
     cfg = make_exports(tmp / "w")
-    table = ClassTable(182)
-    recs, ids = [], []
-    for k in range(N_EDITS):
-        img, lab = square(k % 6, 256)
-        y = 32 + 16 * (k % 5)
-        cid = table.lookup(("sea", "tree", "snow", "grass")[k % 4])
-        recs.append(make_record(f"e{k:02d}", png(img), png(lab), png(rect_mask(256, y, y + 64, 48, 160)),
-                                class_id=cid, class_name=table.name(cid), num_classes=182, label_shift=0))
-        ids.append(f"e{k:02d}")
-    write_edit_shards(tmp / "edits", recs, samples_per_shard=4)
+    ids = many_edits(tmp / "edits", N_EDITS)
     base = ["edit-batch", "--config", str(cfg), "--edits", str(tmp / "edits"), "--device", "cpu",
             "--set", "infer.batch_size=2"]
     check(cli([*base, "--out", str(tmp / "ref")]))
