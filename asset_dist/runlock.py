@@ -222,15 +222,16 @@ def _take(folder: str | os.PathLike, what: str, setup=None, join=None, single: b
             if join is None or holder.get("what") != what:
                 raise
             return None, (None, join(holder))
+        except OSError as e:
+            raise OSError(f"{folder}: cannot take the output-folder lock ({e.strerror or e})") from None
         return lock, (None, setup(lock) if setup is not None else None)
     except Exception as e:  # noqa: BLE001 - broadcast, then raised on every rank
         if lock is not None:
             lock.release()
-        if isinstance(e, OSError) and not isinstance(e, FileNotFoundError):
-            e = OSError(f"{folder}: cannot take the output-folder lock ({e.strerror or e})")
         if single:
             return None, (e, str(e))
-        return None, (type(e).__name__ if type(e).__name__ in _ERRORS else "RuntimeError", str(e))
+        kind = next((c.__name__ for c in type(e).__mro__ if c.__name__ in _ERRORS), "RuntimeError")
+        return None, (kind, str(e))  # the nearest kind the other ranks know (an InputError stays one)
 
 
 class _Handshake:
