@@ -16,8 +16,9 @@ A claim is expired when its heartbeat is older than `infer.claim_lease_s`, or at
 this host and that process is gone. A stealer first creates (O_EXCL) a ticket named after the expired file's
 inode and mtime, so of the stealers that judged that file one goes on; it renames the file aside (a rename:
 never two winners), checks it moved the very file it judged (else it links it back), and then claims the
-chunk like a free one (O_EXCL again: a worker that found the chunk free in between may win instead). Before it writes an edit (files) or a tar (shards) an owner checks that the claim file is still its own,
-and drops the edits of a chunk it lost: each edit is written by one worker, whatever froze or died. Left open:
+chunk like a free one (O_EXCL again: a worker that found the chunk free in between may win instead). Before it
+writes an edit (files) or a tar (shards) an owner checks that the claim file is still its own, and drops the
+edits of a chunk it lost: each edit is written by one worker, whatever froze or died. Left open:
 a worker frozen for longer than the lease exactly between that check and its write; and the nodes' clocks
 must agree to well within the lease (mtimes are compared with the reader's clock, as for the lock).
 
@@ -31,7 +32,6 @@ import json
 import os
 import shutil
 import socket
-import sys
 import threading
 import time
 import uuid
@@ -120,7 +120,8 @@ def join_session(out: Path, plan: dict, holder: dict, wait_s: float = 30.0) -> d
                           "workers cannot join it; wait for it to finish")
     if sess.get("digest") != plan["digest"]:
         theirs, mine = sess.get("parts", {}), plan["parts"]
-        diff = {k: (theirs.get(k), mine.get(k)) for k in sorted(set(theirs) | set(mine)) if theirs.get(k) != mine.get(k)}
+        diff = {k: (theirs.get(k), mine.get(k)) for k in sorted(set(theirs) | set(mine))
+                if theirs.get(k) != mine.get(k)}
         raise JoinRefused(f"cannot join the batch running in {out} (host {holder.get('host')}, pid "
                           f"{holder.get('pid')}): it is another batch (running vs this command: {diff}); use the "
                           "same config, overrides and --edits, or another --out")
@@ -343,7 +344,3 @@ class Board:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
