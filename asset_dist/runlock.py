@@ -164,7 +164,8 @@ JOB_WAIT = datetime.timedelta(days=30)  # rank 0 keeps the lock until the slowes
 
 @contextlib.contextmanager
 def job_lock(folder: str | os.PathLike, what: str, env=None, *, setup: Optional[Callable[[RunLock], Any]] = None,
-             join: Optional[Callable[[dict], Any]] = None) -> Iterator[Any]:
+             join: Optional[Callable[[dict], Any]] = None,
+             wait_all: Callable[[Any], bool] = lambda payload: True) -> Iterator[Any]:
     """Hold `folder`'s lock for every process of this job (rank and world size from asset_dist.distenv).
 
     Rank 0 alone takes it (one holder per job, so the stale-lock rules hold), then runs `setup(lock)`; every
@@ -173,7 +174,8 @@ def job_lock(folder: str | os.PathLike, what: str, env=None, *, setup: Optional[
     held by a live run of the same kind is no error: rank 0 calls join(holder's lock record), whose result is
     yielded (or whose error raised) everywhere, and the job runs beside that run without the lock (edit-batch
     --join). At the end rank 0 waits for every rank before it releases, so a second run can never start while a
-    slow rank still writes."""
+    slow rank still writes - unless wait_all(the yielded value) says the work needs no such wait (edit claims: a
+    new run voids what old workers hold), so ranks that stop leave at once even when a peer's node died."""
     from asset_dist.distenv import dist_env
 
     env = env or dist_env()
@@ -192,7 +194,7 @@ def job_lock(folder: str | os.PathLike, what: str, env=None, *, setup: Optional[
     try:
         yield box[1]
     finally:
-        if group is not None:
+        if group is not None and wait_all(box[1]):
             group.wait_for_all()
         if lock is not None:
             lock.release()

@@ -417,7 +417,10 @@ def run_batch_edits(cfg: Config, edits: str, out: str | Path, *, guides_dir: Opt
         _check_run_settings(out, settings, write=False)
         return {**sess, "role": "helper"}
 
-    with job_lock(out, "edit-batch", env, setup=setup, join=join_running if join else None) as sess:
+    # with claims no final wait for every rank: a rank stops at once (a dead peer's node would hold it until
+    # SLURM kills the job), and a later run's new session voids whatever a straggler still holds
+    with job_lock(out, "edit-batch", env, setup=setup, join=join_running if join else None,
+                  wait_all=lambda sess: not sess.get("chunk")) as sess:
         return _batch_edits(cfg, eset, out, guides_dir, samples, device, retry_failed, redo, env, out_format,
                             shard_size, sess)
 
