@@ -378,9 +378,22 @@ class InferConfig:
     preview_size: int = 256  # tile side of the side-by-side preview
     class_names: str = ""  # class table file: one name per line (0-based) or JSON {name: id}; "" = COCO-Stuff
     classes: dict[str, int] = field(default_factory=dict)  # extra name -> id (model convention), wins
+    # edit-batch hands out the sorted edit ids in chunks of this many, each claimed by whichever worker needs
+    # work next (a claim file on the shared filesystem: asset_dist/infer/claims.py), so workers of any speed
+    # finish together and `edit-batch --join` adds workers to a running batch. Smaller: a shorter tail at the
+    # end, more files in OUT/claims (one per chunk). 0 = the old static split (rank r takes every world-th edit;
+    # kept as the benchmark baseline, no joining)
+    claim_chunk: int = 8
+    # seconds without a heartbeat (the claim file's mtime, touched every lease/4) after which a worker's claims
+    # are taken over by the others (a worker on the same host whose process is gone: at once). Must exceed the
+    # filesystem's attribute caching (NFS actimeo, up to 60 s) plus lease/4, and the nodes' clock skew
+    claim_lease_s: float = 120.0
 
     def validate(self, c: Checks, at: str) -> None:
         c.one_of(f"{at}.precision", self.precision, INFER_PRECISIONS)
+        c.at_least(f"{at}.claim_chunk", self.claim_chunk, 0)
+        if not self.claim_lease_s > 0:  # also catches NaN
+            c.bad(f"{at}.claim_lease_s", self.claim_lease_s, "> 0 seconds")
         for key, lo in (("samples", 1), ("batch_size", 1), ("blend_levels", 1), ("top_k", 0), ("blend_band", 0),
                         ("preview_size", 16)):
             c.at_least(f"{at}.{key}", getattr(self, key), lo)
@@ -393,7 +406,8 @@ class InferConfig:
 @dataclass
 class DistConfig:
     """The process group of `train` and `evaluate` (edit-batch ranks do not exchange data, only the output
-    folder's lock: a lost node leaves its own edits undone; asset_dist/runlock.py has its own timeouts)."""
+    folder's lock, asset_dist/runlock.py, with its own timeouts: a lost node's claimed edits are taken over by
+    the other workers after infer.claim_lease_s)."""
 
     # seconds any collective (all-reduce, barrier, broadcast) may wait for a peer before this rank fails with
     # an error instead of hanging (gloo and NCCL; torch's own default is 10-30 min and it reads no environment

@@ -22,13 +22,17 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 LOCK_NAME = ".asset_dist.lock"
 
 
 class LockHeld(RuntimeError):
     """Another live run holds the folder; the message names it and says what to do."""
+
+
+class JoinRefused(LockHeld):
+    """`edit-batch --join`: the live run that holds the folder is not one this command can help."""
 
 
 def _pid_alive(pid: int) -> bool:
@@ -43,6 +47,7 @@ def _pid_alive(pid: int) -> bool:
 
 def _holder() -> dict:
     return {"host": socket.gethostname(), "pid": os.getpid(), "slurm_job_id": os.environ.get("SLURM_JOB_ID", ""),
+            "slurm_restart": os.environ.get("SLURM_RESTART_COUNT", "0"),
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "token": uuid.uuid4().hex}
 
 
@@ -79,8 +84,10 @@ class RunLock:
         here = host == socket.gethostname() and isinstance(pid, int)
         if here and not _pid_alive(pid):
             return f"its process {pid} on {host} is gone"
-        if job and job == os.environ.get("SLURM_JOB_ID", "") and not here:
-            # one process per job takes the lock (rank 0): the same job id from another host is a requeue
+        restart = os.environ.get("SLURM_RESTART_COUNT", "0")
+        if job and job == os.environ.get("SLURM_JOB_ID", "") and not here and rec.get("slurm_restart") != restart:
+            # one process per job takes the lock (rank 0): the same job id from another host is a requeue (the
+            # same restart count: another step of this very run, e.g. a helper joining it, and the holder lives)
             return f"an earlier run of this SLURM job ({job}) on {host} wrote it"
         if age > self.stale_after_s:
             return f"no heartbeat for {age:.0f} s"
@@ -156,45 +163,77 @@ JOB_WAIT = datetime.timedelta(days=30)  # rank 0 keeps the lock until the slowes
 
 
 @contextlib.contextmanager
-def job_lock(folder: str | os.PathLike, what: str, env=None) -> Iterator[Optional[RunLock]]:
+def job_lock(folder: str | os.PathLike, what: str, env=None, *, setup: Optional[Callable[[RunLock], Any]] = None,
+             join: Optional[Callable[[dict], Any]] = None,
+             wait_all: Callable[[Any], bool] = lambda payload: True) -> Iterator[Any]:
     """Hold `folder`'s lock for every process of this job (rank and world size from asset_dist.distenv).
 
-    One process: a plain RunLock. Several: rank 0 alone takes it (one holder per job, so the stale-lock rules
-    hold), every rank learns the outcome over a small gloo group and, if the folder is held by another run, all
-    of them raise LockHeld with the holder's description; at the end rank 0 waits for every rank before it
-    releases, so a second run can never start while a slow rank still writes. Yields rank 0's RunLock (None on
-    the other ranks). A mode in which extra workers join a running job on purpose would replace the rank-0 take
-    (`_take`) by a check that a live holder of the same kind owns the folder."""
+    Rank 0 alone takes it (one holder per job, so the stale-lock rules hold), then runs `setup(lock)`; every
+    rank learns the outcome over a small gloo group (one process: none needed) and yields setup's result (None
+    without setup), or raises what rank 0 met (LockHeld naming the holder, setup's error). With `join`, a folder
+    held by a live run of the same kind is no error: rank 0 calls join(holder's lock record), whose result is
+    yielded (or whose error raised) everywhere, and the job runs beside that run without the lock (edit-batch
+    --join). At the end rank 0 waits for every rank before it releases, so a second run can never start while a
+    slow rank still writes - unless wait_all(the yielded value) says the work needs no such wait (edit claims: a
+    new run voids what old workers hold), so ranks that stop leave at once even when a peer's node died."""
     from asset_dist.distenv import dist_env
 
     env = env or dist_env()
-    if env.world_size <= 1:
-        with RunLock(folder, what) as lock:
-            yield lock
-        return
-    group = _Handshake(env)
-    lock, err = (_take(folder, what) if env.rank == 0 else (None, None))
-    err = group.broadcast(err)
-    if err is not None:
-        group.close()
-        raise LockHeld(err)
-    try:
-        yield lock
-    finally:
-        group.wait_for_all()
+    group = _Handshake(env) if env.world_size > 1 else None
+    lock, box = (_take(folder, what, setup, join, group is None) if env.rank == 0 else (None, None))
+    if group is not None:
+        box = group.broadcast(box)
+    if box[0] is not None:
         if lock is not None:
             lock.release()
-        group.close()
-
-
-def _take(folder: str | os.PathLike, what: str) -> tuple[Optional[RunLock], Optional[str]]:
-    """(the lock, None) or (None, why not) - never raises, so every rank hears the answer."""
+        if group is not None:
+            group.close()
+        if isinstance(box[0], BaseException):
+            raise box[0]
+        raise _ERRORS.get(box[0], RuntimeError)(box[1])
     try:
-        return RunLock(folder, what).acquire(), None
-    except LockHeld as e:
-        return None, str(e)
-    except OSError as e:
-        return None, f"{folder}: cannot take the output-folder lock ({e.strerror or e})"
+        yield box[1]
+    finally:
+        if group is not None and wait_all(box[1]):
+            group.wait_for_all()
+        if lock is not None:
+            lock.release()
+        if group is not None:
+            group.close()
+
+
+def _errors() -> dict[str, type]:
+    from asset_dist.utils import InputError
+
+    return {c.__name__: c for c in (LockHeld, JoinRefused, InputError, ValueError, OSError, RuntimeError)}
+
+
+_ERRORS = _errors()
+
+
+def _take(folder: str | os.PathLike, what: str, setup=None, join=None, single: bool = True
+          ) -> tuple[Optional[RunLock], tuple]:
+    """(the lock or None, (error, payload)) - never raises, so every rank hears the answer. error: None, or on
+    one process the exception itself, else its class name (payload: the message)."""
+    lock = None
+    try:
+        try:
+            lock = RunLock(folder, what).acquire()
+        except LockHeld:
+            holder = RunLock(folder, what).read() or {}
+            if join is None or holder.get("what") != what:
+                raise
+            return None, (None, join(holder))
+        except OSError as e:
+            raise OSError(f"{folder}: cannot take the output-folder lock ({e.strerror or e})") from None
+        return lock, (None, setup(lock) if setup is not None else None)
+    except Exception as e:  # noqa: BLE001 - broadcast, then raised on every rank
+        if lock is not None:
+            lock.release()
+        if single:
+            return None, (e, str(e))
+        kind = next((c.__name__ for c in type(e).__mro__ if c.__name__ in _ERRORS), "RuntimeError")
+        return None, (kind, str(e))  # the nearest kind the other ranks know (an InputError stays one)
 
 
 class _Handshake:

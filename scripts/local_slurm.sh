@@ -353,7 +353,7 @@ stop_nodes() {  # the nodes this folder's slurm.conf names, whatever ASSET_SLURM
         remove_node "$n"
     done
     # the bridge serves the namespaced nodes only: a one-node cluster in another folder leaves it alone
-    [[ $namespaced == 1 ]] && ip link del "$BRIDGE" 2>/dev/null
+    [[ $namespaced == 1 ]] && { ip link del "$BRIDGE" 2>/dev/null || true; }
     return 0
 }
 

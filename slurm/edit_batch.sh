@@ -10,10 +10,18 @@
 #SBATCH --open-mode=append
 #SBATCH --output=slurm/logs/%x-%j.out
 #
-# Batch editing: `asset-dist edit-batch` on every task (one per GPU). Each rank takes every world-th edit
-# of the sorted edit ids (rank and world size from asset_dist.distenv), so each edit is done once, and
-# writes RUN_DIR/<edit_id>/sample_<k>.png, a preview and a record; the last rank to finish writes
-# RUN_DIR/manifest.jsonl. The output folder is the run folder (edit-batch --out defaults to paths.run_dir).
+# Batch editing: `asset-dist edit-batch` on every task (one per GPU). The tasks claim chunks of
+# infer.claim_chunk edits on the shared filesystem as they need work (RUN_DIR/claims/), so each edit is done
+# once and fast and slow GPUs finish together; each writes RUN_DIR/<edit_id>/sample_<k>.png, a preview and a
+# record; the last worker to finish writes RUN_DIR/manifest.jsonl and summary.json (per worker and node:
+# edits, busy and idle time). The output folder is the run folder (edit-batch --out defaults to paths.run_dir).
+#
+# More workers for a running batch (another job, an array, other nodes): the same config and overrides, the
+# batch's run folder, and --join (a different config or edit set is refused by name):
+#   RUN_DIR=runs/asset-edit-1234 TRAIN_CMD="python -m asset_dist.cli edit-batch --join" \
+#       sbatch -N 2 slurm/edit_batch.sh configs/landscape_sga1024.yaml infer.edits=... infer.sga_weights=...
+# A worker that dies (node loss, scancel of a helper job) leaves claims whose heartbeat stops: after
+# infer.claim_lease_s the others take them over and redo the edits without a record.
 #
 # Submit from the repository root (relative paths - config, run folder, log - start there):
 #   sbatch slurm/edit_batch.sh [CONFIG] [KEY=VALUE ...]

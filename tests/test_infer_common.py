@@ -33,6 +33,7 @@ infer:
   batch_size: 3
   blend_band: 8
   preview_size: 64
+  claim_chunk: 1
 """
 
 
@@ -129,6 +130,24 @@ def small_edit_set(out: Path, with_bad: bool = True, with_512: bool = True) -> l
         recs.append(bad)
     write_edit_shards(out, recs, samples_per_shard=2)
     return [s[0] for s in specs]
+
+
+def many_edits(out: Path, n: int, side: int = 256) -> list[str]:
+    """n edits e000.. of the sflckr samples at side px (holes of a quarter of the height, four classes), for
+    runs that need more edits than small_edit_set (claims, benchmarks). Returns their ids."""
+    from asset_dist.infer.edits import make_record, write_edit_shards
+
+    table, recs, ids = ClassTable(182), [], []
+    for k in range(n):
+        img, lab = square(k % 6, side)
+        y = side // 8 + (k % 5) * side // 16
+        cid = table.lookup(("sea", "tree", "snow", "grass")[k % 4])
+        recs.append(make_record(f"e{k:03d}", png(img), png(lab), png(rect_mask(side, y, y + side // 4, side // 5,
+                                                                            side * 5 // 8)),
+                                class_id=cid, class_name=table.name(cid), num_classes=182, label_shift=0))
+        ids.append(f"e{k:03d}")
+    write_edit_shards(out, recs, samples_per_shard=4)
+    return ids
 
 
 def cli_env() -> dict:

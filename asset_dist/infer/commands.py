@@ -73,9 +73,10 @@ def precompute_main(args) -> int:
 def add_batch_args(p: argparse.ArgumentParser) -> None:
     p.description = ("Edit every record of an edit set (photos of any size): one process per GPU (torchrun or srun "
                      "via slurm/edit_batch.sh), each edit done once, the edits' rows sampled with continuous "
-                     "batching. Writes OUT/<edit_id>/sample_<k>.png and a preview (or WebDataset shards: "
-                     "--out-format shards), OUT/manifest.jsonl and OUT/summary.json. Restart the same command to "
-                     "finish a killed run.")
+                     "batching; workers claim chunks of edits as they go (infer.claim_chunk), so fast and slow "
+                     "ones finish together and `--join` adds workers to a running batch. Writes "
+                     "OUT/<edit_id>/sample_<k>.png and a preview (or WebDataset shards: --out-format shards), "
+                     "OUT/manifest.jsonl and OUT/summary.json. Restart the same command to finish a killed run.")
     _common(p)
     p.add_argument("--guides", default=None, type=path_arg,
                    help="precomputed block picks (precompute-guides --out); missing or stale ones are computed "
@@ -86,6 +87,10 @@ def add_batch_args(p: argparse.ArgumentParser) -> None:
                    help="files: OUT/<edit_id>/sample_<k>.png ... (default); shards: WebDataset tars of --shard-size "
                         "edits per rank under OUT/shards/ (for large runs; gallery and evaluate read both)")
     p.add_argument("--shard-size", type=int_arg(1), default=100, help="edits per tar with --out-format shards")
+    p.add_argument("--join", action="store_true",
+                   help="help the edit-batch already running into --out (another process, sbatch job, array task "
+                        "or node): this command's config, overrides, --edits, --samples and --out-format must "
+                        "match it (else a named error); starts the batch itself when none runs")
 
 
 def batch_main(args) -> int:
@@ -95,7 +100,7 @@ def batch_main(args) -> int:
     out = args.out or cfg.paths.run_dir
     return run_batch_edits(cfg, _edits(args, cfg), out, guides_dir=args.guides or cfg.infer.guides or None,
                            samples=args.samples, device=args.device, retry_failed=args.retry_failed,
-                           out_format=args.out_format, shard_size=args.shard_size)
+                           out_format=args.out_format, shard_size=args.shard_size, join=args.join)
 
 
 # ------------------------------------------------------------------------------------------- edit

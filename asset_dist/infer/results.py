@@ -3,15 +3,17 @@
 files (default, small runs)
     OUT/<edit_id>/sample_<k>.png, preview.png, record.json   each written atomically, the record last
 shards (`--out-format shards`: a million edits are a million files on a parallel filesystem otherwise)
-    OUT/shards/edits-r<rank>-<seq>.tar   one tar per `shard_size` finished edits of a rank, written atomically
+    OUT/shards/edits-<worker>-<seq>.tar  one tar per `shard_size` finished edits of a worker (r<rank>, or
+                                         r<rank>x<id> for a helper that joined the batch), written atomically
                                          (temp file + rename): members <edit_id>.sample_<k>.png,
                                          <edit_id>.preview.png, <edit_id>.record.json (webdataset's key.ext
                                          layout: `tar`, the webdataset library, `asset-dist gallery` and
                                          `asset-dist evaluate edits` read them)
     OUT/shards.json                      with the manifest: every tar, its edits, bytes and sha256
-An edit is done once its record is in a complete tar; a killed run loses at most the edits of the tar being
-filled (fewer than shard_size per rank) and redoes them on restart: each edit ends in exactly one tar (a
-`--retry-failed` rerun adds a newer record for the edit; readers take the newest).
+An edit is done once its record is in a complete tar; a killed worker loses at most the edits of the tar being
+filled (fewer than shard_size) and they are redone (by whoever takes over its claims, or on restart): each edit
+ends in exactly one tar, because a worker writes a tar only with the edits of chunks it still holds (`keep`,
+asset_dist/infer/claims.py) (a `--retry-failed` rerun adds a newer record for the edit; readers take the newest).
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ RECORD = "record.json"
 SHARDS = "shards"
 SHARD_INDEX = "shards.json"
 FORMATS = ("files", "shards")
-_TAR = re.compile(r"edits-r(\d+)-(\d+)\.tar$")
+_TAR = re.compile(r"edits-(r\d+(?:x[0-9a-f]+)?)-(\d+)\.tar$")
 
 
 def _good(rec) -> bool:
@@ -61,15 +63,20 @@ class FileStore:
         for tmp in self.path(edit_id).glob(".*.tmp"):  # left by a killed run: never complete
             tmp.unlink(missing_ok=True)
 
-    def put(self, edit_id: str, files: dict[str, bytes], record: dict) -> list[str]:
-        """Write the edit now; returns the edit ids written (for logs)."""
+    def put(self, edit_id: str, files: dict[str, bytes], record: dict, keep=None) -> list[str]:
+        """Write the edit now (unless keep([id]) drops it: its claim was lost); returns the edit ids written."""
+        if keep is not None and edit_id not in keep([edit_id]):
+            return []
         for name, data in files.items():
             atomic_write_bytes(self.path(edit_id, name), data)
         atomic_write_json(self.path(edit_id, RECORD), record)
         return [edit_id]
 
-    def flush(self) -> list[str]:
+    def flush(self, keep=None) -> list[str]:
         return []
+
+    def refresh(self) -> None:
+        pass
 
     def finish(self) -> None:
         pass
@@ -80,11 +87,13 @@ class ShardStore:
 
     kind = "shards"
 
-    def __init__(self, out: Path, rank: int = 0, shard_size: int = 100):
+    def __init__(self, out: Path, rank: int = 0, shard_size: int = 100, worker: str = ""):
         self.out, self.rank, self.shard_size = Path(out), rank, max(1, int(shard_size))
+        self.worker = worker or f"r{rank:04d}"  # the tars' name: one writer per name
         self.dir = self.out / SHARDS
         self.buffer: list[tuple[str, dict[str, bytes]]] = []
         self._index: Optional[dict[str, tuple[Path, dict, dict]]] = None  # id -> (tar, record, members)
+        self._seen: set[str] = set()  # tars indexed
 
     # ---------------------------------------------------------------------------------------------- reading
 
@@ -93,13 +102,23 @@ class ShardStore:
 
     def index(self) -> dict[str, tuple[Path, dict, dict]]:
         if self._index is None:
-            self._index = {}
-            for tar in self.tars():
-                for eid, rec, members in _read_tar_index(tar):
-                    old = self._index.get(eid)
-                    if old is None or rec.get("time", 0) >= old[1].get("time", 0):
-                        self._index[eid] = (tar, rec, members)
+            self._index, self._seen = {}, set()
+            self.refresh()
         return self._index
+
+    def refresh(self) -> None:
+        """Index the tars written since the last look (other workers write theirs while we run)."""
+        if self._index is None:
+            self.index()
+            return
+        for tar in self.tars():
+            if tar.name in self._seen:
+                continue
+            self._seen.add(tar.name)
+            for eid, rec, members in _read_tar_index(tar):
+                old = self._index.get(eid)
+                if old is None or rec.get("time", 0) >= old[1].get("time", 0):
+                    self._index[eid] = (tar, rec, members)
 
     def read_record(self, edit_id: str) -> Optional[dict]:
         got = self.index().get(edit_id)
@@ -119,24 +138,28 @@ class ShardStore:
 
     def begin(self, edit_id: str) -> None:
         if not getattr(self, "_cleaned", False) and self.dir.is_dir():  # this rank's tar a killed run left half
-            for tmp in self.dir.glob(f".edits-r{self.rank:04d}-*.tmp"):
+            for tmp in self.dir.glob(f".edits-{self.worker}-*.tmp"):
                 tmp.unlink(missing_ok=True)
         self._cleaned = True
 
-    def put(self, edit_id: str, files: dict[str, bytes], record: dict) -> list[str]:
+    def put(self, edit_id: str, files: dict[str, bytes], record: dict, keep=None) -> list[str]:
         self.buffer.append((edit_id, {**files, RECORD: record}))
-        return self.flush() if len(self.buffer) >= self.shard_size else []
+        return self.flush(keep) if len(self.buffer) >= self.shard_size else []
 
-    def flush(self) -> list[str]:
-        """Write the buffered edits as the rank's next tar (atomic). Returns their ids."""
+    def flush(self, keep=None) -> list[str]:
+        """Write the buffered edits as the worker's next tar (atomic), leaving out those keep(ids) drops (their
+        claim was lost: another worker writes them). Returns the ids written."""
+        if keep is not None and self.buffer:
+            kept = keep([eid for eid, _ in self.buffer])
+            self.buffer = [b for b in self.buffer if b[0] in kept]
         if not self.buffer:
             return []
         from asset_dist.data.shardwriter import write_tar
 
         self.dir.mkdir(parents=True, exist_ok=True)
-        seq = 1 + max([int(m.group(2)) for p in self.dir.glob(f"edits-r{self.rank:04d}-*.tar")
-                       if (m := _TAR.search(p.name))] + [-1])
-        path = self.dir / f"edits-r{self.rank:04d}-{seq:06d}.tar"
+        seq = 1 + max([int(m.group(2)) for p in self.dir.glob(f"edits-{self.worker}-*.tar")
+                       if (m := _TAR.search(p.name)) and m.group(1) == self.worker] + [-1])
+        path = self.dir / f"edits-{self.worker}-{seq:06d}.tar"
         samples = []
         for eid, parts in self.buffer:
             rec = {**parts[RECORD], "shard": path.name}
@@ -145,7 +168,6 @@ class ShardStore:
         write_tar(path, samples)
         ids = [eid for eid, _ in self.buffer]
         self.buffer.clear()
-        self._index = None
         return ids
 
     def finish(self) -> None:
@@ -187,11 +209,11 @@ def _read_tar_index(path: Path) -> list[tuple[str, dict, dict]]:
         return []
 
 
-def open_results(out: Path, kind: Optional[str] = None, rank: int = 0, shard_size: int = 100):
+def open_results(out: Path, kind: Optional[str] = None, rank: int = 0, shard_size: int = 100, worker: str = ""):
     """The store of an edit-batch output: `kind` when writing, else detected (a shards/ folder)."""
     out = Path(out)
     if kind is None:
         kind = "shards" if (out / SHARDS).is_dir() else "files"
     if kind not in FORMATS:
         raise ValueError(f"unknown output format {kind!r} (choose {' or '.join(FORMATS)})")
-    return ShardStore(out, rank, shard_size) if kind == "shards" else FileStore(out)
+    return ShardStore(out, rank, shard_size, worker) if kind == "shards" else FileStore(out)

@@ -1,7 +1,10 @@
 """The edit runner: edits -> guide picks (256) -> sampled hole tokens -> decoded, blended images.
 
-One process per device (torchrun, or srun via slurm/edit_batch.sh). Rank r takes every world-th edit of the
-sorted id list (`edits.split_for_rank`), so each edit is done exactly once with no communication. The
+One process per device (torchrun, or srun via slurm/edit_batch.sh), plus any helpers started with `--join`.
+Workers claim chunks of `infer.claim_chunk` edits of the sorted id list on the shared filesystem as they need
+work (`claims.py`: exclusive claim files with heartbeats, expired ones taken over), so each edit is done exactly
+once, fast and slow workers finish together and a dead worker's edits are redone by the others;
+`infer.claim_chunk=0` keeps the static split (rank r takes every world-th id: `edits.split_for_rank`). The
 (edit, sample) rows of all its edits feed one queue of the continuous sampler (`scheduler.py`), which keeps
 `infer.batch_size` rows sampling, each at its own position, whatever their masks (rows of other image sizes
 wait for their own lane); the runner only feeds the queue and collects finished rows.
@@ -14,23 +17,30 @@ Outputs under OUT (all written atomically):
     <edit_id>/sample_<k>.png   the k-th edited image (PNG: outside the blend band it equals the input)
     <edit_id>/preview.png      input | hole | edited labels | samples, side by side
     <edit_id>/record.json      status, timings, token counts, error; written last = the edit is done
-    logs/rank<r>.jsonl         what each rank did, one line per edit (appended)
+    logs/<worker>.jsonl        what each worker (rank<r>, a helper rank<r>-<id>) wrote, one line per edit
+    claims/                    the claim session: session.json and one file per chunk (claims.py)
     run.json, config.yaml      the settings; a restart with other settings is refused
-    logs/rank<r>.stats.jsonl   the sampling schedule of each session of each rank
-    manifest.jsonl             every record in id order, written by whichever rank finds all edits done
-    summary.json               with the manifest: hole tokens, decode steps, batch size, rows active per step and
-                               efficiency (steps x batch / hole tokens) per rank
+    logs/<worker>.stats.jsonl  the sampling schedule and timing of each session of each worker
+    manifest.jsonl             every record in id order, written by whichever worker finds all edits done
+    summary.json               with the manifest: per worker hole tokens, decode steps, batch size, rows active per
+                               step, efficiency (steps x batch / hole tokens), edits written, busy time and idle
+                               time at the end; per node; in total
 A killed run restarted with the same command skips edits that have a record.
 """
 from __future__ import annotations
 
+import contextlib
+import itertools
 import json
+import os
 import signal
+import socket
 import sys
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -40,6 +50,7 @@ import asset_dist.official.attention  # noqa: F401  registers transformer.sga_se
 from asset_dist.config import Config, save_config, validate
 from asset_dist.data.views import image_to_unit
 from asset_dist.infer import canvas as C
+from asset_dist.infer import claims
 from asset_dist.infer import guides as G
 from asset_dist.infer.classes import table_for_config
 from asset_dist.infer.edits import Edit, EditError, EditFiles, EditSet, decode_edit, png_bytes, split_for_rank
@@ -335,7 +346,7 @@ def write_manifest_if_complete(out: Path, all_ids: list[str], store=None) -> boo
     return True
 
 
-def _check_run_settings(out: Path, settings: dict, env: DistEnv) -> None:
+def _check_run_settings(out: Path, settings: dict, write: bool) -> None:
     path = out / "run.json"
     if path.is_file():
         try:
@@ -346,7 +357,7 @@ def _check_run_settings(out: Path, settings: dict, env: DistEnv) -> None:
             diff = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
             raise ValueError(f"{out} holds a run with other settings (saved vs now: {diff}); use another --out "
                              "or the same settings")
-    if env.is_main:
+    if write:
         atomic_write_json(path, settings)
 
 
@@ -377,10 +388,12 @@ def _log(msg: str) -> None:
 def run_batch_edits(cfg: Config, edits: str, out: str | Path, *, guides_dir: Optional[str] = None,
                     samples: Optional[int] = None, device: str = "auto", retry_failed: bool = False,
                     redo: bool = False, env: Optional[DistEnv] = None, edit_set=None, out_format: str = "files",
-                    shard_size: int = 100) -> int:
-    """edit-batch: this rank's share of the edits; returns 0, or EXIT_REQUEUE when stopped by a signal.
-    edit_set: anything with `.ids` and `.load(id)` instead of shards; redo: ignore existing records;
-    out_format: "files" (OUT/<id>/...) or "shards" (tars of shard_size edits per rank: results.py).
+                    shard_size: int = 100, join: bool = False) -> int:
+    """edit-batch: this worker's part of the edits; returns 0, or EXIT_REQUEUE when stopped by a signal.
+    edit_set: anything with `.ids` and `.load(id)` instead of shards; redo: ignore existing records (and claim
+    nothing: the single-edit command); out_format: "files" (OUT/<id>/...) or "shards" (tars of shard_size edits
+    per worker: results.py); join: help the edit-batch already running in `out` (same settings and edits: else
+    JoinRefused), or start it when none runs.
     Checks come first (config, --samples, a writable output folder, the weight files), then the output folder's
     lock for the whole job (another run writing there is refused with LockHeld), then the work."""
     if out_format not in FORMATS:
@@ -388,9 +401,30 @@ def run_batch_edits(cfg: Config, edits: str, out: str | Path, *, guides_dir: Opt
     if shard_size < 1:
         raise InputError(f"--shard-size must be >= 1 (got {shard_size})")
     env, samples, out = start_run(cfg, out, samples, env, "edit-batch --out")
-    with job_lock(out, "edit-batch", env):
-        return _batch_edits(cfg, edits, out, guides_dir, samples, device, retry_failed, redo, env, edit_set,
-                            out_format, shard_size)
+    eset = edit_set if edit_set is not None else EditSet(edits, verify=cfg.data.verify)
+    settings = _settings(cfg, samples, out_format)
+    chunk = 0 if redo else cfg.infer.claim_chunk
+    plan = _plan(cfg, eset, settings, chunk, out_format, shard_size)
+    lease = cfg.infer.claim_lease_s
+
+    def setup(lock) -> dict:
+        _check_run_settings(out, settings, write=True)
+        save_config(cfg, out / "config.yaml")
+        if redo:  # the single-edit command: nobody joins it, no claims folder in its output
+            return {"session": lock.me["token"], "chunk": 0, "role": "primary"}
+        return {**claims.open_session(out, lock.me["token"], plan, lease), "role": "primary"}
+
+    def join_running(holder: dict) -> dict:
+        sess = claims.join_session(out, plan, holder)
+        _check_run_settings(out, settings, write=False)
+        return {**sess, "role": "helper"}
+
+    # with claims no final wait for every rank: a rank stops at once (a dead peer's node would hold it until
+    # SLURM kills the job), and a later run's new session voids whatever a straggler still holds
+    with job_lock(out, "edit-batch", env, setup=setup, join=join_running if join else None,
+                  wait_all=lambda sess: not sess.get("chunk")) as sess:
+        return _batch_edits(cfg, eset, out, guides_dir, samples, device, retry_failed, redo, env, out_format,
+                            shard_size, sess)
 
 
 def start_run(cfg: Config, out: str | Path, samples: Optional[int], env: Optional[DistEnv], what: str,
@@ -411,41 +445,94 @@ def edit_dir(out: Path, edit_id: str) -> Path:
     return inside(out, check_id(edit_id))
 
 
-def _batch_edits(cfg: Config, edits: str, out: Path, guides_dir: Optional[str], samples: int, device: str,
-                 retry_failed: bool, redo: bool, env: DistEnv, edit_set, out_format: str, shard_size: int) -> int:
-    eset = edit_set if edit_set is not None else EditSet(edits, verify=cfg.data.verify)
-    all_ids = eset.ids
-    mine = split_for_rank(all_ids, env.rank, env.world_size)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = weight_paths(cfg)
+def _settings(cfg: Config, samples: int, out_format: str) -> dict:
+    """What the outputs depend on (OUT/run.json): a restart or a joining worker must have the same."""
     i = cfg.infer
     settings = {"samples": samples, "seed": i.seed, "top_k": i.top_k, "temperature": i.temperature,
                 "precision": i.precision, "blend_levels": i.blend_levels, "blend_band": i.blend_band,
-                "token_hole": cfg.model.token_hole, "weights": paths, "resolution": canvas_resolution(cfg)}
+                "token_hole": cfg.model.token_hole, "weights": weight_paths(cfg), "resolution": canvas_resolution(cfg)}
     if out_format != "files":  # absent for the default: outputs of earlier versions stay resumable
         settings["out_format"] = out_format
-    _check_run_settings(out, settings, env)
-    store = open_results(out, out_format, env.rank, shard_size)
-    if env.is_main:
-        save_config(cfg, out / "config.yaml")
-    pending = []
-    for eid in mine:
-        rec = store.read_record(eid)
-        if redo or rec is None or (retry_failed and rec["status"] == "failed"):
-            pending.append(eid)
-    _log(f"[rank {env.rank}/{env.world_size}] {len(mine)} edit(s) of {len(all_ids)}, {len(mine) - len(pending)} "
-         f"already done, {len(pending)} to do -> {out}")
-    crashed = 0
-    if pending:
-        with _StopFlag() as stop:
-            stopped, crashed = _run_pending(cfg, eset, pending, out, samples, guides_dir, device, env, stop, store)
-            if stopped:
-                return EXIT_REQUEUE
-    if write_manifest_if_complete(out, all_ids, open_results(out, out_format, env.rank, shard_size)):
-        write_summary(out)
-        _log(f"[rank {env.rank}] all {len(all_ids)} edits done: {out / MANIFEST}, {out / SUMMARY}")
+    return settings
+
+
+def _plan(cfg: Config, eset, settings: dict, chunk: int, out_format: str, shard_size: int) -> dict:
+    """The batch as a joining worker must see it: digest of the settings, the edit set and the chunking."""
+    import hashlib
+
+    parts = {"settings": settings, "edits": {"count": len(eset.ids), "digest": claims.edit_set_digest(eset)},
+             "claim_chunk": chunk, "shard_size": shard_size if out_format == "shards" else None,
+             "preview_size": cfg.infer.preview_size}
+    digest = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+    return {"digest": digest, "parts": parts, "chunk": chunk,
+            "n_chunks": -(-len(eset.ids) // chunk) if chunk else 0}
+
+
+def _wanted(store, eid: str, redo: bool, retry_failed: bool) -> bool:
+    """Does edit `eid` still need computing? (no record, or a failed one under --retry-failed)"""
+    if redo:
+        return True
+    rec = store.read_record(eid)
+    return rec is None or (retry_failed and rec["status"] == "failed")
+
+
+def _batch_edits(cfg: Config, eset, out: Path, guides_dir: Optional[str], samples: int, device: str,
+                 retry_failed: bool, redo: bool, env: DistEnv, out_format: str, shard_size: int, sess: dict) -> int:
+    all_ids = eset.ids
+    helper = sess["role"] == "helper"
+    hid = uuid.uuid4().hex[:6] if helper else ""
+    worker = f"rank{env.rank}" + (f"-{hid}" if hid else "")
+    store = open_results(out, out_format, env.rank, shard_size, f"r{env.rank:04d}" + (f"x{hid}" if hid else ""))
+    me = claims.owner(env.rank, worker)
+    chunk = sess["chunk"]
+    host = me["host"]
+    if chunk:
+        board = claims.Board(out, sess["session"], sess["n_chunks"], me, sess["lease_s"],
+                             log=lambda m: _log(f"[{worker}] {m}"))
+        parts = claims.chunks(all_ids, chunk)
+        line = (f"[rank {env.rank}/{env.world_size}] {len(all_ids)} edit(s) of the batch in {len(parts)} chunk(s) "
+                f"of {chunk}, claimed as they go by every worker; {worker} on {host}"
+                + (" (joined the running batch)" if helper else ""))
+        if env.is_main and not helper:
+            todo = sum(_wanted(store, e, redo, retry_failed) for e in all_ids)
+            line += f": {len(all_ids) - todo} already done, {todo} to do"
+        _log(f"{line} -> {out}")
     else:
-        _log(f"[rank {env.rank}] finished its share; {out / MANIFEST} is written by the last rank to finish")
+        board, mine = None, split_for_rank(all_ids, env.rank, env.world_size)
+        pending = [e for e in mine if _wanted(store, e, redo, retry_failed)]
+        parts = [pending]
+        _log(f"[rank {env.rank}/{env.world_size}] {len(mine)} edit(s) of {len(all_ids)}, {len(mine) - len(pending)} "
+             f"already done, {len(pending)} to do -> {out}")
+    work = _Work(board, parts, store, redo, retry_failed)
+    if board is not None:
+        board.start()
+    try:
+        with _StopFlag() as stop:
+            crashed, report = _run_pending(cfg, eset, work, out, samples, guides_dir, device, env, stop, store,
+                                           worker, sess)
+    except claims.SessionGone as e:
+        _log(f"[{worker}] {e}: the edits it had not written are dropped (the new run redoes them); "
+             "run `edit-batch --join` again to help it")
+        return EXIT_REQUEUE
+    finally:
+        if board is not None:
+            board.stop()
+            board.release_all()  # unfinished chunks (a stop signal, an error): free for the others at once
+    _log(f"[rank {env.rank}] {worker} on {host}: {report['edits']} edit(s) written here, busy {report['busy_s']:.1f} "
+         f"s, idle at the end {report['wait_s']:.1f} s" + (" (waiting for the other workers' last chunks)" if board
+                                                             else ""))
+    complete = write_manifest_if_complete(out, all_ids, open_results(out, out_format, env.rank, shard_size))
+    if stop.set and not complete:
+        return EXIT_REQUEUE
+    if complete:
+        with _summary_mutex(out):
+            summ = write_summary(out)
+        _log(f"[rank {env.rank}] all {len(all_ids)} edits done: {out / MANIFEST}, {out / SUMMARY}")
+        for n in summ["nodes"]:
+            _log(f"  node {n['host']}: {n['workers']} worker(s), {n['edits']} edit(s), busy {n['busy_s']:.1f} s, "
+                 f"idle at the end {n['idle_end_s']:.1f} s")
+    else:
+        _log(f"[rank {env.rank}] finished its share; {out / MANIFEST} is written by the last worker to finish")
     if crashed:  # bad inputs are the data's problem (exit 0); an error while computing may be ours: say so
         _log(f"[rank {env.rank}] {crashed} edit(s) failed with an error while computing (see their records); "
              "rerun with --retry-failed after fixing the cause")
@@ -453,12 +540,81 @@ def _batch_edits(cfg: Config, edits: str, out: Path, guides_dir: Optional[str], 
     return 0
 
 
+class _Work:
+    """Where a worker's edits come from: a static share (board None: parts = [its pending ids]) or chunks claimed
+    one at a time (parts: every chunk's ids). `chunk_of` and `left` follow the chunks being edited until all
+    their edits are written; `keep` is the store's check that a chunk is still ours before its edits go out."""
+
+    def __init__(self, board: Optional["claims.Board"], parts: list[list[str]], store, redo: bool,
+                 retry_failed: bool):
+        self.board, self.parts, self.store = board, parts, store
+        self.redo, self.retry_failed = redo, retry_failed
+        self.chunk_of: dict[str, int] = {}
+        self.left: dict[int, int] = {}
+        self.first: Optional[int] = None  # a chunk claimed while waiting: the next pass starts with it
+        self.static_given = False
+
+    def chunks(self, stop: "_StopFlag") -> Iterator[list[str]]:
+        """The ids to edit, a chunk at a time (claimed just before it is needed); ends when nothing is free."""
+        if self.board is None:
+            if not self.static_given and self.parts[0]:
+                self.static_given = True
+                yield list(self.parts[0])
+            return
+        while not stop.set:
+            i, self.first = (self.first, None) if self.first is not None else (self.board.next_chunk(), None)
+            if i is None:
+                return
+            self.store.refresh()  # tars other workers wrote (a chunk taken over may be partly done)
+            todo = [e for e in self.parts[i] if _wanted(self.store, e, self.redo, self.retry_failed)]
+            if not todo:
+                self.board.done(i, {"edits": 0})
+                continue
+            self.left[i] = len(todo)
+            for e in todo:
+                self.chunk_of[e] = i
+            yield todo
+
+    def keep(self, ids: list[str]) -> set[str]:
+        if self.board is None:
+            return set(ids)
+        owned = {i: self.board.owns(i) for i in {self.chunk_of[e] for e in ids if e in self.chunk_of}}
+        return {e for e in ids if owned.get(self.chunk_of.get(e), True)}
+
+    def written(self, ids: list[str]) -> None:
+        for e in ids:
+            i = self.chunk_of.pop(e, None)
+            if i is None or i not in self.left:
+                continue
+            self.left[i] -= 1
+            if self.left[i] == 0:
+                del self.left[i]
+                self.board.done(i, {"edits": len(self.parts[i])})
+
+    def wait_for_others(self, stop: "_StopFlag", poll_s: float) -> bool:
+        """Nothing free: wait until every chunk is done (True), taking over any claim that expires (False: the
+        next pass starts with it). A stop signal ends the wait too (False)."""
+        if self.board is None:
+            return True
+        while not stop.set:
+            if self.board.all_done():
+                return True
+            i = self.board.next_chunk()
+            if i is not None:
+                self.first = i
+                return False
+            time.sleep(poll_s)
+        return False
+
+
 class _Settle:
     """Hands each edit's outputs and record to the store once all its samples are settled (sampled or failed);
     logs every edit the store has written (shards: when its tar is complete)."""
 
-    def __init__(self, runner: "EditRunner", store, env: DistEnv, log_path: Path, progress: Progress):
+    def __init__(self, runner: "EditRunner", store, env: DistEnv, log_path: Path, progress: Progress, work: _Work,
+                 worker: str):
         self.runner, self.store, self.env, self.log_path, self.progress = runner, store, env, log_path, progress
+        self.work, self.worker = work, worker
         self.left: dict[int, int] = {}  # id(Prepared) -> rows not settled yet
         self.status: dict[str, str] = {}
         self.failed = self.crashed = self.written = 0
@@ -478,70 +634,96 @@ class _Settle:
         if rec["status"] != "ok":
             self.failed += 1
             _log(f"[rank {self.env.rank}] FAILED {rec['error']}")
-        self.log(self.store.put(eid, files or {}, rec))
+        rec["worker"] = self.worker
+        self.log(self.store.put(eid, files or {}, rec, keep=self.work.keep))
         self.progress.edit_done()
 
     def log(self, ids: list[str]) -> None:
         with open(self.log_path, "a") as f:
             for eid in ids:
                 f.write(json.dumps({"edit": eid, "status": self.status.pop(eid), "rank": self.env.rank,
-                                    "world_size": self.env.world_size, "time": time.time()}) + "\n")
+                                    "worker": self.worker, "world_size": self.env.world_size,
+                                    "time": time.time()}) + "\n")
         self.written += len(ids)
+        self.work.written(ids)
 
     def close(self) -> None:
-        self.log(self.store.flush())
+        self.log(self.store.flush(keep=self.work.keep))
 
 
-def _run_pending(cfg: Config, eset, pending: list[str], out: Path, samples: int, guides_dir: Optional[str],
-                 device: str, env: DistEnv, stop: "_StopFlag", store) -> tuple[bool, int]:
-    """The edits of `pending` -> (stopped by a signal, edits that failed while computing).
+def _run_pending(cfg: Config, eset, work: _Work, out: Path, samples: int, guides_dir: Optional[str],
+                 device: str, env: DistEnv, stop: "_StopFlag", store, worker: str, sess: dict
+                 ) -> tuple[int, dict]:
+    """The edits `work` gives -> (edits that failed while computing, this worker's report).
 
     Edits are read and prepared a window at a time (tokenizers, guide picks for the window's rows); their
     (edit, sample) rows feed the continuous sampler's queue, which keeps `infer.batch_size` rows sampling; an
-    edit's images and record are written as soon as its last row is sampled."""
+    edit's images and record are written as soon as its last row is sampled. With claims a pass lasts while free
+    chunks do; then the worker waits for the others' last chunks, taking over any whose claim expires. The models
+    are loaded when the first edit to compute turns up (a finished batch loads nothing)."""
     i = cfg.infer
-    models = load_models(cfg, pick_device(env, device))
-    runner = EditRunner(cfg, models, samples, guides_dir)
-    per_window = max(1, -(-i.batch_size // samples))
-    log_path = out / "logs" / f"rank{env.rank}.jsonl"
+    t_start = time.time()
+    log_path = out / "logs" / f"{worker}.jsonl"
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    progress = Progress(f"[rank {env.rank}] sampling", len(pending))
-    settle = _Settle(runner, store, env, log_path, progress)
+    total_edits = len(eset.ids) if work.board is not None else len(work.parts[0])
+    batch = min(i.batch_size, max(1, total_edits) * samples)  # slots hold whole caches: no more than there are rows
+    per_window = max(1, -(-i.batch_size // samples))
+    stats = ScheduleStats(batch_size=0)
+    report = {"edits": 0, "busy_s": 0.0, "wait_s": 0.0, "load_s": 0.0}
+    progress = Progress(f"[rank {env.rank}] sampling" + (" (chunks claimed so far)" if work.board else ""),
+                        0 if work.board is not None else total_edits)
+    m: dict = {}  # models, runner, sampler: loaded on first use
 
-    def rows():
-        for c in range(0, len(pending), per_window):
+    def load() -> None:
+        t0 = time.perf_counter()
+        m["models"] = load_models(cfg, pick_device(env, device))
+        m["runner"] = EditRunner(cfg, m["models"], samples, guides_dir)
+        m["sampler"] = ContinuousSampler(m["runner"].sampling_model, batch, top_k=i.top_k,
+                                         temperature=i.temperature, lookahead=2 * batch)
+        report["load_s"] = time.perf_counter() - t0
+
+    settle = _Settle(None, store, env, log_path, progress, work, worker)
+
+    def rows(todos):
+        runner = m["runner"]
+        for todo in todos:
+            if work.board is not None:
+                progress.edits += len(todo)
+            for c in range(0, len(todo), per_window):
+                if stop.set:
+                    break
+                preps = []
+                for eid in todo[c:c + per_window]:
+                    store.begin(eid)
+                    try:
+                        preps.append(runner.prepare(eset.load(eid)))
+                    except EditError as e:
+                        settle.record(eid, failed_record(eid, str(e), env))
+                    except Exception as e:  # noqa: BLE001 - one edit never stops the batch; counted as a crash
+                        settle.crashed += 1
+                        settle.record(eid, failed_record(eid, f"edit {eid!r}: {type(e).__name__}: {e}", env))
+                if m["models"].sga is not None:
+                    runner.run_rows([(p, k) for p in preps for k in range(samples)], runner.guide_batch)
+                for p in preps:
+                    settle.expect(p, samples)
+                    if p.error is not None:  # the guide failed on it
+                        progress.queued(0, 1)
+                        for _ in range(samples):
+                            settle.row(p)
+                        continue
+                    rs = runner.sample_rows(p)
+                    progress.queued(sum(r.n_hole for r in rs), 1)
+                    yield from rs
+                progress.queued(0, len(todo[c:c + per_window]) - len(preps))  # failed to prepare: nothing to sample
             if stop.set:
-                _log(f"[rank {env.rank}] stop signal: {len(pending) - c} edit(s) left for the restart")
+                _log(f"[rank {env.rank}] stop signal: the edits not started are left for the restart")
                 return
-            preps = []
-            for eid in pending[c:c + per_window]:
-                store.begin(eid)
-                try:
-                    preps.append(runner.prepare(eset.load(eid)))
-                except EditError as e:
-                    settle.record(eid, failed_record(eid, str(e), env))
-                except Exception as e:  # noqa: BLE001 - one edit never stops the batch; counted as a crash
-                    settle.crashed += 1
-                    settle.record(eid, failed_record(eid, f"edit {eid!r}: {type(e).__name__}: {e}", env))
-            if models.sga is not None:
-                runner.run_rows([(p, k) for p in preps for k in range(samples)], runner.guide_batch)
-            for p in preps:
-                settle.expect(p, samples)
-                if p.error is not None:  # the guide failed on it
-                    progress.queued(0, 1)
-                    for _ in range(samples):
-                        settle.row(p)
-                    continue
-                rows = runner.sample_rows(p)
-                progress.queued(sum(r.n_hole for r in rows), 1)
-                yield from rows
-            progress.queued(0, len(pending[c:c + per_window]) - len(preps))  # failed to prepare: nothing to sample
 
     def done(row: Row, tokens: torch.Tensor) -> None:
         p = row.key[0]
         if p.error is None:
             try:
-                runner.sampled(row, tokens)
+                m["runner"].sampled(row, tokens)
             except Exception as e:  # noqa: BLE001 - isolate the edit that fails
                 p.error = f"edit {p.edit_id!r}: {type(e).__name__}: {e}"
         settle.row(p)
@@ -551,19 +733,41 @@ def _run_pending(cfg: Config, eset, pending: list[str], out: Path, samples: int,
         p.error = p.error or f"edit {p.edit_id!r}: {type(e).__name__}: {e}"
         settle.row(p)
 
-    batch = min(i.batch_size, len(pending) * samples)  # slots hold whole caches: no more than there are rows
-    sampler = ContinuousSampler(runner.sampling_model, batch, top_k=i.top_k, temperature=i.temperature,
-                                lookahead=2 * batch)
-    try:
-        stats = sampler.run(rows(), done, failed, on_step=progress.sampled)
-    finally:
-        settle.close()  # the rank's last, partial tar (shards)
+    poll_s = min(2.0, max(0.05, i.claim_lease_s / 8))
+    work_end = time.time()
+    while True:
+        t1 = time.perf_counter()
+        todos = work.chunks(stop)
+        first = next(todos, None)
+        if first is not None:
+            if not m:
+                load()
+                settle.runner = m["runner"]
+            try:
+                stats.add(m["sampler"].run(rows(itertools.chain([first], todos)), done, failed,
+                                           on_step=progress.sampled))
+            finally:
+                settle.close()  # the worker's last, partial tar (shards): its chunks are done once it is written
+            report["busy_s"] += time.perf_counter() - t1
+            work_end = time.time()
+        t2 = time.perf_counter()
+        finished = stop.set or work.wait_for_others(stop, poll_s)
+        report["wait_s"] += time.perf_counter() - t2
+        if finished:
+            break
+    report["edits"] = settle.written
+    if not m:  # nothing computed here: no schedule to report
+        return settle.crashed, report
     progress.close()
-    append_stats(out, env, stats)
+    append_stats(out, env, stats, {"worker": worker, "host": socket.gethostname(), "session": sess.get("session"),
+                                   "role": sess.get("role"), "claim_chunk": sess.get("chunk", 0),
+                                   "started": t_start, "work_end": work_end, "ended": time.time(),
+                                   "edits": settle.written, "load_s": round(report["load_s"], 3),
+                                   "busy_s": round(report["busy_s"], 3), "wait_s": round(report["wait_s"], 3)})
     _log(f"[rank {env.rank}] done: {settle.written - settle.failed} ok, {settle.failed} failed; sampling: "
          f"{stats.sampled} hole tokens in {stats.steps} steps of {stats.batch_size} rows "
          f"(efficiency {stats.efficiency:.3f}, 1.0 = every row busy every step)")
-    return stop.set and settle.written < len(pending), settle.crashed
+    return settle.crashed, report
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -574,44 +778,91 @@ STATS = "stats.jsonl"
 SUMMARY = "summary.json"
 
 
-def append_stats(out: Path, env: DistEnv, stats: ScheduleStats) -> None:
-    """One line per session of this rank (a resumed run adds one): OUT/logs/rank<r>.stats.jsonl."""
-    with open(out / "logs" / f"rank{env.rank}.{STATS}", "a") as f:
+def append_stats(out: Path, env: DistEnv, stats: ScheduleStats, extra: Optional[dict] = None) -> None:
+    """One line per session of this worker (a resumed run adds one): OUT/logs/<worker>.stats.jsonl."""
+    worker = (extra or {}).get("worker", f"rank{env.rank}")
+    with open(out / "logs" / f"{worker}.{STATS}", "a") as f:
         f.write(json.dumps({"rank": env.rank, "world_size": env.world_size, "time": time.time(),
-                            **stats.to_dict()}) + "\n")
+                            **stats.to_dict(), **(extra or {})}) + "\n")
+
+
+@contextlib.contextmanager
+def _summary_mutex(out: Path, wait_s: float = 60.0) -> Iterator[None]:
+    """Serializes the summary's writers: each appends its stats first, so the last to write sees every line.
+    A mutex left by a dead process is broken after wait_s."""
+    path = out / "logs" / ".summary.lock"
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+            break
+        except FileExistsError:
+            if time.monotonic() > deadline:
+                path.unlink(missing_ok=True)
+                deadline = time.monotonic() + wait_s
+            time.sleep(0.05)
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
 
 
 def write_summary(out: Path) -> dict:
-    """OUT/summary.json: the sampling schedule per rank (summed over its sessions) and in total; efficiency =
-    decode steps x batch size / hole tokens sampled (1.0 = every row of the batch sampled one of its own hole
-    tokens at every step)."""
-    per: dict[int, dict] = {}
+    """OUT/summary.json: per worker (a rank of the job or a helper that joined; summed over its sessions) the
+    sampling schedule - efficiency = decode steps x batch size / hole tokens sampled (1.0 = every row of the
+    batch sampled one of its own hole tokens at every step) - and the load balance: edits written, busy time,
+    idle time at the end (the session's last worker to run out of work, minus this one); then per node and in
+    total."""
+    lines = []
     for path in sorted((out / "logs").glob(f"rank*.{STATS}")):
         for line in path.read_text().splitlines():
             try:
-                r = json.loads(line)
+                lines.append(json.loads(line))
             except ValueError:
                 continue
-            a = per.setdefault(int(r["rank"]), {"rank": int(r["rank"]), "sessions": 0, "batch_size": 0,
-                                                "hole_tokens_sampled": 0, "decode_steps": 0, "rows": 0,
-                                                "row_steps": 0.0, "encode_s": 0.0, "step_s": 0.0})
-            a["sessions"] += 1
-            a["batch_size"] = max(a["batch_size"], int(r["batch_size"]))
-            for k in ("hole_tokens_sampled", "decode_steps", "rows", "encode_s", "step_s"):
-                a[k] += r[k]
-            a["row_steps"] += r["mean_rows_active"] * r["decode_steps"]
+    session_end: dict = {}
+    for r in lines:
+        if "work_end" in r:
+            session_end[r.get("session")] = max(session_end.get(r.get("session"), 0.0), r["work_end"])
+    per: dict[str, dict] = {}
+    for r in lines:
+        w = r.get("worker", f"rank{r['rank']}")
+        a = per.setdefault(w, {"worker": w, "rank": int(r["rank"]), "host": r.get("host", ""), "sessions": 0,
+                               "batch_size": 0, "hole_tokens_sampled": 0, "decode_steps": 0, "rows": 0,
+                               "row_steps": 0.0, "encode_s": 0.0, "step_s": 0.0, "edits": 0, "busy_s": 0.0,
+                               "idle_end_s": 0.0})
+        a["sessions"] += 1
+        a["batch_size"] = max(a["batch_size"], int(r["batch_size"]))
+        for k in ("hole_tokens_sampled", "decode_steps", "rows", "encode_s", "step_s", "edits", "busy_s"):
+            a[k] += r.get(k, 0)
+        a["row_steps"] += r["mean_rows_active"] * r["decode_steps"]
+        if "work_end" in r:
+            a["idle_end_s"] += session_end[r.get("session")] - r["work_end"]
 
     def finish(a: dict) -> dict:
         steps, tok = a["decode_steps"], a["hole_tokens_sampled"]
         a["mean_rows_active"] = round(a.pop("row_steps") / steps, 3) if steps else 0.0
         a["efficiency"] = round(steps * a["batch_size"] / tok, 4) if tok else None
-        a["encode_s"], a["step_s"] = round(a["encode_s"], 2), round(a["step_s"], 2)
+        for k in ("encode_s", "step_s", "busy_s", "idle_end_s"):
+            a[k] = round(a[k], 2)
         return a
 
-    ranks = [finish(a) for _, a in sorted(per.items())]
-    total = {k: sum(r[k] for r in ranks) for k in ("hole_tokens_sampled", "decode_steps", "rows")}
-    summary = {"ranks": ranks, "total": total,
-               "note": "efficiency = decode_steps x batch_size / hole_tokens_sampled per rank (1.0 ideal)"}
+    ranks = [finish(a) for _, a in sorted(per.items(), key=lambda kv: (kv[1]["rank"], kv[0]))]
+    nodes: dict[str, dict] = {}
+    for r in ranks:
+        n = nodes.setdefault(r["host"], {"host": r["host"], "workers": 0, "edits": 0, "busy_s": 0.0,
+                                         "idle_end_s": 0.0})
+        n["workers"] += 1
+        for k in ("edits", "busy_s", "idle_end_s"):
+            n[k] = round(n[k] + r[k], 2)
+    total = {k: sum(r[k] for r in ranks) for k in ("hole_tokens_sampled", "decode_steps", "rows", "edits")}
+    busy, idle = sum(r["busy_s"] for r in ranks), sum(r["idle_end_s"] for r in ranks)
+    total.update(busy_s=round(busy, 2), idle_end_s=round(idle, 2),
+                 idle_fraction=round(idle / (busy + idle), 4) if busy + idle > 0 else 0.0)
+    summary = {"ranks": ranks, "nodes": list(nodes.values()), "total": total,
+               "note": "ranks: one entry per worker (a rank of the job, or a helper that joined with --join); "
+                       "efficiency = decode_steps x batch_size / hole_tokens_sampled (1.0 ideal); idle_end_s = "
+                       "time from the worker running out of edits to the last worker of its session doing so"}
     atomic_write_json(out / SUMMARY, summary)
     return summary
 
