@@ -14,11 +14,12 @@ NPROC=${NPROC:-2}
 PORT=${PORT:-29531}
 COUNT=${COUNT:-400}
 RULES=${RULES:-copy_v,mirror_v,rot180}
-SIZE=${SIZE:-512}
+SIZE=${SIZE:-256}
+COLOURS=${COLOURS:-4}
 EVAL_SAMPLES=${EVAL_SAMPLES:-0}
 FIGURE=${FIGURE:-4}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} PYTHONUNBUFFERED=1
-read -r VQ_STEPS SEG_STEPS GUIDE_STEPS SGA_STEPS <<< "${STEPS:-1200 150 2500 600}"
+read -r VQ_STEPS SEG_STEPS GUIDE_STEPS SGA_STEPS <<< "${STEPS:-400 60 2500 200}"
 t0=$(date +%s)
 phase() { echo; echo "== [$(( $(date +%s) - t0 )) s] $*"; }
 NOISE="real_accelerator\|FutureWarning\|warnings.warn\|UserWarning\|for batch in\|return func(\*args"
@@ -30,7 +31,7 @@ dist() {
 
 phase "1/4 scenes ($COUNT per rule: $RULES, ${SIZE} px) -> $OUT/raw, shards -> $OUT/shards"
 [ -f "$OUT/raw/sources.json" ] || python data_tools/make_longrange.py --out "$OUT/raw" --count "$COUNT" \
-  --size "$SIZE" --rules "$RULES" --background mosaic --textures flat,mosaic --seed 0
+  --size "$SIZE" --rules "$RULES" --background mosaic --textures flat,mosaic --cell 16 --colours "$COLOURS" --seed 0
 python data_tools/shard.py --images "$OUT/raw/images" --labels "$OUT/raw/labels" --out "$OUT/shards" \
   --samples-per-shard 100 --val-fraction 0.1 --seed 0 --workers 2 --resume
 
@@ -45,7 +46,7 @@ if [ -z "${SKIP_TRAIN:-}" ]; then
   phase "2/4 tokenizers"
   train longrange_vqgan.yaml vqgan "$VQ_STEPS"
   train longrange_seg.yaml seg "$SEG_STEPS"
-  phase "3/4 guide (dense, 256 px), then SGA (${SIZE} px, picks from the frozen guide)"
+  phase "3/4 guide (dense attention), then SGA (picks from the frozen guide)"
   train longrange_guide.yaml guide "$GUIDE_STEPS" "${W[@]}"
   train longrange_sga.yaml sga "$SGA_STEPS" "${W[@]}" --set "train.guide_weights=$OUT/guide/export/guide.pt" \
     --set "train.init_from=$OUT/guide/export/guide.pt"
