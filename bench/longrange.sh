@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # Does the guide matter? The long-range benchmark end to end on CPU: generate scenes whose holes can only be
-# filled from a far-away region (data_tools/make_longrange.py), shard them, train the VQGAN, seg tokenizer,
-# guide and SGA stages through the real trainer (torchrun, DeepSpeed ZeRO-2, configs/longrange_*.yaml), then
-# `asset-dist evaluate ablation`: hole-token NLL / top-1 with guided, window-only and random picks, bootstrap
-# 95 % intervals, the guide's pick hit rate per rule, and a figure.
+# filled from a far-away region (data_tools/make_longrange.py: the bottom half repeats the top half under a
+# rule, a mosaic of 4 random colours in 16 px cells = one token each), shard them, train the VQGAN, seg
+# tokenizer, guide and SGA stages through the real trainer (torchrun, DeepSpeed ZeRO-2,
+# configs/longrange_*.yaml; every stage at 256 px), then `asset-dist evaluate ablation`: hole-token NLL / top-1
+# with guided, window-only and random picks, bootstrap 95 % intervals, the guide's pick hit rate per rule, and
+# a figure.
 #   bash bench/longrange.sh                      (OUT=runs/longrange; about 40 minutes on 2 cores)
-# Optional: STEPS="vqgan seg guide sga" training steps, COUNT (scenes per rule), RULES, SIZE, NPROC, PORT,
-# EVAL_SAMPLES (held-out samples scored), SKIP_TRAIN=1 (evaluate existing exports). Re-running resumes.
+# Optional: STEPS="vqgan seg guide sga" training steps, COUNT (scenes per rule), RULES, SIZE, COLOURS, NPROC,
+# PORT, EVAL_SAMPLES (held-out samples scored; 0 = all), SKIP_TRAIN=1 (evaluate existing exports). Re-running
+# resumes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/longrange}
