@@ -57,6 +57,17 @@ def test_every_pixel_equals_its_stated_source(rule, background):
     assert covered.all()
 
 
+def test_fewer_colours():
+    """--colours N: only the first N palette colours (the benchmark uses 4); 0 keeps the full palette's draws."""
+    img, _ = LR.make_scene("mirror_v", 128, seed=2, shapes=2, textures=("flat", "mosaic"), background="mosaic",
+                           colours=4)
+    used = {tuple(c) for c in np.unique(img.reshape(-1, 3), axis=0).tolist()}
+    assert used <= {tuple(c) for c in LR.PALETTE[:4].tolist()} and len(used) == 4
+    a, _ = LR.make_scene("copy_v", 128, seed=2, background="mosaic")
+    b, _ = LR.make_scene("copy_v", 128, seed=2, background="mosaic", colours=0)
+    assert np.array_equal(a, b)
+
+
 def test_source_tokens_and_block_sets():
     src = {"width": 64, "height": 64, "maps": LR.source_maps("copy_v")}
     t = AB.source_tokens(src, 4, 4).view(4, 4)
