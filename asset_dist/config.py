@@ -206,6 +206,9 @@ class DataConfig:
     resolution: int = 256  # high-resolution crop side: 256, 512 or 1024
     guide_resolution: int = 256  # side of the low-resolution view the guide sees
     resize_short_side: int = 0  # 0: = resolution (landscape); COCO uses 296 / 592
+    # training crops start on multiples of this many pixels of the resized image (1 = anywhere); 16 keeps
+    # content drawn on the token grid (data_tools/make_longrange.py's mosaics) aligned with the tokens
+    crop_grid: int = 1
     num_classes: int = 182  # label classes (landscape 182; COCO 183 with 0 = unlabeled)
     label_shift: int = 0  # COCO: +1 in uint8 (255 unlabeled -> 0)
     batch_size: int = 2  # per-rank batch (global = batch_size x world size x train.grad_accum)
@@ -228,6 +231,7 @@ class DataConfig:
         if self.resize_short_side and self.resize_short_side < self.resolution:
             c.bad(f"{at}.resize_short_side", self.resize_short_side, f"0 or >= resolution={self.resolution}")
         c.within(f"{at}.num_classes", self.num_classes, 1, 256)
+        c.at_least(f"{at}.crop_grid", self.crop_grid, 1)
         c.at_least(f"{at}.batch_size", self.batch_size, 1)
         c.at_least(f"{at}.num_workers", self.num_workers, 0)
         c.at_least(f"{at}.shuffle_buffer", self.shuffle_buffer, 0)

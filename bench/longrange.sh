@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # Does the guide matter? The long-range benchmark end to end on CPU: generate scenes whose holes can only be
-# filled from a far-away region (data_tools/make_longrange.py), shard them, train the VQGAN, seg tokenizer,
-# guide and SGA stages through the real trainer (torchrun, DeepSpeed ZeRO-2, configs/longrange_*.yaml), then
-# `asset-dist evaluate ablation`: hole-token NLL / top-1 with guided, window-only and random picks, bootstrap
-# 95 % intervals, the guide's pick hit rate per rule, and a figure.
+# filled from a far-away region (data_tools/make_longrange.py: the bottom half repeats the top half under a
+# rule, a mosaic of 4 random colours in 16 px cells = one token each), shard them, train the VQGAN, seg
+# tokenizer, guide and SGA stages through the real trainer (torchrun, DeepSpeed ZeRO-2,
+# configs/longrange_*.yaml; every stage at 256 px), then `asset-dist evaluate ablation`: hole-token NLL / top-1
+# with guided, window-only and random picks, bootstrap 95 % intervals, the guide's pick hit rate per rule, and
+# a figure.
 #   bash bench/longrange.sh                      (OUT=runs/longrange; about 40 minutes on 2 cores)
-# Optional: STEPS="vqgan seg guide sga" training steps, COUNT (scenes per rule), RULES, SIZE, NPROC, PORT,
-# EVAL_SAMPLES (held-out samples scored), SKIP_TRAIN=1 (evaluate existing exports). Re-running resumes.
+# Optional: STEPS="vqgan seg guide sga" training steps, COUNT (scenes per rule), RULES, SIZE, COLOURS, NPROC,
+# PORT, EVAL_SAMPLES (held-out samples scored; 0 = all), SKIP_TRAIN=1 (evaluate existing exports). Re-running
+# resumes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/longrange}
@@ -14,11 +17,12 @@ NPROC=${NPROC:-2}
 PORT=${PORT:-29531}
 COUNT=${COUNT:-400}
 RULES=${RULES:-copy_v,mirror_v,rot180}
-SIZE=${SIZE:-512}
+SIZE=${SIZE:-256}
+COLOURS=${COLOURS:-4}
 EVAL_SAMPLES=${EVAL_SAMPLES:-0}
 FIGURE=${FIGURE:-4}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} PYTHONUNBUFFERED=1
-read -r VQ_STEPS SEG_STEPS GUIDE_STEPS SGA_STEPS <<< "${STEPS:-1200 150 2500 600}"
+read -r VQ_STEPS SEG_STEPS GUIDE_STEPS SGA_STEPS <<< "${STEPS:-400 60 2500 200}"
 t0=$(date +%s)
 phase() { echo; echo "== [$(( $(date +%s) - t0 )) s] $*"; }
 NOISE="real_accelerator\|FutureWarning\|warnings.warn\|UserWarning\|for batch in\|return func(\*args"
@@ -30,7 +34,7 @@ dist() {
 
 phase "1/4 scenes ($COUNT per rule: $RULES, ${SIZE} px) -> $OUT/raw, shards -> $OUT/shards"
 [ -f "$OUT/raw/sources.json" ] || python data_tools/make_longrange.py --out "$OUT/raw" --count "$COUNT" \
-  --size "$SIZE" --rules "$RULES" --background mosaic --textures flat,mosaic --seed 0
+  --size "$SIZE" --rules "$RULES" --background mosaic --textures flat,mosaic --cell 16 --colours "$COLOURS" --seed 0
 python data_tools/shard.py --images "$OUT/raw/images" --labels "$OUT/raw/labels" --out "$OUT/shards" \
   --samples-per-shard 100 --val-fraction 0.1 --seed 0 --workers 2 --resume
 
@@ -45,7 +49,7 @@ if [ -z "${SKIP_TRAIN:-}" ]; then
   phase "2/4 tokenizers"
   train longrange_vqgan.yaml vqgan "$VQ_STEPS"
   train longrange_seg.yaml seg "$SEG_STEPS"
-  phase "3/4 guide (dense, 256 px), then SGA (${SIZE} px, picks from the frozen guide)"
+  phase "3/4 guide (dense attention), then SGA (picks from the frozen guide)"
   train longrange_guide.yaml guide "$GUIDE_STEPS" "${W[@]}"
   train longrange_sga.yaml sga "$SGA_STEPS" "${W[@]}" --set "train.guide_weights=$OUT/guide/export/guide.pt" \
     --set "train.init_from=$OUT/guide/export/guide.pt"

@@ -77,16 +77,16 @@ def _shape_mask(kind: str, h: int, w: int, cy: float, cx: float, r: float) -> np
     raise ValueError(kind)
 
 
-def mosaic(rng: np.random.Generator, h: int, w: int, cell: int) -> np.ndarray:
+def mosaic(rng: np.random.Generator, h: int, w: int, cell: int, palette: np.ndarray = PALETTE) -> np.ndarray:
     """Square cells of `cell` px, each one random palette colour: content no neighbour predicts."""
-    cells = PALETTE[rng.integers(len(PALETTE), size=(-(-h // cell), -(-w // cell)))]
+    cells = palette[rng.integers(len(palette), size=(-(-h // cell), -(-w // cell)))]
     return np.ascontiguousarray(cells.repeat(cell, 0).repeat(cell, 1)[:h, :w])
 
 
 def _texture(kind: str, h: int, w: int, c1: np.ndarray, c2: np.ndarray, period: int,
-             rng: np.random.Generator, cell: int) -> np.ndarray:
+             rng: np.random.Generator, cell: int, palette: np.ndarray = PALETTE) -> np.ndarray:
     if kind == "mosaic":
-        return mosaic(rng, h, w, cell)
+        return mosaic(rng, h, w, cell, palette)
     out = np.empty((h, w, 3), dtype=np.uint8)
     out[:] = c1
     if kind == "flat":
@@ -101,16 +101,19 @@ def _texture(kind: str, h: int, w: int, c1: np.ndarray, c2: np.ndarray, period: 
 
 
 def draw_half(rng: np.random.Generator, h: int, w: int, shapes: int, textures: tuple[str, ...],
-              margin: int, background: str = "flat", cell: int = 16) -> tuple[np.ndarray, np.ndarray]:
+              margin: int, background: str = "flat", cell: int = 16, colours: int = 0
+              ) -> tuple[np.ndarray, np.ndarray]:
     """One half scene: image uint8 (h, w, 3), labels uint8 (h, w). Shapes keep `margin` px from every edge
     (so the mask sampler's dilated holes stay inside the half) and do not overlap. Mosaic cells start at the
-    half's corner, so with `cell` dividing the half they stay on the full image's cell grid after any rule."""
-    colours = rng.permutation(len(PALETTE))
-    bg, used = PALETTE[colours[0]], 1
+    half's corner, so with `cell` dividing the half they stay on the full image's cell grid after any rule.
+    `colours` > 0: only the first `colours` palette colours (fewer, so a small model's copy is learnt sooner)."""
+    palette = PALETTE[:colours] if colours > 0 else PALETTE
+    order = rng.permutation(len(palette))
+    bg, used = palette[order[0]], 1
     img = np.empty((h, w, 3), dtype=np.uint8)
     img[:] = bg
     if background == "mosaic":
-        img[:] = mosaic(rng, h, w, cell)
+        img[:] = mosaic(rng, h, w, cell, palette)
     lab = np.full((h, w), BACKGROUND, dtype=np.uint8)
     kinds = list(SHAPES)
     side = min(h, w)
@@ -129,10 +132,10 @@ def draw_half(rng: np.random.Generator, h: int, w: int, shapes: int, textures: t
         if (lab[grown] != BACKGROUND).any():
             continue
         tex = textures[int(rng.integers(len(textures)))]
-        c1 = PALETTE[colours[used % len(PALETTE)]]
-        c2 = PALETTE[colours[(used + 1) % len(PALETTE)]]
+        c1 = palette[order[used % len(palette)]]
+        c2 = palette[order[(used + 1) % len(palette)]]
         used += 2 if tex != "flat" else 1
-        fill = _texture(tex, h, w, c1, c2, max(4, side // 16), rng, cell)
+        fill = _texture(tex, h, w, c1, c2, max(4, side // 16), rng, cell, palette)
         img[m] = fill[m]
         lab[m] = SHAPES[kind]
         placed += 1
@@ -170,7 +173,7 @@ def source_maps(rule: str) -> list[dict]:
 
 
 def make_scene(rule: str, size: int, seed: int, shapes: int = 2, textures: tuple[str, ...] = ("flat",),
-               background: str = "flat", cell: int = 0) -> tuple[np.ndarray, np.ndarray]:
+               background: str = "flat", cell: int = 0, colours: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Scene `seed` of `rule`: image uint8 (size, size, 3) and labels uint8 (size, size). cell 0 = size // 32
     (one 16 px token of a 512 px image: a token-aligned mosaic at full resolution)."""
     cell = cell or size // 32
@@ -179,7 +182,7 @@ def make_scene(rule: str, size: int, seed: int, shapes: int = 2, textures: tuple
     rng = np.random.default_rng([seed, RULES.index(rule)])
     vertical = rule in ("copy_v", "mirror_v", "rot180")
     h, w = (size // 2, size) if vertical else (size, size // 2)
-    img, lab = draw_half(rng, h, w, shapes, textures, max(8, size // 32), background, cell)
+    img, lab = draw_half(rng, h, w, shapes, textures, max(8, size // 32), background, cell, colours)
     return apply_rule(rule, img, lab)
 
 
@@ -205,6 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "the first of a shape) needs its far counterpart (default %(default)s)")
     p.add_argument("--cell", type=int, default=0,
                    help="mosaic cell side in px (default size / 32: one token of the full-resolution image)")
+    p.add_argument("--colours", type=int, default=0,
+                   help=f"use only the first N of the {len(PALETTE)} palette colours (default: all)")
     p.add_argument("--seed", type=int, default=0, help="base seed (default %(default)s)")
     return p
 
@@ -218,15 +223,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: unknown rule/texture {bad}; rules: {', '.join(RULES)}; textures: {', '.join(TEXTURES)}",
               file=sys.stderr)
         return 2
-    if a.count < 1 or a.shapes < 1 or a.size < 64 or a.size % 32 or a.cell < 0 or (a.cell and (a.size // 2) % a.cell):
-        print("error: --count and --shapes must be >= 1, --size a multiple of 32 and >= 64, --cell divide "
-              "size / 2", file=sys.stderr)
+    if a.count < 1 or a.shapes < 1 or not 0 <= a.colours <= len(PALETTE) or a.colours == 1 or a.size < 64 or a.size % 32 or a.cell < 0 or (a.cell and (a.size // 2) % a.cell):
+        print(f"error: --count and --shapes must be >= 1, --size a multiple of 32 and >= 64, --cell divide "
+              f"size / 2, --colours 0 or 2..{len(PALETTE)}", file=sys.stderr)
         return 2
     out = Path(a.out)
     sources: dict[str, dict] = {}
     for rule in rules:
         for n in range(a.count):
-            img, lab = make_scene(rule, a.size, a.seed * 1_000_003 + n, a.shapes, textures, a.background, a.cell)
+            img, lab = make_scene(rule, a.size, a.seed * 1_000_003 + n, a.shapes, textures, a.background, a.cell,
+                                  a.colours)
             stem = f"{rule}/{rule}_{n:05d}"
             atomic_write(out / "images" / f"{stem}.png", _png(img))
             atomic_write(out / "labels" / f"{stem}.png", _png(lab))
@@ -236,6 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     atomic_write_json(out / "classes.json", {"background": BACKGROUND, **SHAPES})
     atomic_write_json(out / "sources.json", {"format": "asset_dist.longrange.v1", "seed": a.seed, "size": a.size,
                                              "rules": rules, "background": a.background, "textures": list(textures),
+                                             "colours": a.colours or len(PALETTE),
                                              "samples": sources})
     print(f"wrote {len(sources)} scenes to {out}", flush=True)
     return 0

@@ -73,3 +73,21 @@ def test_wide_label_values_and_given_masks_keep_their_values(sample_data):
     want = torch.from_numpy(resize_nearest((mask != 0).astype(np.float32), 128, 128))[None]
     assert torch.equal(v["mask"], want)
     assert torch.equal(v["mask_lr"], torch.from_numpy((mask != 0).astype(np.float32))[None])
+
+
+def test_crop_grid_keeps_training_crops_on_the_grid():
+    """data.crop_grid: random training crops start on multiples of the grid (token-aligned synthetic content
+    stays aligned); grid 1 draws the same crops as before the option existed."""
+    big = np.random.default_rng(0).integers(0, 256, (512, 640, 3), dtype=np.uint8)  # no resize at short side 512
+    img, seg = Image.fromarray(big), np.zeros((512, 640), np.uint8)
+    starts = set()
+    for s in range(12):
+        v = crop_views(img, seg, 64, 64, None, np.random.default_rng(s), True, short_side=512, crop_grid=16)
+        ys, xs = np.nonzero((big[:512 - 63, :640 - 63] == v["image"][0, 0]).all(-1))
+        hits = [(y, x) for y, x in zip(ys.tolist(), xs.tolist()) if np.array_equal(big[y:y + 64, x:x + 64], v["image"])]
+        assert len(hits) == 1 and hits[0][0] % 16 == 0 and hits[0][1] % 16 == 0, (s, hits)
+        starts.add(hits[0])
+    assert len(starts) > 6  # still random
+    a = crop_views(img, seg, 64, 64, None, np.random.default_rng(5), True, short_side=512)
+    b = crop_views(img, seg, 64, 64, None, np.random.default_rng(5), True, short_side=512, crop_grid=1)
+    assert np.array_equal(a["image"], b["image"])

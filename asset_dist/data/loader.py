@@ -272,7 +272,7 @@ class _ReaderStream(IterableDataset):
                 rows = {k: v.numpy() for k, v in batch_views(batch[1], cap, cap, r, g).items()}
             out = {k: (v[n, 0] if k.startswith("mask") else v[n]) for k, v in rows.items()}
             up = fill_views(out, image, seg, r, g, cfg.mask, sample_rng(cfg.seed % 2**63, mask_epoch, key),
-                            self.train, short_side=cfg.resize_short_side)
+                            self.train, short_side=cfg.resize_short_side, crop_grid=cfg.crop_grid)
             stats["upscaled"] += int(up)
             stats["samples"] += 1
             keys.append(key)

@@ -232,10 +232,10 @@ def warm_up() -> None:
 
 def fill_views(out: dict[str, np.ndarray], image: Image.Image, seg: np.ndarray, resolution: int,
                guide_resolution: int, mask_cfg: Optional[MaskConfig], rng: np.random.Generator, train: bool, *,
-               short_side: int = 0, mask: Optional[np.ndarray] = None) -> bool:
+               short_side: int = 0, mask: Optional[np.ndarray] = None, crop_grid: int = 1) -> bool:
     """Write one sample's views into `out` (uint8 arrays of `view_shapes`: images CHW, labels and masks
     HW; e.g. one row of the loader's batch buffers). Returns whether the image was upscaled. What each
-    view holds is described in `make_views`."""
+    view holds is described in `make_views`; training crops start on multiples of `crop_grid` pixels."""
     image = image.convert("RGB") if image.mode != "RGB" else image
     w, h = image.size
     r, g = resolution, guide_resolution
@@ -245,7 +245,7 @@ def fill_views(out: dict[str, np.ndarray], image: Image.Image, seg: np.ndarray, 
     scale = s / min(w, h)
     nw, nh = max(r, int(round(w * scale))), max(r, int(round(h * scale)))
     if train:
-        x0, y0 = int(rng.integers(nw - r + 1)), int(rng.integers(nh - r + 1))
+        x0, y0 = (int(rng.integers((n - r) // crop_grid + 1)) * crop_grid for n in (nw, nh))
     else:
         x0, y0 = (nw - r) // 2, (nh - r) // 2
     sx, sy = w / nw, h / nh  # source pixels per resized pixel
@@ -280,11 +280,11 @@ def _alloc(resolution: int, guide_resolution: int, seg: np.ndarray) -> dict[str,
 
 def crop_views(image: Image.Image, seg: np.ndarray, resolution: int, guide_resolution: int,
                mask_cfg: Optional[MaskConfig], rng: np.random.Generator, train: bool, *,
-               short_side: int = 0, mask: Optional[np.ndarray] = None) -> dict:
+               short_side: int = 0, mask: Optional[np.ndarray] = None, crop_grid: int = 1) -> dict:
     """`make_views` as uint8 arrays (HWC images, HW labels and masks) plus `upscaled`."""
     v = _alloc(resolution, guide_resolution, seg)
     up = fill_views(v, image, seg, resolution, guide_resolution, mask_cfg, rng, train, short_side=short_side,
-                    mask=mask)
+                    mask=mask, crop_grid=crop_grid)
     for k in ("image", "image_lr"):
         v[k] = np.ascontiguousarray(v[k].transpose(1, 2, 0))
     return {**v, "upscaled": up}
