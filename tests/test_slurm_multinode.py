@@ -211,8 +211,10 @@ def test_node_loss_training_resumes_from_its_last_checkpoint(cluster: SlurmClust
     info = r["seg_info"]
     assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), log[-6000:]
     assert int(info["Restarts"]) >= 1 and r["victim_state"].startswith("down"), (info, r["victim_state"])
-    # the surviving rank gave up on its silent peer within dist.timeout_s (gloo names the bound)
-    assert f"{DIST_TIMEOUT_S * 1000}ms" in log, log[-6000:]
+    # the surviving rank did not hang: it gave up on its silent peer within dist.timeout_s (gloo names the bound),
+    # or SLURM declared the node down and ended the step first (SlurmdTimeout 30 s; a rank that was computing
+    # enters its next collective late). The bound itself: test_launch_contract.py collective_timeout.
+    assert f"{DIST_TIMEOUT_S * 1000}ms" in log or "DUE TO NODE FAILURE" in log, log[-6000:]
     # the restart ran on the two nodes left, without the lost one
     assert r["victim"] not in r["seg_nodes_after"] and len(r["seg_nodes_after"]) == 2
     hosts = _task_hosts(log)
@@ -245,7 +247,7 @@ def test_node_loss_edit_batch_redoes_the_lost_edits_exactly_once(cluster: SlurmC
     assert [m["edit"] for m in manifest] == sorted(ids)  # every edit once, none twice
     assert {m["status"] for m in manifest} == {"ok"}
     done = [json.loads(x)["edit"] for p in sorted((out / "logs").glob("rank*.jsonl"))
-            for x in p.read_text().splitlines()]
+            if not p.name.endswith(".stats.jsonl") for x in p.read_text().splitlines()]  # (.stats: busy/idle)
     assert sorted(done) == sorted(ids)  # each edit computed to its record exactly once, across both runs
     assert r["records_at_kill"] < len(ids)
     for eid in ids:
