@@ -12,7 +12,10 @@ from __future__ import annotations
 import datetime
 import hashlib
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # annotations only: this module loads torch lazily through utils
+    import torch
 
 from asset_dist.utils import torch_load, torch_save_atomic
 

@@ -344,7 +344,7 @@ def _table(s: dict) -> str:
 
 def ablation_markdown(rep: dict) -> str:
     a = rep["all"]
-    lines = [f"# Attention ablation: guided vs window vs random picks\n",
+    lines = ["# Attention ablation: guided vs window vs random picks\n",
              f"{a['samples']} val samples, {a['hole_tokens']} hole tokens; SGA model ({rep['model_stage']} export "
              f"{rep['weights']['sga']}) at {rep['resolution']} px, guide at {rep['guide_resolution']} px, "
              f"block grid {rep['block_grid']}, k = {rep['guide_k']}; {rep['bootstrap']} bootstrap resamples over "
