@@ -257,14 +257,18 @@ class Board:
                 return i
         return None
 
-    def others(self) -> list[int]:
-        """Chunks not done and claimed by another worker (or whose claim went without a done marker)."""
+    def _listing(self) -> tuple[set[str], set[str]]:
+        """(chunks with a done marker, chunks with a claim file) of this session, as zero-padded names."""
         try:
             names = os.listdir(self.dir)
         except FileNotFoundError:
             raise SessionGone(f"{self.dir} is gone: a new run of this batch started") from None
-        done = {n.split(".")[0] for n in names if n.endswith(".done")}
-        claimed = {n.split(".")[0] for n in names if n.endswith(".claim") and not n.startswith(".")}
+        return ({n.split(".")[0] for n in names if n.endswith(".done")},
+                {n.split(".")[0] for n in names if n.endswith(".claim") and not n.startswith(".")})
+
+    def others(self) -> list[int]:
+        """Chunks not done and claimed by another worker (or whose claim went without a done marker)."""
+        done, claimed = self._listing()
         with self._mu:
             mine = {f"{i:07d}" for i in self.held}
         out = [int(s) for s in claimed - done - mine]
@@ -307,12 +311,7 @@ class Board:
 
     def progress(self) -> tuple[int, int]:
         """(chunks done, chunks claimed by others and not done)."""
-        try:
-            names = os.listdir(self.dir)
-        except FileNotFoundError:
-            raise SessionGone(f"{self.dir} is gone: a new run of this batch started") from None
-        done = {n.split(".")[0] for n in names if n.endswith(".done")}
-        claimed = {n.split(".")[0] for n in names if n.endswith(".claim") and not n.startswith(".")}
+        done, claimed = self._listing()
         return len(done), len(claimed - done)
 
     def all_done(self) -> bool:
