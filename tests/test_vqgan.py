@@ -286,21 +286,23 @@ def test_activation_checkpointing_same_values_and_grads():
 # Seg tokenizer
 
 
-def test_onehot_gather_conv_matches_dense_onehot():
+@pytest.mark.parametrize("classes,out,dense", [(13, 32, None), (40, 8, None), (13, 32, False), (40, 8, True)])
+def test_onehot_gather_conv_matches_dense_onehot(classes, out, dense):
+    """Both paths (dense one-hot conv: classes <= out by default; embedding gathers otherwise) equal conv(one_hot)."""
     torch.manual_seed(8)
-    labels = torch.randint(0, 13, (2, 9, 11))
-    conv = nn.Conv2d(13, 32, 3, 1, 1).double()
-    onehot = F.one_hot(labels, 13).permute(0, 3, 1, 2).double()
-    torch.testing.assert_close(onehot_conv2d(labels, conv), conv(onehot), rtol=0, atol=1e-12)
+    labels = torch.randint(0, classes, (2, 9, 11))
+    conv = nn.Conv2d(classes, out, 3, 1, 1).double()
+    onehot = F.one_hot(labels, classes).permute(0, 3, 1, 2).double()
+    torch.testing.assert_close(onehot_conv2d(labels, conv, dense), conv(onehot), rtol=0, atol=1e-12)
     # gradients w.r.t. the conv weights agree too (training from label maps)
-    g = torch.randn(2, 32, 9, 11, dtype=torch.float64)
-    (onehot_conv2d(labels, conv) * g).sum().backward()
+    g = torch.randn(2, out, 9, 11, dtype=torch.float64)
+    (onehot_conv2d(labels, conv, dense) * g).sum().backward()
     gw = conv.weight.grad.clone()
     conv.zero_grad()
     (conv(onehot) * g).sum().backward()
     torch.testing.assert_close(gw, conv.weight.grad)
     with pytest.raises(ValueError, match="ids in"):
-        onehot_conv2d(torch.full((1, 4, 4), 13), conv)
+        onehot_conv2d(torch.full((1, 4, 4), classes), conv)
 
 
 def test_seg_model_labels_equal_onehot_and_losses():
@@ -468,3 +470,27 @@ def test_tiny_vqgan_overfits_one_batch():
     final = sum(l1[-5:]) / 5
     assert warm < 0.45 * l1[0], l1
     assert final < 0.4 * l1[0], l1
+
+
+def test_tokenizers_channels_last_equal_contiguous():
+    """Tokenizers run their convs channels-last (faster on CPU and GPU): same latents (to float rounding) and the
+    same ids as the plain NCHW models, with a hole mask (partial convs + region norm) and a label map."""
+    from asset_dist.config import load_config
+    from asset_dist.models.tokens import Tokenizers
+
+    torch.manual_seed(3)
+    cfg = load_config("configs/tiny_guide.yaml")
+    tok = Tokenizers(cfg, load=False)
+    assert tok.vqgan.encoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    randomise_norms(tok)
+    image = torch.rand(2, 3, 64, 64) * 2 - 1
+    seg = torch.randint(0, cfg.model.seg.in_channels, (2, 64, 64))
+    mask = torch.zeros(2, 1, 64, 64)
+    mask[0, :, 20:50, 10:40] = 1
+    ids, cond, hole = tok(image, seg, mask)
+    z_cl = tok.vqgan.encode_pre_quant(image.contiguous(memory_format=torch.channels_last), mask)
+    tok.to(memory_format=torch.contiguous_format)
+    z = tok.vqgan.encode_pre_quant(image, mask)
+    torch.testing.assert_close(z_cl, z, rtol=1e-4, atol=1e-5)
+    ids2, cond2, hole2 = tok(image, seg, mask)
+    assert torch.equal(ids, ids2) and torch.equal(cond, cond2) and torch.equal(hole, hole2)

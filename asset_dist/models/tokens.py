@@ -71,6 +71,9 @@ class Tokenizers(nn.Module):
             load_weights(self.seg, seg_path if seg_path is not None else cfg.train.seg_weights, "seg")
         self.requires_grad_(False)
         self.eval()
+        # Channels-last convs: ~1.5x faster frozen tokenizing on CPU (oneDNN) and on GPU with bf16 (cuDNN); the
+        # tokenizers run in every transformer step, where on CPU they cost several times the transformer.
+        self.to(memory_format=torch.channels_last)
 
     def train(self, mode: bool = True) -> "Tokenizers":
         return super().train(False)  # pinned to eval, as the paper's frozen VQ models
@@ -86,6 +89,7 @@ class Tokenizers(nn.Module):
             raise ValueError(f"image size {h}x{w} is not a multiple of {FACTOR}")
         hole = token_hole(mask, self.rule)
         pix = aligned_pixel_mask(hole, h, w).to(image.dtype) if self.rule == "any" else mask.to(image.dtype)
+        image = image.contiguous(memory_format=torch.channels_last)
         ids = self.vqgan.encode_to_indices(image, pix).flatten(1)
         cond = self.seg.encode_to_indices(seg).flatten(1)
         return ids, cond, hole
