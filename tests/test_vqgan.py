@@ -286,21 +286,23 @@ def test_activation_checkpointing_same_values_and_grads():
 # Seg tokenizer
 
 
-@pytest.mark.parametrize("classes,out,dense", [(13, 32, None), (40, 8, None), (13, 32, False), (40, 8, True)])
-def test_onehot_gather_conv_matches_dense_onehot(classes, out, dense):
-    """Both paths (dense one-hot conv: classes <= out by default; embedding gathers otherwise) equal conv(one_hot)."""
+@pytest.mark.parametrize("impl", ["bag", "gather", "dense"])
+@pytest.mark.parametrize("classes,out", [(13, 32), (40, 8)])
+def test_onehot_conv_matches_dense_onehot(classes, out, impl):
+    """Every path of onehot_conv2d equals conv(one_hot), values and weight gradients."""
     torch.manual_seed(8)
     labels = torch.randint(0, classes, (2, 9, 11))
     conv = nn.Conv2d(classes, out, 3, 1, 1).double()
     onehot = F.one_hot(labels, classes).permute(0, 3, 1, 2).double()
-    torch.testing.assert_close(onehot_conv2d(labels, conv, dense), conv(onehot), rtol=0, atol=1e-12)
-    # gradients w.r.t. the conv weights agree too (training from label maps)
+    torch.testing.assert_close(onehot_conv2d(labels, conv, impl), conv(onehot), rtol=0, atol=1e-12)
+    # gradients w.r.t. the conv weights and bias agree too (training from label maps)
     g = torch.randn(2, out, 9, 11, dtype=torch.float64)
-    (onehot_conv2d(labels, conv, dense) * g).sum().backward()
-    gw = conv.weight.grad.clone()
+    (onehot_conv2d(labels, conv, impl) * g).sum().backward()
+    gw, gb = conv.weight.grad.clone(), conv.bias.grad.clone()
     conv.zero_grad()
     (conv(onehot) * g).sum().backward()
     torch.testing.assert_close(gw, conv.weight.grad)
+    torch.testing.assert_close(gb, conv.bias.grad)
     with pytest.raises(ValueError, match="ids in"):
         onehot_conv2d(torch.full((1, 4, 4), classes), conv)
 
