@@ -185,14 +185,23 @@ class ModelConfig:
         c.one_of(f"{at}.token_hole", self.token_hole, ("any", "nearest"))
 
 
+HALVES = ("top", "bottom", "left", "right")
+
+
 @dataclass
 class MaskConfig:
     kind: str = "landscape"  # landscape (dilated segment) | coco (dilated segment or bounding box)
     max_ratio: float = 0.6  # largest masked fraction of the image; bigger segments are halved until below
     sample_resolution: int = 0  # 0: min(data.resolution, 512), as the paper (the 1024 stage samples at 512)
+    # halves the sampler may clear from a too-large hole (and use as the fallback hole); the paper: all four. The
+    # long-range benchmark keeps [top, bottom]: its rules copy across the horizontal midline, so a left/right
+    # half hole would mask a token's source too
+    halves: list[str] = field(default_factory=lambda: list(HALVES))
 
     def validate(self, c: Checks, at: str) -> None:
         c.one_of(f"{at}.kind", self.kind, ("landscape", "coco"))
+        if not self.halves or any(h not in HALVES for h in self.halves) or len(set(self.halves)) != len(self.halves):
+            c.bad(f"{at}.halves", self.halves, f"a non-empty list of distinct halves from {list(HALVES)}")
         if not 0.0 < self.max_ratio <= 1.0:
             c.bad(f"{at}.max_ratio", self.max_ratio, "in (0, 1]")
         if self.sample_resolution < 0 or self.sample_resolution % TOKEN:

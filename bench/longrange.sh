@@ -22,7 +22,7 @@ COLOURS=${COLOURS:-4}
 EVAL_SAMPLES=${EVAL_SAMPLES:-0}
 FIGURE=${FIGURE:-4}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} PYTHONUNBUFFERED=1
-read -r VQ_STEPS SEG_STEPS GUIDE_STEPS SGA_STEPS <<< "${STEPS:-400 60 3500 200}"
+read -r VQ_STEPS SEG_STEPS GUIDE_STEPS SGA_STEPS <<< "${STEPS:-400 60 4300 150}"
 t0=$(date +%s)
 phase() { echo; echo "== [$(( $(date +%s) - t0 )) s] $*"; }
 NOISE="real_accelerator\|FutureWarning\|warnings.warn\|UserWarning\|for batch in\|return func(\*args"

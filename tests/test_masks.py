@@ -89,6 +89,11 @@ def test_max_ratio_clears_a_random_half():
         assert len(which) == 1
         seen.add(which[0])
     assert seen == {0, 1, 2, 3}
+    # mask.halves restricts which half may be cleared (the long-range benchmark: top / bottom only)
+    cfg = MaskConfig(max_ratio=0.6, halves=["top", "bottom"])
+    cleared = {[i for i, h in enumerate(halves) if np.array_equal(sample_mask(seg, cfg, np.random.default_rng(s),
+                                                                            256), 1 - h)][0] for s in range(24)}
+    assert cleared == {0, 1}
     # below the ratio nothing is cleared
     seg[:, :100] = 1
     mask = sample_mask(seg, MaskConfig(max_ratio=0.99), np.random.default_rng(0), 256)

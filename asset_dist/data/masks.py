@@ -4,7 +4,7 @@
 components (so a component's chance is proportional to its area); 3. the component is dilated by a 5x5
 kernel 2/4/8 times at 256/512/1024 (COCO: with probability 1/2 its bounding box instead, grown by
 max(1, round(side/100)) px per axis); 4. if the hole covers >= max_ratio of the image, a random half
-(top/bottom/left/right) is cleared; 5. if the hole vanishes when nearest-sampled on the 16x16 token grid,
+(top/bottom/left/right; `mask.halves` may restrict them) is cleared; 5. if the hole vanishes when nearest-sampled on the 16x16 token grid,
 it is replaced by a random half-image hole.
 
 Differences from the official code, on purpose: the COCO sampler uses cfg.max_ratio (the official one
@@ -48,9 +48,14 @@ def resize_nearest(a: np.ndarray, h: int, w: int) -> np.ndarray:
     return a[nearest_index(h, ih)][:, nearest_index(w, iw)]
 
 
-def _half(h: int, w: int, which: int) -> tuple[slice, slice]:
-    return [(slice(0, h // 2), slice(None)), (slice(h // 2, None), slice(None)),
-            (slice(None), slice(0, w // 2)), (slice(None), slice(w // 2, None))][which]
+def _half(h: int, w: int, which: str) -> tuple[slice, slice]:
+    return {"top": (slice(0, h // 2), slice(None)), "bottom": (slice(h // 2, None), slice(None)),
+            "left": (slice(None), slice(0, w // 2)), "right": (slice(None), slice(w // 2, None))}[which]
+
+
+def _random_half(h: int, w: int, cfg: MaskConfig, rng: np.random.Generator) -> tuple[slice, slice]:
+    """One of cfg.halves, uniformly (all four by default: the paper's draw, in HALVES order)."""
+    return _half(h, w, cfg.halves[int(rng.integers(len(cfg.halves)))])
 
 
 def token_view(mask: np.ndarray, grid: int = TOKEN_GRID) -> np.ndarray:
@@ -168,8 +173,8 @@ def sample_mask(seg: np.ndarray, cfg: MaskConfig, rng: np.random.Generator, reso
         mask = _dilated(rows, x0s, x1s, h, w, 2 * dilation_iterations(resolution))
 
     if np.count_nonzero(mask) >= cfg.max_ratio * h * w:  # too large: clear a random half
-        mask[_half(h, w, int(rng.integers(4)))] = 0
+        mask[_random_half(h, w, cfg, rng)] = 0
     if not token_view(mask).any():  # would give no hole tokens: use a random half-image hole
         mask[:] = 0
-        mask[_half(h, w, int(rng.integers(4)))] = 1
+        mask[_random_half(h, w, cfg, rng)] = 1
     return mask
