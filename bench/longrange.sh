@@ -6,7 +6,7 @@
 # configs/longrange_*.yaml; every stage at 256 px), then `asset-dist evaluate ablation`: hole-token NLL / top-1
 # with guided, window-only and random picks, bootstrap 95 % intervals, the guide's pick hit rate per rule, and
 # a figure.
-#   bash bench/longrange.sh                      (OUT=runs/longrange; about 40 minutes on 2 cores)
+#   bash bench/longrange.sh                      (OUT=runs/longrange; about 39 minutes on 2 cores)
 # Optional: STEPS="vqgan seg guide sga" training steps, COUNT (scenes per rule), RULES, SIZE, COLOURS, NPROC,
 # PORT, EVAL_SAMPLES (held-out samples scored; 0 = all), SKIP_TRAIN=1 (evaluate existing exports). Re-running
 # resumes.
