@@ -4,8 +4,8 @@
 components (so a component's chance is proportional to its area); 3. the component is dilated by a 5x5
 kernel 2/4/8 times at 256/512/1024 (COCO: with probability 1/2 its bounding box instead, grown by
 max(1, round(side/100)) px per axis); 4. if the hole covers >= max_ratio of the image, a random half
-(top/bottom/left/right; `mask.halves` may restrict them) is cleared; 5. if the hole vanishes when nearest-sampled on the 16x16 token grid,
-it is replaced by a random half-image hole.
+(top/bottom/left/right; `mask.halves` may restrict them) is cleared; 5. if the hole vanishes when
+nearest-sampled on the 16x16 token grid, it is replaced by a random half-image hole.
 
 Differences from the official code, on purpose: the COCO sampler uses cfg.max_ratio (the official one
 hard-codes 0.6; set 0.6 in COCO configs), and the bounding box is not shifted by +1 px.
