@@ -5,8 +5,8 @@ bridge), with the real trainer and edit-batch on tiny configs.
 - `sbatch -N2 --ntasks-per-node=1 slurm/train_sga.sh` trains tiny SGA from tiny parents with one rank on each
   of two nodes (the launch log names both hosts), rendezvous on the first node;
 - node loss: a tiny_seg training job and an edit-batch job run on two nodes each, sharing one node; that node
-  is killed (link cut first, so the survivors hear nothing: a power cut, not a clean exit). The surviving
-  training rank fails its collective within `dist.timeout_s` instead of hanging; slurmctld finds the node
+  is killed mid-way through both (the edit batch is suspended while the training catches up; link cut first,
+  so the survivors hear nothing: a power cut, not a clean exit). The surviving training rank fails its collective within `dist.timeout_s` instead of hanging; slurmctld finds the node
   DOWN after SlurmdTimeout and requeues both `--requeue` jobs. The training job resumes on the two other
   nodes from its last checkpoint (nothing lost beyond the checkpoint interval) and finishes; the edit batch,
   three ranks submitted with `--nodes=2-3 -n 3` (and ASSET_NODES=2-3), started on three nodes and comes back
@@ -158,10 +158,17 @@ def node_loss(cluster: SlurmCluster, sflckr_shards, tmp_path_factory):
             except (OSError, ValueError, IndexError):
                 return 0
 
-        # mid-way: the edit batch has done some edits (not all), the training is past two checkpoints
-        _wait(lambda: records() >= 2 and seg_step() >= 2 * CKPT_EVERY + 3, "both jobs to be mid-way", 400, 0.5)
+        # mid-way: the edit batch has done some edits (not all), the training is past two checkpoints. Which
+        # one gets there first depends on the machine, so the edit batch is held (`scontrol suspend`: SIGSTOP
+        # to its tasks; it has no collectives to time out) from its second record until the training catches
+        # up, and let go just before the node dies.
+        _wait(lambda: records() >= 2, "the edit batch's first records", 400, 0.2)
+        cluster.run("scontrol", "suspend", str(edit))
+        report["records_held"] = records()
+        _wait(lambda: seg_step() >= 2 * CKPT_EVERY + 3, "the training to pass two checkpoints", 400, 0.5)
+        cluster.run("scontrol", "resume", str(edit))
         done_before = records()
-        assert done_before < len(ids), "the edit batch finished before the node loss: make it longer"
+        assert done_before < len(ids), "the edit batch finished before the node loss: give it more edits"
         report.update(kill_step=seg_step(), latest_at_kill=(seg_run / "checkpoints" / "latest").read_text().strip(),
                       records_at_kill=done_before)
         assert cluster.job(seg)["JobState"] == "RUNNING", "the training job ended before the node loss"
