@@ -4,14 +4,14 @@ bridge), with the real trainer and edit-batch on tiny configs.
 
 - `sbatch -N2 --ntasks-per-node=1 slurm/train_sga.sh` trains tiny SGA from tiny parents with one rank on each
   of two nodes (the launch log names both hosts), rendezvous on the first node;
-- node loss: a tiny_seg training job and an edit-batch job run on two nodes each, sharing one node; that node
-  is killed mid-way through both (the edit batch is suspended while the training catches up; link cut first,
-  so the survivors hear nothing: a power cut, not a clean exit). The surviving training rank fails its collective within `dist.timeout_s` instead of hanging; slurmctld finds the node
-  DOWN after SlurmdTimeout and requeues both `--requeue` jobs. The training job resumes on the two other
-  nodes from its last checkpoint (nothing lost beyond the checkpoint interval) and finishes; the edit batch,
-  three ranks submitted with `--nodes=2-3 -n 3` (and ASSET_NODES=2-3), started on three nodes and comes back
-  on the two left (same world size, two ranks on one node): it redoes the edits nobody finished, every edit
-  exactly once, its images equal to a one-process run.
+- node loss: a tiny_seg training job and an edit-batch job run on two nodes each, sharing one node; that node is
+  killed mid-way through both (the edit batch is suspended while the training catches up; link cut first, so the
+  survivors hear nothing: a power cut, not a clean exit). The surviving training rank fails its collective within
+  `dist.timeout_s` instead of hanging; slurmctld finds the node DOWN after SlurmdTimeout and requeues both
+  `--requeue` jobs. The training job resumes on the two other nodes from its last checkpoint (nothing lost beyond
+  the checkpoint interval) and finishes; the edit batch, three ranks submitted with `--nodes=2-3 -n 3` (and
+  ASSET_NODES=2-3), started on three nodes and comes back on the two left (same world size, two ranks on one
+  node): it redoes the edits nobody finished, every edit exactly once, its images equal to a one-process run.
 
 The killed node comes back at the end (revive-node), so later modules have all three. Expect ~4-5 minutes.
 """
