@@ -6,14 +6,15 @@
 # gallery.html + a PNG contact sheet. The same commands and code a cluster run uses, at toy sizes (quality
 # is poor at this scale). Re-running resumes: finished stages, edit sets, guides and edits are kept.
 #   bash quickstart.sh            (OUT=runs/quickstart by default; NPROC=2)
-# Optional: STEPS="60 40 60 20" (vqgan seg guide sga training steps), SKIP_INSTALL=1 (already installed).
+# Optional: STEPS="400 300 120 20" (vqgan seg guide sga training steps; BENCHMARKS.md "The quickstart's edits"
+# has minutes vs label-following for other budgets), SKIP_INSTALL=1 (already installed).
 set -euo pipefail
 cd "$(dirname "$0")"
 OUT=${OUT:-runs/quickstart}
 NPROC=${NPROC:-2}
 PORT=${PORT:-29511}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} PYTHONUNBUFFERED=1
-read -r VQ_STEPS SEG_STEPS GUIDE_STEPS SGA_STEPS <<< "${STEPS:-60 40 60 20}"
+read -r VQ_STEPS SEG_STEPS GUIDE_STEPS SGA_STEPS <<< "${STEPS:-400 300 120 20}"
 t0=$(date +%s)
 phase() { echo; echo "== [$(( $(date +%s) - t0 )) s] $*"; }
 NOISE="real_accelerator\|FutureWarning\|warnings.warn\|UserWarning\|for batch in\|return func(\*args"

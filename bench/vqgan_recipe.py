@@ -7,7 +7,7 @@ print the held-out reconstruction every few steps.
         --steps 300 --eval-every 25 --eval-resolution 512 [--set train.loss.disc_start=100 ...]
 
 --scenes: the curve of tests/test_tokenizer_recipe.py (64 px crops of flat-shape scenes drawn in memory by
-data_tools/make_longrange.py, held-out PSNR every 25 steps over 100) for the config and overrides. Otherwise the real loader on SHARDS:
+data_tools/make_longrange.py, held-out PSNR on 24 scenes every 25 steps over 200) for the config and overrides. Otherwise the real loader on SHARDS:
 
 The generator and discriminator steps are those of `asset-dist train` (VQGANLoss: L1 + LPIPS + codebook +
 adaptive GAN term; hinge discriminator), with two Adam optimizers and no DeepSpeed, so a recipe can be
@@ -39,7 +39,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "data_tools"))
 import make_longrange as LR  # noqa: E402
 
-STEPS, EVERY, BATCH, SIZE = 100, 25, 4, 64
+# the --scenes curve (tests/test_tokenizer_recipe.py): 200 steps, held-out PSNR every 25 on 24 scenes
+STEPS, EVERY, BATCH, SIZE, HELD = 200, 25, 4, 64, 24
 
 
 def scenes(n: int, seed: int) -> torch.Tensor:
@@ -48,7 +49,8 @@ def scenes(n: int, seed: int) -> torch.Tensor:
     return x
 
 
-def train_curve(overrides: list[str], config: str | Path = REPO / "configs" / "tiny_vqgan.yaml") -> list[float]:
+def train_curve(overrides: list[str], config: str | Path = REPO / "configs" / "tiny_vqgan.yaml",
+                steps: int = STEPS, every: int = EVERY, held_out: int = HELD) -> list[float]:
     cfg = load_config(config, overrides)
     torch.manual_seed(0)
     model = VQModel(cfg.model.vqgan)
@@ -57,7 +59,7 @@ def train_curve(overrides: list[str], config: str | Path = REPO / "configs" / "t
     opt_g = torch.optim.Adam(model.parameters(), lr=t.lr, betas=tuple(t.betas))
     opt_d = torch.optim.Adam(crit.discriminator.parameters(), lr=t.lr, betas=tuple(t.betas))
     g = torch.Generator().manual_seed(1)
-    train, held = scenes(48, 0), scenes(6, 10_000)
+    train, held = scenes(48, 0), scenes(held_out, 10_000)
     held = held[:, :, 32:96, 32:96]  # centre crops at the training scale
 
     def crops(k: int) -> torch.Tensor:
@@ -78,7 +80,7 @@ def train_curve(overrides: list[str], config: str | Path = REPO / "configs" / "t
         return float(psnr(rec.clamp(-1, 1), held).mean())
 
     curve = [evaluate()]
-    for step in range(STEPS):
+    for step in range(steps):
         x = crops(BATCH)
         rec, qloss, _ = model(x)
         loss, _ = crit.generator_loss(x, rec, qloss, step, last_layer=model.last_layer())
@@ -89,7 +91,7 @@ def train_curve(overrides: list[str], config: str | Path = REPO / "configs" / "t
         opt_d.zero_grad(set_to_none=True)
         d_loss.backward()
         opt_d.step()
-        if (step + 1) % EVERY == 0:
+        if (step + 1) % every == 0:
             curve.append(evaluate())
     return curve
 
