@@ -91,8 +91,11 @@ class VQConfig:
         for key in ("in_channels", "out_channels", "z_channels", "embed_dim", "resolution"):
             c.at_least(f"{at}.{key}", getattr(self, key), 1)
         c.at_least(f"{at}.n_embed", self.n_embed, 2)
-        if self.ch < 32 or self.ch % 32:
-            c.bad(f"{at}.ch", self.ch, "a positive multiple of 32 (GroupNorm / RegionNorm use 32 groups)")
+        c.at_least(f"{at}.norm_groups", self.norm_groups, 1)
+        widths = sorted({self.ch} | {self.ch * m for m in self.ch_mult})
+        if self.ch < 1 or (self.norm_groups >= 1 and any(w % self.norm_groups for w in widths)):
+            c.bad(f"{at}.ch", self.ch, f"positive, with every level's width (ch x ch_mult = {widths}) a multiple of "
+                  f"norm_groups={self.norm_groups} (GroupNorm / RegionNorm)")
         if len(self.ch_mult) != 5 or min(self.ch_mult) < 1:
             c.bad(f"{at}.ch_mult", self.ch_mult, f"5 positive integers (4 halvings: a factor-{TOKEN} tokenizer)")
         c.at_least(f"{at}.num_res_blocks", self.num_res_blocks, 0)
