@@ -51,7 +51,15 @@ def scenes(n: int, seed: int) -> torch.Tensor:
 
 def train_curve(overrides: list[str], config: str | Path = REPO / "configs" / "tiny_vqgan.yaml",
                 steps: int = STEPS, every: int = EVERY, held_out: int = HELD) -> list[float]:
-    cfg = load_config(config, overrides)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the same curve whatever the caller's threads: a chaotic loop amplifies float order
+    try:
+        return _curve(load_config(config, overrides), steps, every, held_out)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _curve(cfg, steps: int, every: int, held_out: int) -> list[float]:
     torch.manual_seed(0)
     model = VQModel(cfg.model.vqgan)
     crit = VQGANLoss(cfg.train.loss, cfg.model.disc)

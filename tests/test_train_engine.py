@@ -35,6 +35,7 @@ STEPS, CKPT = 8, 4
 def vq_opts(shards, run, backend, max_steps):
     return [f"data.train_shards={shards}", f"paths.run_dir={run}", *BACKENDS[backend], f"train.max_steps={max_steps}",
             f"train.ckpt_every={CKPT}", "train.keep_last=5", "train.lr=5e-4", "train.loss.disc_start=2",
+            "train.loss.perceptual_weight=1",  # the paper's loss (L1 + LPIPS + adaptive GAN): the tiny config drops LPIPS
             "logging.log_every=1", "logging.image_every=4"]
 
 
@@ -88,7 +89,7 @@ def test_gan_trains_logs_and_steps_both_networks(runs):
     assert [r["step"] for r in m] == list(range(1, STEPS + 1))
     l1 = [r["loss/l1"] for r in m]
     # the codebook is seeded from the first latents (train.loss.codebook_init=data), so L1 starts low and noisy
-    # (measured 0.53 at step 1, mean of the last 3 steps 0.41 on both backends): compare to the first step
+    # (measured 0.58 at step 1, mean of the last 3 steps 0.43): compare to the first step
     assert early_late(l1, 3)[1] < 0.85 * l1[0], l1
     gan = [r for r in m if r["step"] > 2]
     assert gan and all("loss/g_loss" in r and r["loss/d_weight"] > 0 for r in gan), "GAN term off or no adaptive weight"
