@@ -87,15 +87,22 @@ class VQConfig:
     # (ch 32) every norm is an instance norm that erases a flat region's colour: keep >= 2 channels per group
     norm_groups: int = 32
 
+    def widths(self) -> list[int]:
+        """Every level's channel width (ch x ch_mult)."""
+        return sorted({self.ch} | {self.ch * m for m in self.ch_mult})
+
+    def widths_off_groups(self) -> list[int]:
+        """The widths norm_groups does not divide (all of them when norm_groups < 1)."""
+        return [w for w in self.widths() if self.norm_groups < 1 or w % self.norm_groups]
+
     def validate(self, c: Checks, at: str) -> None:
         for key in ("in_channels", "out_channels", "z_channels", "embed_dim", "resolution"):
             c.at_least(f"{at}.{key}", getattr(self, key), 1)
         c.at_least(f"{at}.n_embed", self.n_embed, 2)
         c.at_least(f"{at}.norm_groups", self.norm_groups, 1)
-        widths = sorted({self.ch} | {self.ch * m for m in self.ch_mult})
-        if self.ch < 1 or (self.norm_groups >= 1 and any(w % self.norm_groups for w in widths)):
-            c.bad(f"{at}.ch", self.ch, f"positive, with every level's width (ch x ch_mult = {widths}) a multiple of "
-                  f"norm_groups={self.norm_groups} (GroupNorm / RegionNorm)")
+        if self.ch < 1 or (self.norm_groups >= 1 and self.widths_off_groups()):
+            c.bad(f"{at}.ch", self.ch, f"positive, with every level's width (ch x ch_mult = {self.widths()}) a "
+                  f"multiple of norm_groups={self.norm_groups} (GroupNorm / RegionNorm)")
         if len(self.ch_mult) != 5 or min(self.ch_mult) < 1:
             c.bad(f"{at}.ch_mult", self.ch_mult, f"5 positive integers (4 halvings: a factor-{TOKEN} tokenizer)")
         c.at_least(f"{at}.num_res_blocks", self.num_res_blocks, 0)

@@ -311,11 +311,10 @@ def onehot_conv2d(labels: torch.Tensor, conv: nn.Conv2d, impl: str = "bag") -> t
 
 
 def check_norm_groups(cfg: VQConfig) -> None:
-    widths = sorted({cfg.ch} | {cfg.ch * m for m in cfg.ch_mult})
-    bad = [w for w in widths if cfg.norm_groups < 1 or w % cfg.norm_groups]
-    if bad:
+    """The config check (VQConfig.validate) for a VQConfig built in code, which skips load_config."""
+    if bad := cfg.widths_off_groups():
         raise ValueError(f"norm_groups={cfg.norm_groups} must divide every channel width of the model "
-                         f"(ch x ch_mult = {widths}); {bad} do not divide")
+                         f"(ch x ch_mult = {cfg.widths()}); {bad} do not divide")
 
 
 def _level_attn(cfg: VQConfig, level: int) -> bool:
